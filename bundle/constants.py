@@ -1,0 +1,46 @@
+"""Names shared by every stage: the 14 CheXpert observations and the SCR structures."""
+
+from __future__ import annotations
+
+#: The 14 CheXpert observations, in the column order of ``train.csv`` (after the 5 metadata columns).
+OBSERVATIONS: tuple[str, ...] = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+NUM_OBSERVATIONS: int = len(OBSERVATIONS)
+#: Index of "No Finding": never explained, never a DoLL target.
+NO_FINDING: int = 0
+
+#: Metadata columns of CheXpert's CSV files, before the observations.
+CHEXPERT_META_COLUMNS: tuple[str, ...] = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")
+CHEXPERT_COLUMNS: tuple[str, ...] = CHEXPERT_META_COLUMNS + OBSERVATIONS
+
+#: SCR structures (JSRT). SCR convention: "right" is the patient's right, drawn on the image's left.
+SCR_STRUCTURES: tuple[str, ...] = ("left lung", "right lung", "heart", "left clavicle", "right clavicle")
+
+#: Downstream segmentation tasks and their output channels.
+TASK_CHANNELS: dict[str, tuple[str, ...]] = {
+    "scr": ("lungs", "heart", "clavicles"),
+    "lungs": ("lungs",),
+    "heart": ("heart",),
+    "clavicles": ("clavicles",),
+    "infection": ("infection",),
+    "real_lungs": ("lungs",),
+}
+
+
+def slug(name: str) -> str:
+    """File-name friendly form of an observation or structure name (``"Lung Opacity"`` -> ``"lung_opacity"``)."""
+    return name.lower().replace(" ", "_").replace("/", "_")

@@ -1,0 +1,250 @@
+"""Reading radiographs and masks from PNG, JPEG, GIF, TIFF, DICOM and NIfTI, and writing masks atomically.
+
+Array convention: every 2-D array is ``(H, W)`` in row-major image order (row 0 at the top, column 0 on the image's
+left), as PIL and pydicom give it. NIfTI files store ``(X, Y)``; they are transposed on read and on write so that
+a PNG and a NIfTI of the same picture load to the same array. Radiographs load as float32 in ``[0, 1]`` (higher =
+brighter = more attenuating, i.e. bone is bright). Masks load as uint8.
+
+DICOM: the modality LUT (``RescaleSlope``/``RescaleIntercept``) is applied and values are normalised by the
+stored bit depth, then ``MONOCHROME1`` is inverted, so one radiograph stored as MONOCHROME1 and as MONOCHROME2
+loads to the same array. VOI LUT / windowing is not applied (a percentile intensity scaling follows in the
+pre-processing of every stage).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+
+from ..utils import BundleInputError, PathLike, atomic_save
+
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+IMAGE_SUFFIXES = PIL_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES
+
+
+def _kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(DICOM_SUFFIXES):
+        return "dicom"
+    if name.endswith(PIL_SUFFIXES):
+        return "pil"
+    # DICOM files often have no suffix: look for the "DICM" magic at byte 128.
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError as e:
+        raise BundleInputError(path, f"cannot open file ({e.strerror})") from None
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return "dicom"
+    raise BundleInputError(path, f"unsupported image format (expected one of {', '.join(IMAGE_SUFFIXES)} or DICOM)")
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise BundleInputError(path, "file not found")
+    if path.is_dir():
+        raise BundleInputError(path, "is a directory, expected an image file")
+    if path.stat().st_size == 0:
+        raise BundleInputError(path, "file is empty")
+
+
+def _read_pil(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+                mode = im.mode
+            arr = np.asarray(im)
+    except UnidentifiedImageError:
+        raise BundleInputError(path, "not a readable image (unidentified or corrupt content)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BundleInputError(path, f"unreadable or truncated image ({e})") from None
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        max_value = 65535.0
+    elif mode in ("I", "F"):
+        max_value = float(arr.max()) if arr.size and arr.max() > 0 else 1.0
+    elif mode == "1":
+        max_value = 1.0
+    else:
+        max_value = 255.0
+    return arr, {"format": "pil", "mode": mode, "max_value": max_value}
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        arr = np.asarray(img.dataobj)
+    except Exception as e:  # nibabel raises several types for corrupt files
+        raise BundleInputError(path, f"unreadable NIfTI ({e})") from None
+    arr = np.squeeze(arr)
+    if arr.ndim not in (2, 3):
+        raise BundleInputError(path, f"expected a 2-D image, got shape {tuple(img.shape)}")
+    arr = np.swapaxes(arr, 0, 1)  # (X, Y[, C]) -> (Y, X[, C]) = (H, W[, C])
+    return arr, {"format": "nifti", "affine": np.asarray(img.affine), "max_value": None}
+
+
+def _read_dicom(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(str(path))
+        raw = ds.pixel_array
+    except Exception as e:
+        raise BundleInputError(path, f"unreadable DICOM ({e})") from None
+    if raw.ndim == 3 and raw.shape[-1] not in (3, 4):
+        raw = raw[0]  # multi-frame: first frame
+    bits = int(getattr(ds, "BitsStored", 8 * raw.dtype.itemsize))
+    signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
+    lo_raw, hi_raw = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    arr = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+    ends = np.asarray(apply_modality_lut(np.array([lo_raw, hi_raw], dtype=raw.dtype if not signed else np.int32), ds),
+                      dtype=np.float64)
+    lo, hi = float(ends.min()), float(ends.max())
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    meta = {"format": "dicom", "photometric": photometric, "bits_stored": bits, "range": (lo, hi),
+            "pixel_spacing": [float(v) for v in getattr(ds, "PixelSpacing", getattr(ds, "ImagerPixelSpacing", []))]}
+    if photometric.startswith("MONOCHROME"):
+        arr = (arr - lo) / max(hi - lo, 1e-12)
+        if photometric == "MONOCHROME1":
+            arr = 1.0 - arr
+        meta["max_value"] = 1.0
+        return np.clip(arr, 0.0, 1.0), meta
+    meta["max_value"] = float(2**bits - 1)
+    return arr, meta
+
+
+def read_array(path: PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read any supported file into a numpy array ``(H, W)`` or ``(H, W, C)`` plus metadata (no normalisation)."""
+    path = Path(path)
+    _check_exists(path)
+    kind = _kind(path)
+    reader = {"pil": _read_pil, "nifti": _read_nifti, "dicom": _read_dicom}[kind]
+    arr, meta = reader(path)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or min(arr.shape[:2]) < 2:
+        raise BundleInputError(path, f"expected a 2-D image, got array of shape {arr.shape}")
+    meta["filename_or_obj"] = str(path)
+    meta["spatial_shape"] = tuple(int(s) for s in arr.shape[:2])
+    return arr, meta
+
+
+def _to_gray(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 2:
+        return arr
+    if arr.shape[-1] == 4:  # drop alpha
+        arr = arr[..., :3]
+    if arr.shape[-1] == 3:
+        return arr[..., 0] * 0.299 + arr[..., 1] * 0.587 + arr[..., 2] * 0.114
+    if arr.shape[-1] == 2:  # LA
+        return arr[..., 0]
+    return arr[..., 0]
+
+
+def load_radiograph(path: PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    """Load a radiograph as float32 ``(H, W)`` in ``[0, 1]`` (see the module docstring for the conventions)."""
+    arr, meta = read_array(path)
+    arr = _to_gray(np.asarray(arr, dtype=np.float64))
+    max_value = meta.get("max_value")
+    if max_value is None:  # NIfTI: no declared range, use the data range
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    else:
+        arr = arr / max(float(max_value), 1e-12)
+    if not np.isfinite(arr).all():
+        raise BundleInputError(path, "image contains NaN or infinite values")
+    return np.clip(arr, 0.0, 1.0).astype(np.float32), meta
+
+
+def load_mask(path: PathLike, required_nonempty: bool = False) -> np.ndarray:
+    """Load a binary mask as uint8 ``(H, W)`` in ``{0, 1}`` (any value above 0 is foreground).
+
+    Args:
+        required_nonempty: raise :class:`BundleInputError` when the mask has no foreground pixel.
+    """
+    arr, _ = read_array(path)
+    arr = _to_gray(np.asarray(arr))
+    mask = (arr > 0).astype(np.uint8)
+    if required_nonempty and not mask.any():
+        raise BundleInputError(path, "mask is empty (no foreground pixel) but a non-empty mask is required")
+    return mask
+
+
+def decode_bitmask(arr: np.ndarray, num_channels: int) -> np.ndarray:
+    """Decode an integer bit-mask image (bit ``k`` set where channel ``k`` is on) into ``(C, H, W)`` uint8."""
+    arr = np.asarray(arr).astype(np.int64)
+    return np.stack([((arr >> k) & 1).astype(np.uint8) for k in range(num_channels)])
+
+
+def encode_bitmask(masks: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`decode_bitmask`: ``(C, H, W)`` binary masks (``C <= 16``) into a uint16 ``(H, W)`` image."""
+    masks = np.asarray(masks)
+    if masks.shape[0] > 16:
+        raise ValueError(f"at most 16 channels fit in a uint16 bit mask, got {masks.shape[0]}")
+    out = np.zeros(masks.shape[1:], dtype=np.uint16)
+    for k in range(masks.shape[0]):
+        out |= (masks[k] > 0).astype(np.uint16) << k
+    return out
+
+
+def load_bitmask(path: PathLike, num_channels: int) -> np.ndarray:
+    """Load a bit-mask PNG (see :func:`encode_bitmask`) as ``(C, H, W)`` uint8."""
+    arr, _ = read_array(path)
+    if arr.ndim != 2:
+        raise BundleInputError(path, f"a bit-mask image must be single-channel, got shape {arr.shape}")
+    return decode_bitmask(arr, num_channels)
+
+
+def save_png(path: PathLike, arr: np.ndarray) -> None:
+    """Save a 2-D uint8/uint16 array (or ``(H, W, 3)`` uint8) as PNG, atomically."""
+    from PIL import Image
+
+    arr = np.asarray(arr)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"save_png expects uint8 or uint16, got {arr.dtype}")
+    im = Image.fromarray(arr)
+    atomic_save(path, lambda tmp: im.save(tmp, format="PNG"))
+
+
+def save_nifti(path: PathLike, arr: np.ndarray, affine: np.ndarray | None = None) -> None:
+    """Save ``(H, W)`` or ``(C, H, W)`` as NIfTI (stored as ``(X, Y[, C])``), atomically."""
+    import nibabel as nib
+
+    arr = np.asarray(arr)
+    data = np.swapaxes(arr, 0, 1) if arr.ndim == 2 else np.moveaxis(arr, 0, -1).swapaxes(0, 1)
+    img = nib.Nifti1Image(np.ascontiguousarray(data), np.eye(4) if affine is None else affine)
+    atomic_save(path, lambda tmp: nib.save(img, tmp))
+
+
+def list_images(folder: PathLike, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
+    """Sorted image files in ``folder`` (by suffix; DICOM files without suffix are not listed)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleInputError(folder, "folder not found")
+    return sorted(str(p) for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(tuple(suffixes)))
+
+
+def _as_key_list(keys: Any) -> list[Hashable]:
+    return [keys] if isinstance(keys, (str, int)) else list(keys)
+
+
+__all__ = [
+    "IMAGE_SUFFIXES", "read_array", "load_radiograph", "load_mask", "decode_bitmask", "encode_bitmask",
+    "load_bitmask", "save_png", "save_nifti", "list_images",
+]

@@ -1,0 +1,111 @@
+"""MONAI transforms that load radiographs and masks with the conventions of :mod:`bundle.data.io`.
+
+Array transforms (:class:`LoadRadiograph`, :class:`LoadMask`) and their dictionary counterparts
+(:class:`LoadRadiographd`, :class:`LoadMaskd`) mirror MONAI's ``LoadImage``/``LoadImaged``: the output is a
+channel-first :class:`monai.data.MetaTensor` whose meta holds ``filename_or_obj`` and ``spatial_shape``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+
+from ..utils import BundleInputError
+from .io import load_bitmask, load_mask, load_radiograph
+
+
+def _meta_tensor(arr: np.ndarray, meta: Mapping[str, Any], dtype: torch.dtype) -> MetaTensor:
+    out_meta = {
+        "filename_or_obj": meta.get("filename_or_obj", ""),
+        "spatial_shape": np.asarray(meta.get("spatial_shape", arr.shape[-2:])),
+        "original_channel_dim": "no_channel",
+    }
+    if "affine" in meta:
+        out_meta["original_affine"] = np.asarray(meta["affine"])
+    return MetaTensor(torch.as_tensor(np.ascontiguousarray(arr), dtype=dtype), meta=out_meta)
+
+
+class LoadRadiograph(Transform):
+    """Load one radiograph (PNG, JPEG, DICOM, NIfTI, ...) as a ``(1, H, W)`` float32 MetaTensor in ``[0, 1]``."""
+
+    def __call__(self, path: str) -> MetaTensor:
+        arr, meta = load_radiograph(path)
+        return _meta_tensor(arr[None], meta, torch.float32)
+
+
+class LoadMask(Transform):
+    """Load a binary mask, a list of per-channel masks, or a bit-mask image into a ``(C, H, W)`` MetaTensor.
+
+    Args:
+        num_bitmask_channels: when set, a single path is decoded as a bit mask with this many channels.
+        union_groups: optional list of channel-index groups; each output channel is the union of its group
+            (e.g. ``[[0, 1], [2], [3, 4]]`` turns SCR's five structures into lungs, heart, clavicles).
+        required_nonempty: raise when a loaded mask (each file) is empty.
+        dtype: output dtype (float32 by default, ready for losses).
+    """
+
+    def __init__(self, num_bitmask_channels: int | None = None, union_groups: Sequence[Sequence[int]] | None = None,
+                 required_nonempty: bool = False, dtype: torch.dtype = torch.float32):
+        self.num_bitmask_channels = num_bitmask_channels
+        self.union_groups = union_groups
+        self.required_nonempty = required_nonempty
+        self.dtype = dtype
+
+    def __call__(self, path: str | Sequence[str]) -> MetaTensor:
+        paths = [path] if isinstance(path, str) else list(path)
+        if self.num_bitmask_channels is not None:
+            if len(paths) != 1:
+                raise ValueError("a bit-mask label is a single file")
+            arr = load_bitmask(paths[0], self.num_bitmask_channels)
+        else:
+            masks = [load_mask(p, required_nonempty=self.required_nonempty) for p in paths]
+            shapes = {m.shape for m in masks}
+            if len(shapes) > 1:
+                raise BundleInputError(paths[0], f"per-channel masks differ in size: {sorted(shapes)} ({paths})")
+            arr = np.stack(masks)
+        if self.union_groups is not None:
+            arr = np.stack([arr[list(g)].max(axis=0) for g in self.union_groups])
+        return _meta_tensor(arr, {"filename_or_obj": paths[0], "spatial_shape": arr.shape[-2:]}, self.dtype)
+
+
+class LoadRadiographd(MapTransform):
+    """Dictionary version of :class:`LoadRadiograph`."""
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadRadiograph()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.loader(d[key])
+        return d
+
+
+class LoadMaskd(MapTransform):
+    """Dictionary version of :class:`LoadMask`; with ``image_key`` it also checks that image and mask sizes agree."""
+
+    def __init__(self, keys: KeysCollection, image_key: str | None = "image", num_bitmask_channels: int | None = None,
+                 union_groups: Sequence[Sequence[int]] | None = None, required_nonempty: bool = False,
+                 dtype: torch.dtype = torch.float32, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.loader = LoadMask(num_bitmask_channels, union_groups, required_nonempty, dtype)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            src = d[key]
+            d[key] = self.loader(src)
+            image = d.get(self.image_key) if self.image_key else None
+            if isinstance(image, torch.Tensor) and tuple(image.shape[-2:]) != tuple(d[key].shape[-2:]):
+                name = src if isinstance(src, str) else src[0]
+                raise BundleInputError(
+                    name, f"mask size {tuple(d[key].shape[-2:])} differs from image size {tuple(image.shape[-2:])} "
+                    f"({image.meta.get('filename_or_obj', '') if hasattr(image, 'meta') else ''})")
+        return d

@@ -1,0 +1,98 @@
+"""Small shared helpers: atomic file writes, seeding, paths."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+PathLike = str | os.PathLike
+
+#: The bundle root: the folder that holds ``configs/`` and this ``bundle`` package.
+BUNDLE_ROOT: str = str(Path(__file__).resolve().parent.parent)
+
+
+class BundleInputError(ValueError):
+    """Bad input (missing, unreadable or inconsistent file). The message always names the file."""
+
+    def __init__(self, path: PathLike | None, problem: str):
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if path is not None else problem)
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[str]:
+    """Yield a temporary file name beside ``path``; on success rename it onto ``path`` atomically.
+
+    The temporary file keeps ``path``'s suffix so that writers choosing the format by extension work. On any
+    exception the temporary file is removed and ``path`` is left untouched (an earlier version stays intact).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: PathLike, obj: Any, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (a crash leaves either the old file or the new one)."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False, allow_nan=False) + "\n")
+
+
+def atomic_save(path: PathLike, writer: Callable[[str], None]) -> None:
+    """Call ``writer(tmp_path)`` then rename ``tmp_path`` onto ``path`` (for writers that take a file name)."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+
+
+def load_json(path: PathLike) -> Any:
+    """Read a JSON file with an error that names it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise BundleInputError(path, "file not found") from None
+    except json.JSONDecodeError as e:
+        raise BundleInputError(path, f"not valid JSON ({e})") from None
+
+
+def set_determinism(seed: int) -> None:
+    """Seed Python, NumPy and torch, and ask torch for deterministic algorithms where it has them."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def resolve(path: PathLike, root: PathLike | None = None) -> str:
+    """``path`` made absolute against ``root`` (default: the bundle root) when it is relative."""
+    p = Path(os.path.expanduser(str(path)))
+    return str(p if p.is_absolute() else Path(root or BUNDLE_ROOT) / p)
