@@ -14,6 +14,9 @@ import numpy as np
 
 PathLike = str | os.PathLike
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 #: The bundle root: the folder that holds ``configs/`` and this ``bundle`` package.
 BUNDLE_ROOT: str = str(Path(__file__).resolve().parent.parent)
 
@@ -39,6 +42,7 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     suffix = "".join(path.suffixes) or ".tmp"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the final file the usual permissions
     try:
         yield tmp
         os.replace(tmp, path)

@@ -1,0 +1,196 @@
+"""Datalist JSON files (MONAI decathlon style) and the data stage's entry point :func:`build_all_datalists`.
+
+A datalist is ``{"name", "description", "numTraining", ..., "training": [...], "validation": [...], "test": [...]}``
+with absolute paths (see ``docs/DEVELOPMENT.md``); it is written atomically and readable by
+``monai.data.load_decathlon_datalist`` as well as by :func:`read_datalist` / :func:`load_datalist_section`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..constants import OBSERVATIONS, SCR_STRUCTURES
+from ..utils import BundleInputError, PathLike, atomic_write_json, load_json
+from .chexpert import chexpert_datalist
+from .segsets import folder_datalist, qata_datalist, scr_datalist
+from .splits import subsample
+
+__all__ = ["DATALIST_SECTIONS", "write_datalist", "read_datalist", "load_datalist_section", "build_all_datalists"]
+
+logger = logging.getLogger(__name__)
+
+DATALIST_SECTIONS: tuple[str, ...] = ("training", "validation", "test")
+#: Datasets built by :func:`build_all_datalists`: name -> output file name.
+DATALIST_FILES: dict[str, str] = {"chexpert": "chexpert.json", "scr": "scr.json", "qata": "qata.json",
+                                  "real_lungs": "real_lungs.json"}
+
+
+def write_datalist(
+    path: PathLike, datalist: Mapping[str, Sequence[Mapping[str, Any]]], indent: int | None = 1, **metadata: Any
+) -> str:
+    """Write ``datalist`` (sections ``training``/``validation``/``test``) as JSON, atomically.
+
+    Args:
+        path: output file.
+        datalist: ``{section: items}``; missing sections are written empty.
+        indent: JSON indent (``None``: compact, for very large datalists).
+        metadata: extra top-level keys (``name``, ``description``, ``labels``, ``summary``, ...).
+
+    Returns:
+        the absolute path written.
+    """
+    unknown = [k for k in datalist if k not in DATALIST_SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown datalist sections {unknown}; expected {DATALIST_SECTIONS}")
+    sections = {k: [dict(it) for it in datalist.get(k, [])] for k in DATALIST_SECTIONS}
+    obj: dict[str, Any] = dict(metadata)
+    obj.update({"numTraining": len(sections["training"]), "numValidation": len(sections["validation"]),
+                "numTest": len(sections["test"])})
+    obj.update(sections)
+    path = os.path.abspath(path)
+    atomic_write_json(path, obj, indent=indent)
+    return path
+
+
+def read_datalist(path: PathLike, check_files: bool = False) -> dict[str, Any]:
+    """Read a datalist JSON file and check its structure (every section a list of items with an ``image``).
+
+    Args:
+        check_files: also check that every ``image``/``label``/``lesion`` path exists.
+
+    Raises:
+        BundleInputError: missing file, invalid JSON, bad structure, or (``check_files``) a missing file (the
+            message names the datalist, the section, the item and the missing path).
+    """
+    obj = load_json(path)
+    if not isinstance(obj, dict) or not any(k in obj for k in DATALIST_SECTIONS):
+        raise BundleInputError(path, f"not a datalist (a JSON object with at least one of {DATALIST_SECTIONS})")
+    for section in DATALIST_SECTIONS:
+        items = obj.setdefault(section, [])
+        if not isinstance(items, list):
+            raise BundleInputError(path, f"section '{section}' is not a list")
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or "image" not in item:
+                raise BundleInputError(path, f"section '{section}', item {i}: not an object with an 'image' key")
+            if check_files:
+                for key in ("image", "label", "lesion"):
+                    value = item.get(key)
+                    for p in ([value] if isinstance(value, str) else value if isinstance(value, list) else []):
+                        if isinstance(p, str) and not os.path.exists(p):
+                            raise BundleInputError(path, f"section '{section}', item {i}: {key} file not found: {p}")
+    return obj
+
+
+def load_datalist_section(
+    path: PathLike, section: str = "training", n: int | None = None, seed: int = 0
+) -> list[dict[str, Any]]:
+    """One section of a datalist file, optionally subsampled to ``n`` items (nested subsets, see
+    :func:`bundle.data.splits.subsample`): the config-friendly way to feed a dataset, e.g.
+    ``$bundle.data.datalists.load_datalist_section(@datalist, 'training', n=@n_train, seed=@seed)``.
+    """
+    if section not in DATALIST_SECTIONS:
+        raise ValueError(f"section must be one of {DATALIST_SECTIONS}, got {section!r}")
+    items = read_datalist(path)[section]
+    return subsample(items, n, seed=seed)
+
+
+def _exists(root: PathLike | None, marker: str) -> bool:
+    return root is not None and (Path(root) / marker).exists()
+
+
+def build_all_datalists(
+    phantom_dir: PathLike,
+    datalist_dir: PathLike,
+    real_lungs_dir: PathLike | None = None,
+    seed: int = 0,
+    policy: str = "ones",
+    policy_overrides: Mapping[str, str] | None = None,
+    chexpert_val_fraction: float = 0.1,
+    qata_val_fraction: float = 0.2,
+    seg_fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    check_files: bool = True,
+    on_error: str = "raise",
+    chexpert_root: PathLike | None = None,
+    scr_root: PathLike | None = None,
+    qata_root: PathLike | None = None,
+    required: Sequence[str] = ("chexpert", "scr", "qata"),
+) -> dict[str, Any]:
+    """Write ``chexpert.json``, ``scr.json``, ``qata.json`` (and ``real_lungs.json``) into ``datalist_dir``.
+
+    Each dataset is read from ``phantom_dir`` unless its own root is given (``chexpert_root``, ``scr_root``,
+    ``qata_root``: e.g. the real datasets). ``real_lungs.json`` is written when ``real_lungs_dir`` holds a plain
+    folder (``images/``, ``masks/``, ``cases.csv``). A ``summary.json`` with the counts is written beside them.
+
+    Args:
+        phantom_dir: default root of the three layouts (the phantom generator's output).
+        datalist_dir: output folder.
+        real_lungs_dir: the real lungs folder (``../shared/data/real-cxr-lungs``); skipped when absent or ``None``.
+        seed: seed of every patient split.
+        policy, policy_overrides: CheXpert uncertainty policy (see :mod:`bundle.data.chexpert`).
+        chexpert_val_fraction: validation fraction of CheXpert's ``train.csv`` (``valid.csv`` is the test set).
+        qata_val_fraction: validation fraction of QaTa's ``Train Set`` (``Test Set`` is the test set).
+        seg_fractions: training/validation/test fractions of SCR and of the real lungs folder.
+        check_files: validate files (image exists; masks readable, of the image's size, non-empty for SCR and
+            the real lungs).
+        on_error: ``"raise"`` or ``"skip"`` (bad items logged, counted in the summary, dropped).
+        required: datasets whose absence is an error (the others are skipped with a warning when absent).
+
+    Returns:
+        ``{dataset: {"path": datalist file, "training": n, "validation": n, "test": n, "skipped": n, ...}}``.
+    """
+    datalist_dir = Path(datalist_dir)
+    unknown = [r for r in required if r not in DATALIST_FILES]
+    if unknown:
+        raise ValueError(f"unknown datasets in `required`: {unknown}; expected some of {list(DATALIST_FILES)}")
+    roots = {"chexpert": chexpert_root or phantom_dir, "scr": scr_root or phantom_dir,
+             "qata": qata_root or phantom_dir, "real_lungs": real_lungs_dir}
+    present = {
+        "chexpert": _exists(roots["chexpert"], "CheXpert-v1.0-small/train.csv") or _exists(roots["chexpert"],
+                                                                                             "train.csv"),
+        "scr": _exists(roots["scr"], "JSRT/images"),
+        "qata": _exists(roots["qata"], "QaTa-COV19/Train Set") or _exists(roots["qata"], "Train Set"),
+        "real_lungs": _exists(roots["real_lungs"], "images") and _exists(roots["real_lungs"], "masks"),
+    }
+    summary: dict[str, Any] = {}
+    for name in DATALIST_FILES:
+        if not present[name]:
+            if name in required:
+                raise BundleInputError(roots[name], f"{name} dataset layout not found (see docs/DEVELOPMENT.md)")
+            logger.info("datalists: %s not found under %s, skipped", name, roots[name])
+            summary[name] = {"status": "absent", "root": None if roots[name] is None else str(roots[name])}
+            continue
+        root = roots[name]
+        if name == "chexpert":
+            datalist, s = chexpert_datalist(root, policy=policy, policy_overrides=policy_overrides,
+                                            val_fraction=chexpert_val_fraction, seed=seed, check_files=check_files,
+                                            on_error=on_error)
+            meta = {"name": "CheXpert", "labels": list(OBSERVATIONS),
+                    "description": "CheXpert classification: train.csv split by patient, valid.csv as test"}
+        elif name == "scr":
+            datalist, s = scr_datalist(root, fractions=seg_fractions, seed=seed, check_files=check_files,
+                                       require_nonempty=True, on_error=on_error)
+            meta = {"name": "JSRT/SCR", "labels": list(SCR_STRUCTURES),
+                    "description": "JSRT radiographs, SCR masks (one file per structure), split by patient"}
+        elif name == "qata":
+            datalist, s = qata_datalist(root, val_fraction=qata_val_fraction, seed=seed, check_files=check_files,
+                                        on_error=on_error)
+            meta = {"name": "QaTa-COV19", "labels": ["infection"],
+                    "description": "QaTa-COV19 infection masks: Train Set split by patient, Test Set as test"}
+        else:
+            datalist, s = folder_datalist(root, fractions=seg_fractions, seed=seed, check_files=check_files,
+                                          require_nonempty=True, on_error=on_error)
+            meta = {"name": "real-cxr-lungs", "labels": ["lungs"],
+                    "description": "real radiographs with lung masks (plain folder), split by patient"}
+        s["root"] = os.path.abspath(root)
+        big = sum(len(v) for v in datalist.values()) > 20000
+        path = write_datalist(datalist_dir / DATALIST_FILES[name], datalist, indent=None if big else 1,
+                              summary=s, **meta)
+        summary[name] = {"status": "written", "path": path, **{k: len(datalist[k]) for k in DATALIST_SECTIONS},
+                         "skipped": int(s.get("skipped", 0)), "root": s["root"]}
+        logger.info("datalists: wrote %s (%s)", path, {k: len(datalist[k]) for k in DATALIST_SECTIONS})
+    atomic_write_json(datalist_dir / "summary.json", summary)
+    return summary

@@ -1,0 +1,102 @@
+"""Resumable training: one ignite handler that saves the whole training state each epoch and restores it on start.
+
+MONAI's ``CheckpointSaver``/``CheckpointLoader`` pair needs the trainer inside its own handler list (a circular config
+reference) and forgets the best metric on restart. :class:`ResumableCheckpoint` gets the trainer from ``attach`` and
+keeps, in ``<ckpt_dir>/last.pt``: the network, optimizer, LR scheduler, the trainer's ignite state (epoch, iteration)
+and the evaluator's best metric. It also keeps ``<ckpt_dir>/<best_filename>`` (the network of the best validation
+epoch). Files are written through a temporary file and an atomic rename: a kill at any moment leaves the previous
+checkpoint intact, and re-running the same command resumes after the last completed epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+import torch
+from ignite.engine import Engine, Events
+
+from ..utils import atomic_save
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    return net.module if isinstance(net, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) else net
+
+
+class ResumableCheckpoint:
+    """Save ``last.pt`` every ``save_interval`` epochs and the best network; resume from ``last.pt`` when present.
+
+    Args:
+        ckpt_dir: folder of the checkpoints.
+        network: the trained network (a DDP wrapper is unwrapped when saving).
+        optimizer, lr_scheduler: optional; saved and restored with the network.
+        evaluator: optional MONAI evaluator whose ``state.best_metric``/``best_metric_epoch`` decide the best model
+            and are restored on resume (attach this handler after the ``ValidationHandler``).
+        best_filename: file name of the best network (a plain ``state_dict``), ``None`` to skip.
+        save_interval: epochs between two ``last.pt`` writes.
+        resume: restore from ``last.pt`` when it exists.
+        enabled: set to ``False`` on non-zero ranks (only rank 0 writes; every rank resumes).
+    """
+
+    def __init__(self, ckpt_dir: str, network: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                 lr_scheduler: Any = None, evaluator: Engine | None = None, best_filename: str | None = "model.pt",
+                 save_interval: int = 1, resume: bool = True, enabled: bool = True):
+        self.ckpt_dir = ckpt_dir
+        self.network = network
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.evaluator = evaluator
+        self.best_filename = best_filename
+        self.save_interval = save_interval
+        self.resume = resume
+        self.enabled = enabled
+        self.last_path = os.path.join(ckpt_dir, "last.pt")
+
+    def _objects(self, engine: Engine) -> dict[str, Any]:
+        objs: dict[str, Any] = {"network": _unwrap(self.network), "trainer": engine}
+        if self.optimizer is not None:
+            objs["optimizer"] = self.optimizer
+        if self.lr_scheduler is not None:
+            objs["lr_scheduler"] = self.lr_scheduler
+        return objs
+
+    def attach(self, engine: Engine) -> None:
+        if self.resume and os.path.exists(self.last_path):
+            self.load(engine)
+        if self.enabled:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
+            engine.add_event_handler(Events.COMPLETED, self.save)
+
+    def load(self, engine: Engine) -> None:
+        ckpt = torch.load(self.last_path, map_location="cpu", weights_only=False)
+        for name, obj in self._objects(engine).items():
+            if name in ckpt:
+                obj.load_state_dict(ckpt[name])
+        best = ckpt.get("best")
+        if best is not None and self.evaluator is not None:
+            self.evaluator.state.best_metric = best["best_metric"]
+            self.evaluator.state.best_metric_epoch = best["best_metric_epoch"]
+        logger.info(f"resumed from {self.last_path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+
+    def save(self, engine: Engine) -> None:
+        state = {name: obj.state_dict() for name, obj in self._objects(engine).items()}
+        if self.evaluator is not None:
+            state["best"] = {"best_metric": self.evaluator.state.best_metric,
+                             "best_metric_epoch": self.evaluator.state.best_metric_epoch}
+            if self.best_filename and self.evaluator.state.best_metric_epoch == engine.state.epoch:
+                best_path = os.path.join(self.ckpt_dir, self.best_filename)
+                atomic_save(best_path, lambda tmp: torch.save(_unwrap(self.network).state_dict(), tmp))
+        atomic_save(self.last_path, lambda tmp: torch.save(state, tmp))
+
+
+def read_state_dict(path: str, map_location: str = "cpu") -> Mapping[str, torch.Tensor]:
+    """Network weights from a checkpoint file: a bare ``state_dict`` or a dict with ``network``/``model`` in it."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if isinstance(ckpt, Mapping):
+        for key in ("network", "model", "state_dict", "net"):
+            if key in ckpt and isinstance(ckpt[key], Mapping):
+                return ckpt[key]
+    return ckpt

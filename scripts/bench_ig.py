@@ -1,0 +1,366 @@
+#!/usr/bin/env python
+"""Benchmark: multi-target Integrated Gradients engine against captum's per-target loop, in ONE process.
+
+Network: MONAI DenseNet121 (2D, 1 input channel, 14 outputs, random init, eval mode). Per image, interleaved:
+
+* ``captum``: ``captum.attr.IntegratedGradients.attribute(x, target=c, n_steps, method, internal_batch_size=steps,
+  return_convergence_delta=True)`` once per target ``c`` (all ``--targets`` targets);
+* ``engine``: :class:`bundle.explain.ig.MultiTargetIntegratedGradients` with the same targets, steps, method and
+  ``internal_batch_size`` (identical work), plus ``engine/ibs=N`` variants (``--engine-ibs``);
+* DoLL mode: ``--selected K`` targets per image (a typical number of positive findings): the engine on them, and
+  captum on the same K targets (both ratios are printed: against captum over all targets and over the same K).
+
+Attributions are checked for equality (max abs difference relative to captum's max abs value). Reported: seconds
+per image, ratios, peak memory per variant (CPU: peak RSS, reset between variants through
+``/proc/self/clear_refs``; CUDA: ``torch.cuda.max_memory_allocated``), the machine's matmul GFLOP/s measured in
+the same run and the fraction of it reached, counting conv + linear FLOPs of one forward pass (input-gradient
+backward taken as the same count): captum ``2 x T x steps x F``, engine floor ``steps x (1 + T) x F``.
+
+glibc's allocator returns memory to the OS too eagerly for this workload (page faults cost ~1/5 of the time); the
+script re-executes itself with ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` and ``MALLOC_MMAP_THRESHOLD_`` set
+unless they are already set or ``--no-malloc-tune`` is given.
+
+Examples::
+
+    .venv/bin/python scripts/bench_ig.py                 # 224 x 224, 14 targets x 32 steps, 1 image (~6-10 min)
+    .venv/bin/python scripts/bench_ig.py --quick         # 96 x 96, 8 steps (~1 min smoke test)
+    .venv/bin/python scripts/bench_ig.py --device cuda --images 8 --amp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+_MALLOC_ENV = {
+    "MALLOC_TRIM_THRESHOLD_": str(64 << 30),  # never give the heap top back to the OS
+    "MALLOC_TOP_PAD_": str(1 << 30),  # grow the heap in big steps
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),  # glibc's maximum: blocks below 32 MiB come from the heap
+}
+
+
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--targets", type=int, default=14, help="targets explained per image (identical-work mode)")
+    p.add_argument("--selected", type=int, default=2, help="targets per image in DoLL mode (0: skip)")
+    p.add_argument("--images", type=int, default=1, help="images timed (each variant runs on every image)")
+    p.add_argument("--method", default="gausslegendre")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--amp", action="store_true", help="also time the engine with bf16 autocast + channels_last")
+    p.add_argument("--engine-ibs", type=int, nargs="*", default=[8],
+                   help="extra engine variants with these internal_batch_size values")
+    p.add_argument("--quick", action="store_true", help="96 x 96, 8 steps, 1 image: a ~1 minute smoke run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--no-malloc-tune", action="store_true", help="do not re-exec with the MALLOC_* variables")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.image_size, args.steps, args.images = 96, 8, 1
+    return args
+
+
+def _maybe_reexec(args: argparse.Namespace) -> bool:
+    """Re-execute with the MALLOC_* variables set (once). Returns whether they are set in this process."""
+    if all(k in os.environ for k in _MALLOC_ENV):
+        return True
+    if args.no_malloc_tune or os.environ.get("BENCH_IG_REEXEC") == "1":
+        return False
+    env = dict(os.environ, BENCH_IG_REEXEC="1")
+    for k, v in _MALLOC_ENV.items():
+        env.setdefault(k, v)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    return True  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# measurement helpers
+# ----------------------------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory of a code region: CUDA max allocated, or peak RSS (reset through /proc/self/clear_refs)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.can_reset = False
+        if device == "cpu":
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.can_reset = True
+            except OSError:
+                pass
+
+    def reset(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        elif self.can_reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def peak_mib(self) -> float:
+        import torch
+
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20
+        if self.can_reset:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_gflops(device: str, n: int = 2048, reps: int = 8) -> float:
+    """Best-of fp32 matmul GFLOP/s for ``n x n`` matrices."""
+    import torch
+
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    (a @ b).sum().item()  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        (a @ b).sum().item()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def forward_flops(model: Any, shape: tuple[int, ...], device: str) -> float:
+    """Conv + linear FLOPs of one forward pass of one image (``2 x MACs``)."""
+    import torch
+    from torch import nn
+
+    total = [0.0]
+
+    def conv_hook(mod: nn.Module, inp: Any, out: Any) -> None:
+        # 2 x (Cin / groups) x k x Cout x Hout x Wout; out[0] is one sample's (Cout, Hout, Wout)
+        k = mod.weight.shape[2:].numel()  # type: ignore[union-attr]
+        total[0] += 2.0 * (mod.in_channels // mod.groups) * k * out[0].numel()
+
+    def lin_hook(mod: nn.Module, inp: Any, out: Any) -> None:
+        total[0] += 2.0 * mod.in_features * mod.out_features * (out[0].numel() // mod.out_features)
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(lin_hook))
+    with torch.no_grad():
+        model(torch.zeros((1, *shape), device=device))
+    for h in hooks:
+        h.remove()
+    return total[0]
+
+
+def graph_mib(model: Any, n: int, shape: tuple[int, ...], device: str) -> float:
+    """MiB of the tensors autograd saves for backward in one forward pass of ``n`` images requiring grad (the
+    memory a chunk of ``n`` interpolated images holds while its targets are backpropagated)."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(t: Any) -> Any:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.zeros((n, *shape), device=device, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return sum(seen.values()) / 2**20
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def rel_diff(a: Any, b: Any) -> float:
+    """max |a - b| / max |b|."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parse(argv)
+    malloc_tuned = _maybe_reexec(args)
+
+    import numpy as np
+    import torch
+    from captum.attr import IntegratedGradients
+    from monai.networks.nets import DenseNet121
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bundle.explain.ig import MultiTargetIntegratedGradients
+
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: CUDA is not available")
+    dev = args.device
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    k_out = 14
+    size, steps, n_t = args.image_size, args.steps, args.targets
+    model = DenseNet121(spatial_dims=2, in_channels=1, out_channels=k_out).to(dev).eval()
+    images = torch.rand((args.images, 1, 1, size, size), device=dev)
+    all_targets = list(range(n_t))
+    selected = [sorted(rng.choice(np.arange(1, k_out), size=args.selected, replace=False).tolist())
+                for _ in range(args.images)] if args.selected > 0 else []
+
+    print(f"# bench_ig: DenseNet121 2D 1->{k_out}, {size}x{size}, {n_t} targets x {steps} {args.method} steps, "
+          f"{args.images} image(s), device={dev}, threads={torch.get_num_threads()}, torch {torch.__version__}",
+          flush=True)
+    print("# MALLOC tuning: " + (", ".join(f"{k}={os.environ[k]}" for k in _MALLOC_ENV) if malloc_tuned
+                                 else "off (glibc defaults)"), flush=True)
+
+    gflops_start = matmul_gflops(dev)
+    f_fwd = forward_flops(model, (1, size, size), dev)
+    print(f"# fp32 matmul (2048^3): {gflops_start:.1f} GFLOP/s; forward conv+linear: {f_fwd / 1e9:.3f} GFLOP/image",
+          flush=True)
+
+    graph = {b: graph_mib(model, b, (1, size, size), dev) for b in sorted({steps, *args.engine_ibs})}
+    print("# autograd graph per forward chunk: " + ", ".join(f"{b} images {m:.0f} MiB" for b, m in graph.items()),
+          flush=True)
+
+    ig = IntegratedGradients(model)
+    engine = MultiTargetIntegratedGradients(model)
+    engine_amp = MultiTargetIntegratedGradients(model, amp_dtype=torch.bfloat16, channels_last=True) \
+        if args.amp else None
+    mem = PeakMemory(dev)
+
+    def captum_run(x: Any, targets: list[int]) -> Any:
+        maps, deltas = [], []
+        for c in targets:
+            a, d = ig.attribute(x, baselines=torch.zeros_like(x), target=c, n_steps=steps, method=args.method,
+                                internal_batch_size=steps, return_convergence_delta=True)
+            maps.append(a)
+            deltas.append(d)
+        return torch.stack(maps, 1), torch.stack(deltas, 1)
+
+    def engine_run(eng: Any, ibs: int) -> Callable[[Any, list[int]], Any]:
+        def run(x: Any, targets: list[int]) -> Any:
+            r = eng.attribute(x, [targets], baselines="zeros", n_steps=steps, method=args.method,
+                              internal_batch_size=ibs, return_convergence_delta=True)
+            return r.attributions, r.delta
+        return run
+
+    # warm-up (oneDNN primitive caches, allocator) on a small problem
+    warm = images[0]
+    captum_run(warm, [0])
+    engine_run(engine, steps)(warm, [0, 1])
+    if engine_amp is not None:
+        engine_run(engine_amp, steps)(warm, [0, 1])
+
+    variants: list[tuple[str, str, Callable[[Any, list[int]], Any]]] = [
+        ("captum", "all", captum_run),
+        ("engine", "all", engine_run(engine, steps)),
+    ]
+    variants += [(f"engine/ibs={b}", "all", engine_run(engine, b)) for b in args.engine_ibs if b != steps]
+    if engine_amp is not None:
+        variants.append(("engine/bf16+channels_last", "all", engine_run(engine_amp, steps)))
+    if selected:
+        variants += [("captum/selected", "sel", captum_run), ("engine/selected", "sel", engine_run(engine, steps))]
+
+    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    peaks: dict[str, float] = {name: 0.0 for name, _, _ in variants}
+    diffs: dict[str, float] = {}
+    delta_max: dict[str, float] = {}
+    for i in range(args.images):
+        x = images[i]
+        order = variants if i % 2 == 0 else variants[::-1]  # alternate the order between images
+        results: dict[str, Any] = {}
+        for name, kind, fn in order:
+            targets = all_targets if kind == "all" else selected[i]
+            mem.reset()
+            _sync(dev)
+            t0 = time.perf_counter()
+            attr, delta = fn(x, targets)
+            _sync(dev)
+            dt = time.perf_counter() - t0
+            times[name].append(dt)
+            peaks[name] = max(peaks[name], mem.peak_mib())
+            results[name] = (attr.detach().cpu(), delta.detach().cpu())
+            print(f"  image {i}: {name:<28s} {dt:8.2f} s  ({len(targets)} targets)", flush=True)
+        ref = {"all": results["captum"], "sel": results.get("captum/selected")}
+        for name, kind, _ in variants:
+            if name.startswith("captum"):
+                continue
+            a, d = results[name]
+            ra, rd = ref[kind]
+            diffs[name] = max(diffs.get(name, 0.0), rel_diff(a, ra))
+            delta_max[name] = max(delta_max.get(name, 0.0), float((d - rd).abs().max()))
+        delta_max["captum"] = max(delta_max.get("captum", 0.0), float(results["captum"][1].abs().max()))
+
+    gflops_end = matmul_gflops(dev)
+    gflops = max(gflops_start, gflops_end)
+    sec = {k: float(np.mean(v)) for k, v in times.items()}
+
+    def flops(name: str) -> float:
+        t = args.selected if name.endswith("selected") else n_t
+        return (2 * t * steps if name.startswith("captum") else steps * (1 + t)) * f_fwd
+
+    rows = []
+    print(f"\n# fp32 matmul: {gflops_start:.1f} GFLOP/s at start, {gflops_end:.1f} at end (fraction uses the max, "
+          f"{gflops:.1f})")
+    print(f"{'variant':<28s} {'s/image':>9s} {'vs captum':>10s} {'TFLOP/img':>10s} {'GFLOP/s':>8s} "
+          f"{'of matmul':>9s} {'peak MiB':>9s} {'rel diff':>9s}")
+    for name, _, _ in variants:
+        s = sec[name]
+        fl = flops(name)
+        row = {"variant": name, "s_per_image": s, "speedup_vs_captum_all": sec["captum"] / s,
+               "flop_per_image": fl, "gflops": fl / s / 1e9, "fraction_of_matmul": fl / s / 1e9 / gflops,
+               "peak_mib": peaks[name], "max_rel_diff_vs_captum": diffs.get(name),
+               "max_abs_delta_diff_vs_captum": delta_max.get(name)}
+        rows.append(row)
+        print(f"{name:<28s} {s:9.2f} {row['speedup_vs_captum_all']:9.2f}x {fl / 1e12:10.3f} {row['gflops']:8.1f} "
+              f"{row['fraction_of_matmul']:9.1%} {peaks[name]:9.0f} "
+              f"{'-' if diffs.get(name) is None else format(diffs[name], '.1e'):>9s}")
+    summary = {
+        "identical_work_speedup": sec["captum"] / sec["engine"],
+        "flop_floor_speedup": flops("captum") / flops("engine"),
+        "max_abs_captum_delta": delta_max["captum"],
+    }
+    print(f"\nidentical work ({n_t} targets x {steps} steps): engine {sec['engine']:.2f} s/image vs captum "
+          f"{sec['captum']:.2f} s/image -> {summary['identical_work_speedup']:.2f}x "
+          f"(FLOP floor ratio {summary['flop_floor_speedup']:.2f}x)")
+    if selected:
+        summary["doll_vs_captum_all"] = sec["captum"] / sec["engine/selected"]
+        summary["doll_vs_captum_selected"] = sec["captum/selected"] / sec["engine/selected"]
+        print(f"DoLL mode ({args.selected} selected targets): engine {sec['engine/selected']:.2f} s/image -> "
+              f"{summary['doll_vs_captum_all']:.2f}x vs captum over all {n_t} targets, "
+              f"{summary['doll_vs_captum_selected']:.2f}x vs captum over the same {args.selected} targets")
+    if dev == "cpu" and malloc_tuned:
+        print("note: with the MALLOC tuning glibc keeps freed memory, so the CPU peak RSS of a variant is the process"
+              " high-water mark so far; the autograd graph size per chunk above is what scales with "
+              "internal_batch_size")
+    print(f"max |delta| (captum, fp32): {delta_max['captum']:.3e}; peak RSS of the process: "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "malloc_tuned": malloc_tuned, "matmul_gflops": [gflops_start, gflops_end],
+              "forward_gflop_per_image": f_fwd / 1e9,
+              "graph_mib_per_chunk": graph, "variants": rows, "summary": summary}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Shared pytest fixtures: the shared data folder, the real lungs folder, and small image writers.
+
+Keep this file generic: fixtures that build one dataset layout belong to the test module that uses them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _find_shared_dir() -> Path | None:
+    """``$CXR_DOLL_SHARED``, ``<repo>/../shared`` or ``/work/shared``, whichever exists first."""
+    candidates = [os.environ.get("CXR_DOLL_SHARED"), REPO_ROOT.parent / "shared", "/work/shared"]
+    for cand in candidates:
+        if cand and Path(cand).is_dir():
+            return Path(cand).resolve()
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The shared folder (``../shared`` beside the repository); skips the test when absent."""
+    found = _find_shared_dir()
+    if found is None:
+        pytest.skip("needs ../shared (absent)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def real_lungs_dir() -> Path:
+    """``../shared/data/real-cxr-lungs`` (34 real radiographs with lung masks); skips the test when absent."""
+    found = _find_shared_dir()
+    path = None if found is None else found / "data" / "real-cxr-lungs"
+    if path is None or not (path / "cases.csv").is_file():
+        pytest.skip("needs ../shared/data/real-cxr-lungs (absent)")
+    return path
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A seeded generator (same numbers in every test)."""
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def write_image() -> Callable[..., Path]:
+    """``write_image(path, array, format=None)``: write a uint8/uint16 ``(H, W)`` (or RGB) array with PIL
+    (format from the suffix: PNG, JPEG, GIF, ...), creating folders; returns the path."""
+    from PIL import Image
+
+    def _write(path: str | os.PathLike, array: np.ndarray, format: str | None = None) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        im = Image.fromarray(np.asarray(array))
+        if path.suffix.lower() == ".gif" and im.mode != "P":
+            im = im.convert("L").convert("P")
+        kwargs = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
+        im.save(path, format=format, **kwargs)
+        return path
+
+    return _write
