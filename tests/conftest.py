@@ -66,3 +66,42 @@ def write_image() -> Callable[..., Path]:
         return path
 
     return _write
+
+
+def _write_dicom(path: Path, stored: np.ndarray, bits_stored: int, photometric: str = "MONOCHROME2",
+                 slope: float | None = None, intercept: float | None = None) -> Path:
+    """A minimal DX DICOM file (pydicom 3 API); ``stored`` (uint8/uint16/int16) is written as the pixel data."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.PatientID = "TEST"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = stored.dtype.itemsize * 8
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if np.issubdtype(stored.dtype, np.signedinteger) else 0
+    if slope is not None:
+        ds.RescaleSlope = slope
+        ds.RescaleIntercept = intercept
+        ds.RescaleType = "US"
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def write_dicom() -> Callable[..., Path]:
+    """``write_dicom(path, stored, bits_stored, photometric="MONOCHROME2", slope=None, intercept=None)``: a minimal
+    uncompressed DX DICOM file (explicit VR little endian); returns the path."""
+    return _write_dicom

@@ -232,15 +232,22 @@ def test_linear_model_exact():
     lin = nn.Sequential(nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
     b = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    w = lin[1].weight.detach().view(3, 2, 4, 4)
+    f_gap = lin(x).detach() - lin(b).detach()
     for method in QUADRATURE_METHODS:
         res = integrated_gradients(lin, x, [[0, 2], [1]], baselines=b, n_steps=4, method=method)
-        w = lin[1].weight.detach().view(3, 2, 4, 4)
-        # the quadrature weights sum to 1 (to rounding), and the gradient of a linear model is constant
-        torch.testing.assert_close(res.attributions[0, 0], (x[0] - b[0]) * w[0], atol=1e-12, rtol=1e-12)
-        torch.testing.assert_close(res.attributions[0, 1], (x[0] - b[0]) * w[2], atol=1e-12, rtol=1e-12)
-        torch.testing.assert_close(res.attributions[1, 0], (x[1] - b[1]) * w[1], atol=1e-12, rtol=1e-12)
+        # the gradient of a linear model is constant: IG = (x - b) * w * sum(step sizes); the weights sum to 1
+        # except captum's trapezoid rule, whose weights sum to (n - 1) / n (reproduced as captum has it)
+        total = sum(quadrature(method, 4)[0])
+        assert total == pytest.approx(0.75 if method == "riemann_trapezoid" else 1.0, abs=1e-15)
+        torch.testing.assert_close(res.attributions[0, 0], (x[0] - b[0]) * w[0] * total, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(res.attributions[0, 1], (x[0] - b[0]) * w[2] * total, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(res.attributions[1, 0], (x[1] - b[1]) * w[1] * total, atol=1e-12, rtol=1e-12)
         assert torch.all(res.attributions[1, 1] == 0)
-        assert res.delta.abs().max() < 1e-12
+        expected_delta = (total - 1) * torch.stack([f_gap[0, [0, 2]], torch.stack([f_gap[1, 1], f_gap[1, 1] * 0])])
+        torch.testing.assert_close(res.delta, expected_delta, atol=1e-12, rtol=0)
+        if method != "riemann_trapezoid":
+            assert res.delta.abs().max() < 1e-12
 
 
 def test_float64_completeness_converges():

@@ -168,8 +168,12 @@ def test_compare_inits_table():
     others = tab[~((tab.task == "A") & (tab.init == "doll"))]
     assert not others["significant"].any()
     assert all("no significant difference" in c for c in others["conclusion"])
-    # deterministic
-    pd.testing.assert_frame_equal(tab, compare_inits(df, reference="random", n_boot=500))
+    # deterministic, and independent of the order of the input rows
+    shuffled = df.sample(frac=1.0, random_state=0)
+    pd.testing.assert_frame_equal(tab, compare_inits(shuffled, reference="random", n_boot=500))
+    # training sizes may mix numbers and text ("all"): numbers first, in numeric order
+    mixed = df.assign(size=df["size"].map({4: 4, 16: "all"}))
+    assert list(compare_inits(mixed, reference="random", n_boot=50)["size"][:4]) == [4, 4, "all", "all"]
 
 
 def test_compare_inits_options():
@@ -188,7 +192,8 @@ def test_compare_inits_options():
     f = compare_inits(hd, reference="random", value_col="hd95", higher_is_better=False, n_boot=200)
     sig = t["significant"].to_numpy()
     assert sig.any()
-    assert all("worse than" in c for c in t["conclusion"][sig]) and all("better than" in c for c in f["conclusion"][sig])
+    assert all("worse than" in c for c in t["conclusion"][sig])
+    assert all("better than" in c for c in f["conclusion"][sig])
     with pytest.raises(ValueError, match="reference init"):
         compare_inits(df, reference="nope")
     with pytest.raises(ValueError, match="missing columns"):

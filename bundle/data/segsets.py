@@ -33,7 +33,7 @@ from .splits import split_datalist
 
 __all__ = [
     "read_image_size", "check_pair", "validate_items", "scr_items", "scr_datalist", "qata_items", "qata_datalist",
-    "folder_items", "folder_datalist", "image_list_items", "is_image_file",
+    "folder_items", "folder_datalist", "read_cases_csv", "qata_patient", "image_list_items", "is_image_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -41,25 +41,21 @@ logger = logging.getLogger(__name__)
 ON_ERROR: tuple[str, ...] = ("raise", "skip")
 #: How many skipped items are logged one by one (the rest only counted).
 MAX_LOGGED = 10
+#: Validation of this many items or more shows a progress bar.
+PROGRESS_MIN_ITEMS = 500
 JSRT_IMAGES = "JSRT/images"
 SCR_MASKS = "SCR/masks"
 QATA_DIRNAME = "QaTa-COV19"
 QATA_SUBSETS: tuple[str, str] = ("Train Set", "Test Set")
 MASK_PREFIX = "mask_"
+#: Suffixes of SCR mask files, preferred first.
+MASK_SUFFIXES: tuple[str, ...] = (".gif", ".png", ".bmp", ".tif", ".tiff")
 _BIMCV_SUBJECT = re.compile(r"^(sub-[A-Za-z0-9]+)")
 
 
 def _check_on_error(on_error: str) -> None:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-
-
-def _stem(path: PathLike) -> str:
-    name = Path(path).name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _files_by_stem(folder: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> dict[str, str]:
@@ -154,8 +150,8 @@ def check_pair(
     for mask_path in [label] if isinstance(label, (str, os.PathLike)) else list(label):
         mask = load_mask(mask_path, required_nonempty=require_nonempty)
         if tuple(mask.shape) != tuple(size):
-            raise BundleInputError(mask_path, f"mask size {tuple(mask.shape)} (H, W) differs from image size "
-                                              f"{tuple(size)} of {image}")
+            raise BundleInputError(mask_path, f"mask size {tuple(mask.shape)} differs from image size "
+                                              f"{tuple(size)} of {image} (sizes are (H, W))")
 
 
 class _Skipper:
@@ -188,10 +184,15 @@ def validate_items(
     label_key: str = "label",
     what: str = "datalist",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run :func:`check_pair` on every item; returns ``(kept items, {"skipped": n, "errors": [...]})``."""
+    """Run :func:`check_pair` on every item; returns ``(kept items, {"skipped": n, "errors": [...]})``.
+
+    A progress bar (tqdm, on stderr) shows for lists of at least :data:`PROGRESS_MIN_ITEMS` items.
+    """
+    from tqdm.auto import tqdm
+
     skipper = _Skipper(on_error, what)
     kept: list[dict[str, Any]] = []
-    for item in items:
+    for item in tqdm(items, desc=f"checking {what}", unit="item", disable=len(items) < PROGRESS_MIN_ITEMS):
         try:
             check_pair(item[image_key], item.get(label_key), require_nonempty, decode_images)
         except BundleInputError as e:
@@ -250,7 +251,7 @@ def scr_items(
     images = _files_by_stem(root / images_subdir)
     if not images:
         raise BundleInputError(root / images_subdir, "no images found")
-    masks = {s: _files_by_stem(root / masks_subdir / s, (".gif", ".png", ".bmp", ".tif", ".tiff")) for s in structures}
+    masks = {s: _files_by_stem(root / masks_subdir / s, MASK_SUFFIXES) for s in structures}
     items: list[dict[str, Any]] = []
     for case, image in images.items():
         missing = [s for s in structures if case not in masks[s]]

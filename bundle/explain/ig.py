@@ -79,7 +79,9 @@ def quadrature(method: str, n_steps: int) -> tuple[list[float], list[float]]:
 
     Returns:
         ``(step_sizes, alphas)``, two lists of ``n_steps`` Python floats, computed exactly as
-        ``captum.attr._utils.approximation_methods.approximation_parameters(method)`` does.
+        ``captum.attr._utils.approximation_methods.approximation_parameters(method)`` does. Note that captum's
+        ``riemann_trapezoid`` weights sum to ``(n - 1) / n``, not 1 (reproduced here for equality with captum), so
+        its completeness delta does not vanish even for a linear model.
     """
     if method not in QUADRATURE_METHODS:
         raise ValueError(f"unknown quadrature method {method!r}; choose one of {QUADRATURE_METHODS}")
@@ -476,7 +478,7 @@ class MultiTargetIntegratedGradients:
         delta = None
         if return_convergence_delta and outputs is not None and base_outputs is not None:
             # captum: sum(attributions) - (F(inputs)[c] - F(baselines)[c]), per draw, then the mean over draws
-            attr_sum = items_attr.reshape(n_draw * n_img, t_max, -1).sum(-1)
+            attr_sum = items_attr.flatten(2).sum(-1)
             idx = tgt.clamp(min=0).to(outputs.device)
             f_x = outputs.gather(1, idx).repeat(n_draw, 1)
             f_b = base_outputs.gather(1, idx.repeat(n_draw, 1))

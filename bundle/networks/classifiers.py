@@ -70,3 +70,32 @@ def build_classifier(arch: str = "densenet_small", in_channels: int = 1, num_cla
         return SegResNetEncoderClassifier(spatial_dims=spatial_dims, in_channels=in_channels,
                                           num_classes=num_classes, **kwargs)
     raise ValueError(f"unknown classifier architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+
+def save_spec(ckpt_dir: str, arch: str, num_classes: int = 14, in_channels: int = 1, **kwargs: Any) -> str:
+    """Write ``<ckpt_dir>/classifier.json`` (architecture and arguments) so later stages can rebuild the network."""
+    import os
+
+    from ..utils import atomic_write_json
+
+    path = os.path.join(ckpt_dir, "classifier.json")
+    atomic_write_json(path, {"arch": arch, "num_classes": num_classes, "in_channels": in_channels, "kwargs": kwargs})
+    return path
+
+
+#: Grad-CAM layer of each classifier architecture (the last feature map before pooling, after its activation).
+GRADCAM_LAYERS: dict[str, str] = {
+    "densenet121": "class_layers.relu",
+    "densenet_small": "class_layers.relu",
+    "resnet18": "layer4",
+    "segresnet_encoder": "head.1",
+}
+
+
+def gradcam_layer_of(ckpt_dir: str) -> str:
+    """The Grad-CAM layer of the classifier saved in ``ckpt_dir`` (from its ``classifier.json``)."""
+    import os
+
+    from ..utils import load_json
+
+    return GRADCAM_LAYERS[load_json(os.path.join(ckpt_dir, "classifier.json"))["arch"]]

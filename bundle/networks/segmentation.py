@@ -14,25 +14,21 @@ Both need ``H`` and ``W`` divisible by 16 (``UNet`` halves four times; SegResNet
 
 Parts (used by weight transfer, head replacement, freezing and adapters), as module names of the network:
 
-============  ==================================================  ==================================================
-part          SegResNet                                           UNet (4 levels + bottom, any ``num_res_units``)
-============  ==================================================  ==================================================
-encoder       ``convInit``, ``down_layers``                       the down layer of each level: ``model.0``,
-                                                                  ``model.1.submodule.0``,
-                                                                  ``model.1.submodule.1.submodule.0``, ..., and the
-                                                                  bottom layer
-                                                                  ``model.1.submodule.1.submodule.1.submodule.1.submodule``
-decoder       everything else: ``up_samples``, ``up_layers``,     the up layers of the inner levels (deepest first):
-              ``conv_final.0`` (the final GroupNorm)              ``model.1.submodule.1.submodule.1.submodule.2``,
-                                                                  ``model.1.submodule.1.submodule.2``,
-                                                                  ``model.1.submodule.2``
-head          ``conv_final.2`` (the final 1x1 convolution)        ``model.2``: the outermost up layer. It maps to
-                                                                  ``out_channels`` and is, with ``num_res_units > 0``,
-                                                                  ``Sequential(transposed conv + ADN, ResidualUnit)``
-                                                                  (``model.2.0.*``, ``model.2.1.*``: both have
-                                                                  ``out_channels`` channels); with
-                                                                  ``num_res_units == 0`` a single transposed conv.
-============  ==================================================  ==================================================
+- **SegResNet**
+    - encoder: ``convInit``, ``down_layers`` (the names the ``segresnet_encoder`` classifier keeps);
+    - head: ``conv_final.2``, the final 1x1 convolution (``conv_final.0`` is a GroupNorm, ``.1`` a ReLU);
+    - decoder: everything else: ``up_samples``, ``up_layers``, ``conv_final.0``.
+- **UNet** (MONAI's recursive ``model = Sequential(down, SkipConnection(Sequential(down, ..., up)), up)``;
+  shown for the default 5 channels, i.e. 4 levels and a bottom layer; any ``num_res_units``):
+    - encoder: the down layer of each level and the bottom layer: ``model.0``, ``model.1.submodule.0``,
+      ``model.1.submodule.1.submodule.0``, ``model.1.submodule.1.submodule.1.submodule.0``,
+      ``model.1.submodule.1.submodule.1.submodule.1.submodule``;
+    - head: ``model.2``, the up layer of the outermost level, which maps to ``out_channels``. With
+      ``num_res_units > 0`` it is ``Sequential(transposed conv + ADN, ResidualUnit)`` (``model.2.0.*``,
+      ``model.2.1.*``; both convolutions have ``out_channels`` outputs, plus a PReLU slope ``model.2.0.adn.A``);
+      with ``num_res_units == 0`` a single transposed convolution (``model.2.conv.*``);
+    - decoder: the up layers of the inner levels: ``model.1.submodule.1.submodule.1.submodule.2``,
+      ``model.1.submodule.1.submodule.2``, ``model.1.submodule.2``.
 
 "Decoder stages" (:func:`decoder_stage_names`) are where :mod:`bundle.networks.finetune` inserts adapters: SegResNet's
 ``up_layers.{i}`` and UNet's inner up layers, deepest first.

@@ -30,6 +30,7 @@ Conventions (all functions):
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
@@ -122,7 +123,7 @@ def paired_bootstrap_ci(
     y: Any | None = None,
     n_boot: int = 10000,
     confidence: float = 0.95,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     method: Literal["percentile", "bca"] = "percentile",
 ) -> tuple[float, float]:
     """Bootstrap confidence interval of the mean paired difference ``mean(x - y)``.
@@ -132,7 +133,8 @@ def paired_bootstrap_ci(
         y: paired scores of the second strategy.
         n_boot: number of bootstrap resamples.
         confidence: confidence level, e.g. 0.95.
-        seed: seed of ``numpy.random.default_rng``: equal seeds give equal intervals.
+        seed: seed of ``numpy.random.default_rng`` (an int or a sequence of ints): equal seeds give equal
+            intervals.
         method: ``"percentile"`` (resample pairs, quantiles of the resampled means) or ``"bca"``
             (:func:`scipy.stats.bootstrap` with ``method="BCa"``).
 
@@ -247,6 +249,17 @@ def replicability_summary(values: Any) -> dict[str, float]:
     return {"n": n, "mean": mean, "sd": sd, "cv": cv, "min": float(v.min()), "max": float(v.max())}
 
 
+def _sort_key(value: Any) -> tuple[int, Any]:
+    """Order numbers numerically before other values (as text), so that sizes like ``2, 4, 16, "all"`` sort."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return (0, float(value))
+    return (1, str(value))
+
+
+def _ordered(rows: list[dict[str, Any]], cols: Sequence[str]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: tuple(_sort_key(r[c]) for c in cols))
+
+
 def _default_by(df: pd.DataFrame) -> list[str]:
     return [c for c in ("task", "structure", "size") if c in df.columns]
 
@@ -273,14 +286,14 @@ def replicability(
 
     by = list(by) if by is not None else _default_by(df) + (["init"] if "init" in df.columns else [])
     _require(df, [*by, seed_col, value_col])
-    per_seed = df.groupby([*by, seed_col], dropna=False, sort=True)[value_col].mean().reset_index()
+    per_seed = df.groupby([*by, seed_col], dropna=False, sort=False)[value_col].mean().reset_index()
     rows = []
-    groups = per_seed.groupby(by, dropna=False, sort=True) if by else [((), per_seed)]
+    groups = per_seed.groupby(by, dropna=False, sort=False) if by else [((), per_seed)]
     for key, g in groups:
         key = key if isinstance(key, tuple) else (key,)
         s = replicability_summary(g[value_col].to_numpy())
         rows.append({**dict(zip(by, key)), "n_seeds": s.pop("n"), **s})
-    return pd.DataFrame(rows, columns=[*by, "n_seeds", "mean", "sd", "cv", "min", "max"])
+    return pd.DataFrame(_ordered(rows, by), columns=[*by, "n_seeds", "mean", "sd", "cv", "min", "max"])
 
 
 def _require(df: pd.DataFrame, cols: Sequence[str]) -> None:
@@ -343,7 +356,8 @@ def compare_inits(
         holm_by: columns whose groups are separate Holm families (e.g. ``["task"]``); default: the whole table is
             one family.
         higher_is_better: the direction of "better" in the conclusion (False for distances such as HD95).
-        seed: bootstrap seed (each comparison uses ``seed`` + its row index, so the table is deterministic).
+        seed: bootstrap seed; each comparison draws from ``default_rng([seed, crc32(its group and init)])``, so
+            the table is deterministic and does not depend on the order of the rows of ``df``.
 
     Returns:
         DataFrame with columns ``*by, init, reference, n, mean_init, mean_reference, mean_diff, ci_low, ci_high,
@@ -360,23 +374,25 @@ def compare_inits(
         raise ValueError(f"reference init {reference!r} not found in column {init_col!r}: "
                          f"{sorted(map(str, set(df[init_col])))}")
     data = df[[*by, init_col, *keys, value_col]].dropna(subset=[value_col])
-    unit_scores = data.groupby([*by, init_col, *keys], dropna=False, sort=True)[value_col].mean().reset_index()
+    unit_scores = data.groupby([*by, init_col, *keys], dropna=False, sort=False)[value_col].mean().reset_index()
 
     columns = [*by, "init", "reference", "n", "mean_init", "mean_reference", "mean_diff", "ci_low", "ci_high",
                "wilcoxon_stat", "p_value", "p_holm", "rank_biserial", "cohens_dz", "significant", "conclusion"]
     rows: list[dict[str, Any]] = []
-    groups = unit_scores.groupby(by, dropna=False, sort=True) if by else [((), unit_scores)]
+    groups = unit_scores.groupby(by, dropna=False, sort=False) if by else [((), unit_scores)]
     for gkey, g in groups:
         gkey = gkey if isinstance(gkey, tuple) else (gkey,)
         ref = g[g[init_col] == reference][[*keys, value_col]]
         for init in sorted(set(g[init_col]) - {reference}, key=str):
             other = g[g[init_col] == init][[*keys, value_col]]
             merged = other.merge(ref, on=keys, suffixes=("_init", "_ref"))
+            merged = merged.sort_values(keys, key=lambda col: col.astype(str), kind="stable")  # order-independent
             x = merged[f"{value_col}_init"].to_numpy(dtype=np.float64)
             y = merged[f"{value_col}_ref"].to_numpy(dtype=np.float64)
             n = int(x.size)
             w = wilcoxon_signed_rank(x, y, zero_method=zero_method)
-            lo, hi = paired_bootstrap_ci(x, y, n_boot=n_boot, confidence=confidence, seed=seed + len(rows),
+            key_seed = zlib.crc32(repr((*map(str, gkey), str(init))).encode("utf-8"))
+            lo, hi = paired_bootstrap_ci(x, y, n_boot=n_boot, confidence=confidence, seed=[seed, key_seed],
                                          method=ci_method)
             rows.append({
                 **dict(zip(by, gkey)), "init": init, "reference": reference, "n": n,
@@ -387,13 +403,14 @@ def compare_inits(
                 "rank_biserial": rank_biserial(x, y, zero_method) if n else float("nan"),
                 "cohens_dz": cohens_dz(x, y),
             })
+    rows = _ordered(rows, [*by, "init"])
     table = pd.DataFrame(rows, columns=[c for c in columns if c not in ("p_holm", "significant", "conclusion")])
     if table.empty:
         return pd.DataFrame(columns=columns)
     table["p_holm"] = np.nan
     if holm_by:
         _require(table, holm_by)
-        for _, idx in table.groupby(list(holm_by), dropna=False).groups.items():
+        for _, idx in table.groupby(list(holm_by), dropna=False, sort=False).groups.items():
             table.loc[idx, "p_holm"] = holm(table.loc[idx, "p_value"].to_numpy())
     else:
         table["p_holm"] = holm(table["p_value"].to_numpy())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
@@ -40,3 +40,42 @@ def read_runs(tracking_uri: str, experiment_name: str) -> list[Any]:
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment_name)
     return [] if exp is None else client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+
+
+def log_run(tracking_uri: str, experiment_name: str, run_name: str, params: Mapping[str, Any] | None = None,
+            metrics: Mapping[str, float] | None = None, artifacts: Sequence[str] = (),
+            tags: Mapping[str, Any] | None = None, step: int = 0) -> str:
+    """Log one finished run (params, metrics, artifacts, tags) in one call; returns its run id.
+
+    Used by stages that are not ignite training loops (DoLL generation summary, quality, analysis, report). Local
+    SQLite stores keep artifacts in ``mlruns/`` beside the database, like :class:`~monai.handlers.MLFlowHandler`.
+    """
+    import math
+    import os
+
+    import mlflow
+    from monai.utils import path_to_uri
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            location = path_to_uri(os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlruns"))
+        exp_id = client.create_experiment(experiment_name, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    run = client.create_run(exp_id, run_name=run_name, tags={str(k): str(v) for k, v in (tags or {}).items()})
+    rid = run.info.run_id
+    for k, v in (params or {}).items():
+        client.log_param(rid, k, str(v)[:6000])
+    for k, v in (metrics or {}).items():
+        if v is not None and isinstance(v, (int, float)) and math.isfinite(float(v)):
+            client.log_metric(rid, k, float(v), step=step)
+    for path in artifacts:
+        if os.path.isdir(path):
+            client.log_artifacts(rid, path)
+        elif os.path.exists(path):
+            client.log_artifact(rid, path)
+    client.set_terminated(rid, "FINISHED")
+    return rid

@@ -1,0 +1,1480 @@
+"""Seeded phantom chest radiographs with true anatomy and lesion masks, written in the real datasets' layouts.
+
+Drawing
+-------
+:func:`draw_frontal` draws one frontal (PA/AP) radiograph: body and soft tissue, two lungs with vessel texture,
+the heart on the image's right (the patient's left), mediastinum with trachea and aortic knob, spine, posterior
+and (fainter) anterior ribs, clavicles, humeral heads, diaphragm domes, gastric bubble and noise. It returns the
+image (float32 ``(H, W)`` in ``[0, 1]``, bright = attenuating, as a radiograph), the anatomy masks in
+:data:`~bundle.constants.SCR_STRUCTURES` order (SCR convention: "left" = the patient's left = the image's right;
+the lung masks exclude the part behind the heart) and one lesion mask per CheXpert observation
+(:data:`~bundle.constants.OBSERVATIONS` order; channel 0, "No Finding", is always empty). The visual signature of
+each observation (:data:`SIGNATURES`) is drawn where its mask is. :func:`draw_lateral` draws a lateral view
+(no masks). Everything is vectorised numpy/scipy in a normalised coordinate frame (``x``, ``y`` in ``[-1, 1]``)
+that is scaled, shifted and rotated per image, so any image size works (tests use 64 px).
+
+Anatomy is sampled per patient (:func:`sample_anatomy`), pose, exposure and noise per image. Each lesion draws
+its parameters from its own child generator, so adding a finding never changes the rest of the picture.
+
+Datasets
+--------
+:func:`generate_phantom_datasets` writes, under one root folder (``docs/DEVELOPMENT.md`` has the layouts):
+
+- ``CheXpert-v1.0-small/{train,valid}.csv`` + JPEG images (patients with several studies, frontal and lateral
+  views, labels ``1.0``/``0.0``/``-1.0``/empty), and the true lesion bit masks (uint16 PNG, bit ``k`` =
+  ``OBSERVATIONS[k]``) under ``CheXpert-v1.0-small-lesions/`` (the image path with ``.png`` for ``.jpg``);
+- ``JSRT/images/<case>.png`` + ``SCR/masks/<structure>/<case>.gif`` (``JPCLN*`` cases hold a nodule);
+- ``QaTa-COV19/{Train Set,Test Set}/{Images/<name>.png, Ground-truths/mask_<name>.png}`` (COVID-19-like
+  peripheral ground-glass opacities).
+
+Label semantics of the phantom's ``train.csv``: a true finding is ``1.0`` or, at ``uncertain_rate``, ``-1.0``; an
+absent one is ``0.0``, empty (not mentioned) at ``blank_rate`` or ``-1.0`` at ``false_uncertain_rate``. "No
+Finding" is ``1.0`` when no observation other than Support Devices is ``1.0`` or ``-1.0``, else empty.
+``valid.csv`` holds the true labels as ``0.0``/``1.0`` ("No Finding" ``1.0``/``0.0``). So a lesion mask is non-empty
+exactly for the true findings: always for ``1.0``, never for ``0.0`` or empty, either way for ``-1.0``.
+
+Determinism and resume: each image is drawn from its own generator, seeded by ``(seed, dataset, purpose,
+patient, study, view)`` through :class:`numpy.random.SeedSequence`, so the bytes of every file depend neither on
+the number of worker processes nor on the order of work. Every file is written atomically; the CSV files are
+written last. A re-run skips the images whose files exist and decode at the right size, removes stray temporary
+files, and finishes the job with the same bytes as an uninterrupted run. ``phantom.json`` records the
+parameters: a re-run with other parameters raises unless ``overwrite=True`` (which deletes and regenerates the
+generator's folders; folders not written by the generator are never deleted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..constants import CHEXPERT_COLUMNS, NUM_OBSERVATIONS, OBSERVATIONS, SCR_STRUCTURES
+from ..utils import BundleInputError, PathLike, atomic_write_bytes, atomic_write_json, atomic_write_text, load_json
+from .io import encode_bitmask
+
+__all__ = [
+    "SIGNATURES", "DEFAULT_PREVALENCE", "Anatomy", "Phantom", "sample_anatomy", "draw_frontal", "draw_lateral",
+    "phantom_rng", "lesion_mask_path", "generate_phantom_datasets", "format_summary", "CHEXPERT_DIR",
+    "LESIONS_DIR", "JSRT_DIR", "SCR_DIR", "QATA_DIR", "MANIFEST",
+]
+
+logger = logging.getLogger(__name__)
+
+#: What each observation looks like on the phantom (the montage and the docs use these captions).
+SIGNATURES: dict[str, str] = {
+    "No Finding": "normal anatomy",
+    "Enlarged Cardiomediastinum": "widened upper mediastinum",
+    "Cardiomegaly": "enlarged heart (cardiothoracic ratio > 0.5)",
+    "Lung Opacity": "hazy irregular patch",
+    "Lung Lesion": "small round nodule(s)",
+    "Edema": "bilateral perihilar haze + interstitial (Kerley B) lines",
+    "Consolidation": "dense homogeneous region with air bronchograms",
+    "Pneumonia": "patchy textured density in a lower zone",
+    "Atelectasis": "plate-like band or basal wedge",
+    "Pneumothorax": "apical region without lung texture + visceral pleural line",
+    "Pleural Effusion": "basal meniscus blunting the costophrenic angle",
+    "Pleural Other": "pleural thickening along the lateral chest wall",
+    "Fracture": "broken, offset posterior rib",
+    "Support Devices": "tubes, lines, ECG leads, pacemaker",
+}
+
+#: Default probability of each true finding in a CheXpert phantom study (index 0, No Finding, is derived).
+DEFAULT_PREVALENCE: dict[str, float] = {
+    "Enlarged Cardiomediastinum": 0.12,
+    "Cardiomegaly": 0.15,
+    "Lung Opacity": 0.25,
+    "Lung Lesion": 0.12,
+    "Edema": 0.18,
+    "Consolidation": 0.12,
+    "Pneumonia": 0.12,
+    "Atelectasis": 0.18,
+    "Pneumothorax": 0.12,
+    "Pleural Effusion": 0.22,
+    "Pleural Other": 0.10,
+    "Fracture": 0.10,
+    "Support Devices": 0.30,
+}
+
+# dataset folder names (docs/DEVELOPMENT.md)
+CHEXPERT_DIR = "CheXpert-v1.0-small"
+LESIONS_DIR = "CheXpert-v1.0-small-lesions"
+JSRT_DIR = "JSRT"
+SCR_DIR = "SCR"
+QATA_DIR = "QaTa-COV19"
+#: Parameters of the last generation, in the output folder (marks the folder as the generator's).
+MANIFEST = "phantom.json"
+_OWNED_DIRS = (CHEXPERT_DIR, LESIONS_DIR, JSRT_DIR, SCR_DIR, QATA_DIR)
+_FORMAT_VERSION = 1
+
+# seed keys: (seed, dataset, purpose, ...)
+_DATASETS = {"chexpert_train": 1, "chexpert_valid": 2, "scr": 3, "qata_train": 4, "qata_test": 5, "demo": 6}
+_PLAN, _ANATOMY, _IMAGE = 0, 1, 2
+_OBS_INDEX = {name: k for k, name in enumerate(OBSERVATIONS)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small vectorised helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def phantom_rng(seed: int, dataset: str, *index: int, purpose: int = _IMAGE) -> np.random.Generator:
+    """The generator of one phantom item, seeded from ``(seed, dataset, purpose, *index)`` (order-independent).
+
+    Args:
+        seed: the global seed (non-negative).
+        dataset: one of ``chexpert_train``, ``chexpert_valid``, ``scr``, ``qata_train``, ``qata_test``, ``demo``.
+        index: e.g. ``(patient, study, view)``.
+        purpose: 0 = plan (labels), 1 = anatomy (per patient), 2 = image.
+    """
+    if int(seed) < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    return np.random.default_rng(np.random.SeedSequence([int(seed), _DATASETS[dataset], purpose, *map(int, index)]))
+
+
+def _pow(x: np.ndarray, p: float) -> np.ndarray:
+    """``x ** p`` for ``x >= 0`` (faster than ``np.power`` with a non-integer exponent)."""
+    return np.exp(p * np.log(np.maximum(x, 1e-12)))
+
+
+def _aa(d: np.ndarray, px: float) -> np.ndarray:
+    """Anti-aliased coverage of a signed distance ``d`` (positive inside), one pixel wide edge."""
+    return np.clip(d * (1.0 / px) + 0.5, 0.0, 1.0)
+
+
+def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
+    t = np.clip((x - e0) / (e1 - e0), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _ellipse_sd(u: np.ndarray, v: np.ndarray, cx: float, cy: float, rx: float, ry: float,
+                angle: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate signed distance to a (rotated) ellipse, positive inside, and its normalised radius ``q``."""
+    du, dv = u - cx, v - cy
+    if angle:
+        c, s = math.cos(angle), math.sin(angle)
+        du, dv = c * du + s * dv, -s * du + c * dv
+    q = np.sqrt((du / rx) ** 2 + (dv / ry) ** 2) + 1e-6
+    r = np.sqrt(du * du + dv * dv)
+    return r / q - r, q  # distance along the ray from the centre
+
+
+def _segment_sd(u: np.ndarray, v: np.ndarray, p0: tuple[float, float], p1: tuple[float, float],
+                half_width: float) -> np.ndarray:
+    """Signed distance to a capsule (segment ``p0``-``p1`` thickened by ``half_width``), positive inside."""
+    ax, ay = p1[0] - p0[0], p1[1] - p0[1]
+    length2 = ax * ax + ay * ay + 1e-12
+    t = np.clip(((u - p0[0]) * ax + (v - p0[1]) * ay) / length2, 0.0, 1.0)
+    return half_width - np.hypot(u - p0[0] - t * ax, v - p0[1] - t * ay)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Smooth random field ``(size, size)`` of about unit variance with ``cells`` blobs across (bicubic)."""
+    from PIL import Image
+
+    low = rng.standard_normal((cells + 3, cells + 3)).astype(np.float32)
+    big = Image.fromarray(low).resize((size, size), Image.Resampling.BICUBIC, box=(1.0, 1.0, cells + 2.0, cells + 2.0))
+    out = np.asarray(big, dtype=np.float32)
+    return out / (float(out.std()) + 1e-6)
+
+
+def _choose_pixel(rng: np.random.Generator, *candidates: np.ndarray) -> tuple[int, int]:
+    """A random pixel of the first non-empty boolean mask in ``candidates`` (the last one must be non-empty)."""
+    for cand in candidates:
+        idx = np.flatnonzero(cand)
+        if idx.size:
+            flat = int(idx[rng.integers(idx.size)])
+            return divmod(flat, cand.shape[1])
+    raise ValueError("no candidate pixel")
+
+
+@lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates ``(X, Y)`` in ``[-1, 1]``, ``(size, size)`` float32 each (read-only)."""
+    c = ((np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0).astype(np.float32)
+    x, y = np.meshgrid(c, c)
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# anatomy
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Patient-level geometry and densities, in the anatomy frame (``u`` to the image's right, ``v`` down).
+
+    Lengths are in units of half the image width; ``a`` below is the distance from the midline towards one side.
+    """
+
+    scale: float = 1.0  #: thorax size
+    shift_x: float = 0.0
+    shift_y: float = 0.0
+    lung_a0: float = 0.40  #: lung superellipse centre (a)
+    lung_v0: float = 0.02  #: lung superellipse centre (v)
+    lung_ra: float = 0.33
+    lung_rv: float = 0.68
+    lung_p: float = 2.4  #: superellipse exponent
+    dome_right: float = 0.30  #: top of the right hemidiaphragm (image left), v
+    dome_left: float = 0.36  #: top of the left hemidiaphragm (image right), v
+    dome_a: float = 0.36  #: a of the dome tops
+    dome_k: float = 1.7  #: dome curvature
+    med_w: float = 0.095  #: half width of the upper mediastinum
+    knob: float = 0.055  #: aortic knob bulge (image right)
+    heart_cx: float = 0.11
+    heart_cy: float = 0.28
+    heart_rx: float = 0.31
+    heart_ry: float = 0.24
+    heart_angle: float = 0.4  #: radians, long axis tilted down to the image's right
+    rib_first: float = -0.66  #: v of the first posterior rib at the spine
+    rib_spacing: float = 0.105
+    rib_growth: float = 0.0025  #: spacing grows downwards
+    rib_width: float = 0.34  #: rib width as a fraction of the spacing
+    clav_v: float = -0.54  #: clavicle medial end (v)
+    clav_slope: float = -0.24
+    clav_len: float = 0.55
+    shoulder_w: float = 0.94  #: half width of the torso
+    neck_w: float = 0.24
+    soft: float = 0.50  #: soft-tissue attenuation
+    air: float = 0.36  #: lung air (subtracted)
+    bone: float = 0.16
+    vessel: float = 0.16
+    gastric_bubble: bool = True
+
+
+def sample_anatomy(rng: np.random.Generator) -> Anatomy:
+    """Random plausible anatomy (sizes, positions, densities) for one patient."""
+    u = rng.uniform
+    dome_right = u(0.24, 0.34)
+    return Anatomy(
+        scale=u(0.9, 1.04), shift_x=u(-0.04, 0.04), shift_y=u(-0.03, 0.05),
+        lung_a0=u(0.38, 0.42), lung_v0=u(0.0, 0.05), lung_ra=u(0.31, 0.35), lung_rv=u(0.64, 0.71),
+        lung_p=u(2.2, 2.7), dome_right=dome_right, dome_left=dome_right + u(0.03, 0.08), dome_a=u(0.32, 0.40),
+        dome_k=u(1.4, 2.0), med_w=u(0.085, 0.105), knob=u(0.04, 0.07), heart_cx=u(0.09, 0.14),
+        heart_cy=u(0.26, 0.31), heart_rx=u(0.29, 0.33), heart_ry=u(0.22, 0.26), heart_angle=u(0.3, 0.55),
+        rib_first=u(-0.70, -0.63), rib_spacing=u(0.098, 0.112), rib_growth=u(0.0015, 0.0035),
+        rib_width=u(0.30, 0.38), clav_v=u(-0.58, -0.5), clav_slope=u(-0.3, -0.18), clav_len=u(0.5, 0.6),
+        shoulder_w=u(0.86, 1.0), neck_w=u(0.2, 0.27), soft=u(0.45, 0.55), air=u(0.32, 0.40), bone=u(0.13, 0.19),
+        vessel=u(0.11, 0.16), gastric_bubble=bool(rng.random() < 0.7),
+    )
+
+
+@dataclass
+class Phantom:
+    """One frontal phantom radiograph and its ground truth.
+
+    Attributes:
+        image: float32 ``(H, W)`` in ``[0, 1]`` (bright = attenuating).
+        anatomy: uint8 ``(5, H, W)`` in :data:`~bundle.constants.SCR_STRUCTURES` order (SCR convention).
+        lesions: uint8 ``(14, H, W)`` in :data:`~bundle.constants.OBSERVATIONS` order (channel 0 always empty).
+        body: uint8 ``(H, W)``, the patient's body (soft tissue) outline.
+        findings: the observation indices drawn (sorted).
+        infection: uint8 ``(H, W)`` COVID-19-like infection mask when drawn with ``infection=True``, else None.
+    """
+
+    image: np.ndarray
+    anatomy: np.ndarray
+    lesions: np.ndarray
+    body: np.ndarray
+    findings: tuple[int, ...]
+    infection: np.ndarray | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+class _Scene:
+    """The arrays of one frontal drawing: coordinates, anatomy signed distances and masks, attenuation layers."""
+
+    def __init__(self, size: int, an: Anatomy, pose: Mapping[str, float], ecm_widen: float = 0.0,
+                 heart_scale: float = 1.0):
+        self.size = size
+        self.an = an
+        self.inspiration = pose["inspiration"]  # shifts both domes
+        self.ecm_widen = ecm_widen  # Enlarged Cardiomediastinum: widening of the upper mediastinum
+        self.heart_scale = heart_scale  # Cardiomegaly
+        X, Y = _grid(size)
+        self.scale = an.scale * pose["scale"]
+        self.tx, self.ty = an.shift_x + pose["dx"], an.shift_y + pose["dy"]
+        self.cos, self.sin = math.cos(pose["angle"]), math.sin(pose["angle"])
+        xs, ys = X - self.tx, Y - self.ty
+        inv = 1.0 / self.scale
+        self.u = ((self.cos * xs + self.sin * ys) * inv).astype(np.float32)
+        self.v = ((-self.sin * xs + self.cos * ys) * inv).astype(np.float32)
+        self.px = 2.0 / size * inv  # one pixel in anatomy units
+        self.abs_u = np.abs(self.u)
+
+    # geometry -------------------------------------------------------------------------------------------------
+    def to_pixel(self, u: np.ndarray | float, v: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        """Anatomy coordinates to (row, col) pixel coordinates (float)."""
+        x = self.tx + self.scale * (self.cos * np.asarray(u) - self.sin * np.asarray(v))
+        y = self.ty + self.scale * (self.sin * np.asarray(u) + self.cos * np.asarray(v))
+        return (y + 1.0) * (self.size / 2.0) - 0.5, (x + 1.0) * (self.size / 2.0) - 0.5
+
+    def box(self, u0: float, u1: float, v0: float, v1: float, pad: int = 2) -> tuple[slice, slice]:
+        """Pixel (row, column) slices covering the anatomy rectangle ``[u0, u1] x [v0, v1]``."""
+        rows, cols = self.to_pixel(np.array([u0, u1, u0, u1]), np.array([v0, v0, v1, v1]))
+        r0 = min(max(int(np.floor(rows.min())) - pad, 0), self.size)
+        c0 = min(max(int(np.floor(cols.min())) - pad, 0), self.size)
+        r1 = max(min(int(np.ceil(rows.max())) + pad + 1, self.size), r0)
+        c1 = max(min(int(np.ceil(cols.max())) + pad + 1, self.size), c0)
+        return slice(r0, r1), slice(c0, c1)
+
+    def local(self, fn: Callable[[np.ndarray, np.ndarray], np.ndarray], box: tuple[float, float, float, float],
+              fill: float) -> np.ndarray:
+        """``fn(u, v)`` evaluated inside the anatomy rectangle ``box`` only, ``fill`` elsewhere (speed)."""
+        rs, cs = self.box(*box)
+        out = np.full(self.u.shape, fill, np.float32)
+        out[rs, cs] = fn(self.u[rs, cs], self.v[rs, cs])
+        return out
+
+    def dome(self, a: np.ndarray, side: int, lift: float = 0.0) -> np.ndarray:
+        """v of the hemidiaphragm at distance ``a`` from the midline; side -1 = image left, +1 = image right."""
+        top = (self.an.dome_left if side > 0 else self.an.dome_right) + self.inspiration - lift
+        return top + self.an.dome_k * (a - self.an.dome_a) ** 2
+
+    def med_half(self, v: np.ndarray, side: int) -> np.ndarray:
+        """Half width of the mediastinum (lung's medial border) at height ``v`` on one side."""
+        w = self.an.med_w + 0.02 * _smoothstep(-0.2, 0.2, v)
+        if side > 0:
+            w = w + self.an.knob * np.exp(-(((v + 0.24) / 0.07) ** 2))
+        if self.ecm_widen:
+            w = w + self.ecm_widen * (_smoothstep(-0.72, -0.52, v) - _smoothstep(-0.12, 0.08, v))
+        return w
+
+    def lung_sd(self, a: np.ndarray, v: np.ndarray, side: int) -> np.ndarray:
+        """Signed distance (approx., positive inside) to one hemithorax' lung field (heart not removed)."""
+        an = self.an
+        p = an.lung_p
+        t = np.clip((v - an.lung_v0) * (1.0 / an.lung_rv), -1.0, 1.0)  # the lung widens towards its base
+        ra = an.lung_ra * (1.0 + 0.16 * t)
+        g = _pow(np.abs(a - an.lung_a0 - 0.05 * t) / ra, p) + _pow(np.abs(v - an.lung_v0) * (1.0 / an.lung_rv), p)
+        d_outer = (1.0 - _pow(g, 1.0 / p)) * ra
+        d_med = a - self.med_half(v, side)
+        d_dome = self.dome(a, side) - v
+        return np.minimum(np.minimum(d_outer, d_med), d_dome)
+
+    def heart_ellipse(self) -> tuple[float, float, float, float, float]:
+        """``(cx, cy, rx, ry, angle)`` of the heart (enlarged by ``heart_scale``)."""
+        an, k = self.an, self.heart_scale
+        return (an.heart_cx + (k - 1.0) * 0.12, an.heart_cy + (k - 1.0) * 0.05, an.heart_rx * k,
+                an.heart_ry * (1 + (k - 1) * 0.6), an.heart_angle)
+
+    def heart_top(self) -> float:
+        """v of the top of the heart (its upper border is hidden in the mediastinum; the SCR mask is cut there)."""
+        cx, cy, rx, ry, ang = self.heart_ellipse()
+        return cy - 0.8 * math.hypot(rx * math.sin(ang), ry * math.cos(ang))
+
+    def heart_sd(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        d, _ = _ellipse_sd(u, v, *self.heart_ellipse())
+        bottom = np.where(u > 0, self.dome(np.abs(u), +1), self.dome(np.abs(u), -1)) + 0.03
+        return np.minimum(d, bottom - v)
+
+
+def _rib_arc(a: np.ndarray | float) -> np.ndarray | float:
+    """Vertical course of a posterior rib at distance ``a`` from the midline (relative to its medial end)."""
+    return -0.55 * a + 0.1 * a * a + 1.1 * a ** 3
+
+
+def _pose(rng: np.random.Generator) -> dict[str, float]:
+    u = rng.uniform
+    return {"angle": math.radians(u(-4.0, 4.0)), "scale": u(0.97, 1.03), "dx": u(-0.03, 0.03), "dy": u(-0.03, 0.03),
+            "inspiration": u(-0.04, 0.04), "gamma": u(0.8, 1.25), "contrast": u(0.9, 1.15), "offset": u(0.0, 0.06),
+            "noise": u(0.008, 0.025), "kappa": u(1.3, 1.7)}
+
+
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of a smooth image with a large ``sigma`` (pixels), computed at a lower resolution."""
+    from PIL import Image
+
+    f = max(1, int(sigma // 1.5))
+    if f == 1:
+        return ndi.gaussian_filter(img, max(sigma, 0.5), mode="constant", truncate=3.0)
+    size = img.shape[0]
+    n = -(-size // f)
+    pad = np.zeros((n * f, n * f), np.float32)
+    pad[:size, :size] = img
+    small = ndi.gaussian_filter(pad.reshape(n, f, n, f).mean(axis=(1, 3)), sigma / f, mode="constant", truncate=3.0)
+    big = Image.fromarray(small.astype(np.float32)).resize((n * f, n * f), Image.Resampling.BILINEAR)
+    return np.asarray(big, dtype=np.float32)[:size, :size]
+
+
+def _smooth_union(d1: np.ndarray, d2: np.ndarray, k: float) -> np.ndarray:
+    """Smooth union of two signed distances (positive inside) with blending radius ``k``."""
+    h = np.clip(0.5 + 0.5 * (d1 - d2) / k, 0.0, 1.0)
+    return d2 + (d1 - d2) * h + k * h * (1.0 - h)
+
+
+def _blur_lines(canvas: np.ndarray, sigma: float) -> np.ndarray:
+    """Blur a canvas of splatted curve points into lines of peak ~1 (Gaussian profile, ``sigma`` pixels)."""
+    return np.clip(ndi.gaussian_filter(canvas, sigma, mode="constant", truncate=3.0)
+                   * (math.sqrt(2 * math.pi) * sigma), 0.0, 1.0)
+
+
+def _expose(A: np.ndarray, pose: Mapping[str, float], rng: np.random.Generator) -> np.ndarray:
+    """Attenuation to image: film response ``(offset + contrast (1 - exp(-kappa A)))^gamma`` (a lookup table
+    over ``A`` in steps of 1/1024) plus Gaussian noise; float32 in ``[0, 1]``."""
+    steps = 1024
+    grid = np.arange(4 * steps + 1, dtype=np.float64) / steps
+    lut = np.clip(pose["offset"] + pose["contrast"] * (1.0 - np.exp(-pose["kappa"] * grid)), 0.0, 1.0)
+    lut = (lut ** pose["gamma"]).astype(np.float32)
+    idx = np.clip(A * float(steps) + 0.5, 0.0, 4.0 * steps).astype(np.int32)
+    img = lut[idx] + pose["noise"] * rng.standard_normal(A.shape, dtype=np.float32)
+    return np.clip(img, 0.0, 1.0)
+
+
+def _vessel_tree(sc: _Scene, rng: np.random.Generator, hila: Sequence[tuple[float, float, int]],
+                 keep: np.ndarray, trunks: tuple[int, int] = (5, 8), generations: int = 5,
+                 trunk_length: float = 0.17) -> tuple[np.ndarray, np.ndarray]:
+    """Branching vessel trees from the hila, rasterised: ``(thick, thin)`` canvases of splatted points.
+
+    Each tree starts with a few trunks fanning out from a hilum ``(u, v, side)``; every branch is a random walk
+    that splits in two at its end, each generation shorter and thinner (all generations at once, vectorised).
+    Points outside ``keep`` (a boolean image) are dropped.
+    """
+    size = sc.size
+    starts_a, starts_v, angs, lens, widths, sides = [], [], [], [], [], []
+    for hu, hv, side in hila:
+        n = int(rng.integers(trunks[0], trunks[1] + 1))
+        ang = np.linspace(-1.95, 1.75, n) + rng.uniform(-0.2, 0.2, n)  # from up to down, pointing outwards
+        starts_a.append(np.full(n, abs(hu)) + rng.uniform(-0.015, 0.015, n))
+        starts_v.append(np.full(n, hv) + rng.uniform(-0.03, 0.03, n))
+        angs.append(ang)
+        lens.append(trunk_length * rng.uniform(0.7, 1.2, n))
+        widths.append(np.ones(n))
+        sides.append(np.full(n, side))
+    a0, v0, ang, length, width, side = (np.concatenate(x) for x in (starts_a, starts_v, angs, lens, widths, sides))
+    thick = np.zeros(size * size, np.float32)
+    thin = np.zeros(size * size, np.float32)
+    n_steps = 5
+    keep_flat = keep.ravel()
+    for _ in range(generations):
+        m = a0.size
+        turn = np.cumsum(rng.normal(0.0, 0.12, (m, n_steps)), axis=1) + ang[:, None]
+        step = (length / n_steps)[:, None]
+        pa = np.concatenate([a0[:, None], a0[:, None] + np.cumsum(step * np.cos(turn), axis=1)], axis=1)
+        pv = np.concatenate([v0[:, None], v0[:, None] + np.cumsum(step * np.sin(turn), axis=1)], axis=1)
+        # densify to half a pixel
+        sub = max(2, int(math.ceil(float(step.max()) / (0.5 * sc.px))))
+        t = np.linspace(0.0, 1.0, sub, endpoint=False)
+        qa = (pa[:, :-1, None] * (1 - t) + pa[:, 1:, None] * t).reshape(m, -1)
+        qv = (pv[:, :-1, None] * (1 - t) + pv[:, 1:, None] * t).reshape(m, -1)
+        rows, cols = sc.to_pixel((np.repeat(side, qa.shape[1]) * qa.ravel()), qv.ravel())
+        rows, cols = np.round(rows).astype(np.int64), np.round(cols).astype(np.int64)
+        ok = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
+        flat = rows[ok] * size + cols[ok]
+        flat = flat[keep_flat[flat]]
+        wg = float(width[0])  # all branches of one generation have the same width
+        canvas, value = (thick, wg) if wg > 0.55 else (thin, min(1.0, wg * 1.4))
+        canvas[flat] = np.maximum(canvas[flat], value)
+        # two children at the end of each branch
+        end_ang = turn[:, -1]
+        spread = rng.uniform(0.25, 0.6, (m, 2)) * np.array([1.0, -1.0])
+        a0 = np.repeat(pa[:, -1], 2)
+        v0 = np.repeat(pv[:, -1], 2)
+        ang = np.repeat(end_ang, 2) + spread.ravel()
+        length = np.repeat(length, 2) * rng.uniform(0.6, 0.85, 2 * m)
+        width = np.repeat(width, 2) * 0.7
+        side = np.repeat(side, 2)
+    return thick.reshape(size, size), thin.reshape(size, size)
+
+
+def draw_frontal(
+    rng: np.random.Generator,
+    image_size: int = 256,
+    findings: Iterable[int | str] = (),
+    anatomy: Anatomy | None = None,
+    infection: bool = False,
+) -> Phantom:
+    """Draw one frontal chest radiograph with the visual signatures of ``findings`` and the true masks.
+
+    Args:
+        rng: the image's generator (see :func:`phantom_rng`); the result depends only on its state and the
+            other arguments.
+        image_size: output height = width in pixels (at least 32).
+        findings: observations to draw (names or indices of :data:`~bundle.constants.OBSERVATIONS`; "No
+            Finding" is ignored).
+        anatomy: the patient's anatomy (default: sampled from ``rng``).
+        infection: also draw COVID-19-like peripheral ground-glass opacities (QaTa-COV19), mask in
+            :attr:`Phantom.infection`.
+
+    Returns:
+        a :class:`Phantom`.
+    """
+    size = int(image_size)
+    if size < 32:
+        raise ValueError(f"image_size must be at least 32, got {image_size}")
+    wanted = sorted({_obs_index(f) for f in findings} - {0})
+    seeds = rng.integers(0, 2**63 - 1, size=NUM_OBSERVATIONS + 4)
+    sub = [np.random.default_rng(int(s)) for s in seeds]  # one child generator per purpose
+    an = anatomy if anatomy is not None else sample_anatomy(sub[0])
+    pose = _pose(sub[1])
+    has = set(wanted)
+    lesion_rngs = {k: sub[4 + k - 1] for k in range(1, NUM_OBSERVATIONS)}
+    # two observations change the anatomy itself
+    sc = _Scene(size, an, pose, ecm_widen=lesion_rngs[1].uniform(0.07, 0.11) if 1 in has else 0.0,
+                heart_scale=lesion_rngs[2].uniform(1.28, 1.42) if 2 in has else 1.0)
+    u, v, px, H = sc.u, sc.v, sc.px, size
+    lesions = np.zeros((NUM_OBSERVATIONS, H, H), np.uint8)
+    params: dict[str, Any] = {"pose": pose}
+
+    # body ------------------------------------------------------------------------------------------------------
+    half = an.neck_w + (an.shoulder_w - an.neck_w) * np.sqrt(_smoothstep(-1.02, -0.62, v))
+    body_sd = np.minimum(half - sc.abs_u, 1.2 - v)
+    body = _aa(body_sd, px)
+    body_bin = body_sd > 0
+    thick = np.sqrt(np.clip(1.0 - (u / np.maximum(half, 1e-3)) ** 2, 0.0, 1.0))
+    A = body * (an.soft * (0.5 + 0.5 * thick))
+
+    # lungs, heart, mediastinum ---------------------------------------------------------------------------------
+    a_r, a_l = -u, u  # distance from the midline towards each side
+    a = sc.abs_u
+    lung_box = {-1: (-0.95, 0.02, -0.82, 0.82), 1: (-0.02, 0.95, -0.82, 0.82)}
+    sd = {s: sc.local(lambda uu, vv, s=s: sc.lung_sd(s * uu, vv, s), lung_box[s], -1.0) for s in (-1, 1)}
+    field_soft = {s: _aa(sd[s], px) for s in (-1, 1)}
+    field_bin = {s: sd[s] > 0 for s in (-1, 1)}
+    field_any_soft = np.maximum(field_soft[-1], field_soft[1])
+    # cardiomediastinal silhouette: the mediastinum blends smoothly into the heart
+    med_half = np.where(u > 0, sc.med_half(v, +1), sc.med_half(v, -1))
+    med_sd = np.minimum(med_half - a, 0.5 - v)
+    heart_sd = sc.heart_sd(u, v)
+    sil_sd = _smooth_union(heart_sd, med_sd, 0.09)
+    sil = _aa(sil_sd, px) * body
+    heart_top = sc.heart_top()
+    heart_bin = (sil_sd > 0) & (v > heart_top) & body_bin
+    sil_bin = sil_sd > 0
+    lung_bin = {s: field_bin[s] & ~sil_bin for s in (-1, 1)}
+    lung_any = lung_bin[-1] | lung_bin[1]
+    visible = field_any_soft * (1.0 - sil)  # lung not hidden by the heart or mediastinum
+    # lungs are darker in their centre (less overlapping tissue): blur the field
+    depth = _blur(field_any_soft, 0.045 / px)
+    air = an.air * field_any_soft * (0.55 + 0.45 * depth) * (1.0 - 0.85 * sil)
+    # trachea, spine
+    trachea = _aa(np.minimum(0.032 - np.abs(u + 0.01 * (v + 0.6)), -0.12 - v), px) * _smoothstep(-1.1, -0.7, v)
+    spine_sd = 0.062 - a
+    vert = 0.8 + 0.2 * _smoothstep(-0.4, 0.4, np.cos((v - an.rib_first) * (2 * np.pi / 0.1)))
+    spine = _aa(spine_sd, px) * vert * body
+    pedicles = np.exp(-(((a - 0.045) / 0.012) ** 2)) * _aa(spine_sd + 0.01, px) * (vert - 0.8) * 4.0
+
+    # vessel trees (hila a little below the aortic knob)
+    tex_rng = sub[2]
+    hila = [(-0.15, 0.0, -1), (0.16, -0.03, 1)]
+    thick_c, thin_c = _vessel_tree(sc, tex_rng, hila, field_bin[-1] | field_bin[1], generations=6)
+    scale = size / 256.0
+    vessels = np.maximum(_blur_lines(thick_c, max(0.6, 0.9 * scale)), _blur_lines(thin_c, max(0.5, 0.55 * scale)))
+    hilum = np.zeros_like(u)
+    for hu, hv, _ in hila:
+        hilum += np.exp(-(((u - hu) / 0.06) ** 2 + ((v - hv) / 0.09) ** 2))
+    tex_weight = visible + field_any_soft * sil * 0.3
+
+    # ribs (posterior arcs + faint anterior ribs), clavicles -------------------------------------------------------
+    h = _rib_arc(a)  # posterior arc: rises from the spine, falls along the lateral wall
+    vp = v - h - an.rib_first
+    sp, g = an.rib_spacing, an.rib_growth
+    k_idx = (-sp + np.sqrt(np.maximum(sp * sp + 4 * g * vp, 0.0))) / (2 * g)
+    cage = (_pow(np.abs(a - an.lung_a0) / (an.lung_ra + 0.08), an.lung_p)
+            + _pow(np.abs(v - an.lung_v0 + 0.03) / (an.lung_rv + 0.05), an.lung_p))
+    cage_soft = _aa((1.0 - cage) * 0.3, px) * _smoothstep(0.035, 0.12, a)
+    frac = np.abs(k_idx - np.round(k_idx))
+    spacing_here = sp + 2 * g * np.clip(k_idx, 0, 12)
+
+    def rib_profile(edge: np.ndarray, lower: np.ndarray) -> np.ndarray:
+        # bone band with a sharper, brighter inferior cortex
+        return 0.8 * _aa(edge, px) + (0.25 + 0.5 * lower) * np.exp(-((edge / max(px, 0.006)) ** 2))
+
+    ribs = rib_profile((an.rib_width / 2 - frac) * spacing_here, k_idx > np.round(k_idx)) * cage_soft
+    ribs *= (k_idx > -0.5) & (k_idx < 10.5)
+    ribs *= 0.6 + 0.4 * _smoothstep(0.08, 0.3, a)
+    if 12 in has:  # Fracture: the lateral fragment of one posterior rib displaced and angulated, gap and callus
+        fr = lesion_rngs[12]
+        f_side = 1 if fr.random() < 0.5 else -1
+        f_k = int(fr.integers(2, 8))
+        f_a = fr.uniform(0.42, 0.62)
+        f_gap = max(fr.uniform(0.01, 0.016), 0.7 * px)
+        width = an.rib_width * (sp + 2 * g * f_k)
+        shift = fr.uniform(0.6, 0.9) * width * (1 if fr.random() < 0.5 else -1)
+        tilt = fr.uniform(0.12, 0.3) * (1 if fr.random() < 0.5 else -1)
+        on_side = (u > 0) == (f_side > 0)
+        this_rib = on_side & (np.abs(k_idx - f_k) < 0.5)
+        ribs = np.where(this_rib & (a > f_a - f_gap), 0.0, ribs)  # remove the original lateral part
+        vq = v - shift - tilt * (a - f_a) - _rib_arc(a) - an.rib_first
+        kq = (-sp + np.sqrt(np.maximum(sp * sp + 4 * g * vq, 0.0))) / (2 * g)
+        frag = rib_profile((an.rib_width / 2 - np.abs(kq - f_k)) * (sp + 2 * g * f_k), kq > f_k)
+        ribs = np.maximum(ribs, frag * on_side * _aa(a - f_a - f_gap, px) * cage_soft)
+        f_v = an.rib_first + (f_k * sp + g * f_k * f_k) + _rib_arc(f_a)
+        f_sd, _ = _ellipse_sd(u, v, f_side * f_a, f_v + shift / 2, 0.07, 0.06)
+        # callus: a bright fusiform thickening around the break, crossed by the lucent fracture line
+        _, cq = _ellipse_sd(u, v, f_side * f_a, f_v + shift / 2, max(0.05, 2 * px), max(0.032, 1.5 * px))
+        callus = np.exp(-2.5 * cq * cq) * (1.0 - 0.7 * np.exp(-(((a - f_a) / max(f_gap, px)) ** 2)))
+        frac_dA = 0.14 * callus
+        lesions[12] = (f_sd > 0) & body_bin
+        params["fracture"] = {"side": f_side, "rib": f_k, "a": f_a, "shift": shift, "tilt": tilt}
+    # anterior ribs: faint, descending medially
+    ka = (v - an.rib_first + 0.25 - 0.45 * (0.75 - a)) / (sp * 1.15)
+    fa = np.abs(ka - np.round(ka))
+    ant = _aa((0.18 - fa) * sp, px) * cage_soft * _smoothstep(0.15, 0.35, a) * (ka > 0.5) * (ka < 7.5) * 0.4
+    # clavicles: S-shaped, thinner in the middle
+    clav = np.zeros_like(u)
+    clav_bin = {}
+    for s in (-1, 1):
+        def clavicle_sd(uu: np.ndarray, vv: np.ndarray, s: int = s) -> np.ndarray:
+            aa = s * uu
+            a_m = 0.07
+            t = (aa - a_m) / an.clav_len
+            tc = np.clip(t, 0.0, 1.0)
+            vc = an.clav_v + an.clav_slope * (aa - a_m) + 0.028 * np.sin(2 * np.pi * tc)
+            ends = np.sqrt(np.clip(np.minimum(t, 1.0 - t) / 0.08, 0.0, 1.0))  # rounded ends
+            half_w = (0.016 + 0.014 * (1.0 - tc) ** 2 + 0.012 * tc ** 4) * ends
+            return np.where((t > 0) & (t < 1), half_w - np.abs(vv - vc), -np.abs(vv - vc) - 0.05)
+
+        a_end = 0.07 + an.clav_len
+        box = (-a_end - 0.02, -0.05) if s < 0 else (0.05, a_end + 0.02)
+        v_lo = an.clav_v + an.clav_slope * an.clav_len - 0.08
+        csd = sc.local(clavicle_sd, (*box, v_lo, an.clav_v + 0.08), -1.0)
+        clav = np.maximum(clav, _aa(csd, px) * (1.0 + 0.5 * np.exp(-((csd / max(px, 0.006)) ** 2))))
+        clav_bin[s] = csd > 0
+
+    # composite the normal attenuation ------------------------------------------------------------------------
+    dome_v = np.where(u > 0, sc.dome(a_l, +1), sc.dome(a_r, -1))
+    abdomen = _aa(v - dome_v, px) * body * _smoothstep(0.85, 0.6, a)
+    A = A + 0.12 * sil - 0.12 * trachea + 0.08 * abdomen + 0.05 * hilum * field_any_soft
+    A = A - air
+    rib_vis = 0.6 * (0.5 + 0.5 * field_any_soft)
+    A = A + an.bone * (0.9 * spine + 0.25 * pedicles + rib_vis * (ribs + ant) * body + 1.2 * clav)
+    if an.gastric_bubble:
+        gb, _ = _ellipse_sd(u, v, 0.36, float(sc.dome(np.asarray(0.36), +1)) + 0.11, 0.10, 0.055)
+        A = A - 0.22 * _aa(gb, px) * _aa(v - sc.dome(a_l, +1) - 0.02, px)
+    # lesions ----------------------------------------------------------------------------------------------------
+    dA = np.zeros_like(u)  # added density
+    if 12 in has:
+        dA += frac_dA
+    tex_keep = np.ones_like(u)  # multiplies the lung texture (pneumothorax, effusion remove it)
+    tex_extra = np.zeros_like(u)  # extra interstitial texture (edema)
+
+    def lung_point(r: np.random.Generator, side: int | None, cond: np.ndarray | None = None,
+                   margin: float = 0.0) -> tuple[int, float, float]:
+        """A random point (side, u, v) inside the visible lung (optionally on ``side`` and where ``cond``)."""
+        s = side if side is not None else (1 if r.random() < 0.5 else -1)
+        base = lung_bin[s]
+        inner = base & (sd[s] > margin) & (sil_sd < -margin)
+        cands = [inner & cond, base & cond, inner, base] if cond is not None else [inner, base]
+        cands.append(lung_bin[-s] | lung_bin[s] | body_bin)
+        row, col = _choose_pixel(r, *cands)
+        return s, float(u[row, col]), float(v[row, col])
+
+    if 1 in has:  # Enlarged Cardiomediastinum: widened upper mediastinum
+        lesions[1] = (med_sd > 0) & (v > -0.62) & (v < heart_top + 0.02) & body_bin
+        dA += 0.06 * (lesions[1] * body)
+        params["ecm_widen"] = sc.ecm_widen
+    if 2 in has:  # Cardiomegaly: enlarged heart
+        lesions[2] = heart_bin
+        params["heart_scale"] = sc.heart_scale
+    if 9 in has:  # Pneumothorax: collapsed lung, no texture peripheral to the visceral pleural line
+        r = lesion_rngs[9]
+        s = 1 if r.random() < 0.5 else -1
+        f0 = r.uniform(0.62, 0.8)
+        hc_a, hc_v = 0.16, -0.02
+        f = f0 + (1.0 - f0) * _smoothstep(-0.05, 0.40, v)
+        aa = s * u
+        csd = sc.lung_sd(hc_a + (aa - hc_a) / f, hc_v + (v - hc_v) / f, s) * f
+        ptx = field_bin[s] & (csd <= 0)
+        ptx_soft = field_soft[s] * _aa(-csd, px)
+        if not ptx.any():
+            ptx = field_bin[s] & (sd[s] < 2 * px) & (v < -0.3)
+        line = np.exp(-((csd / max(0.6 * px, 0.004)) ** 2)) * field_soft[s] * (v < 0.3)
+        tex_keep *= 1.0 - ptx_soft
+        dA += 0.18 * line + 0.04 * field_soft[s] * _aa(csd, px) - 0.07 * ptx_soft
+        lesions[9] = ptx
+        params["pneumothorax"] = {"side": s, "collapse": f0}
+    if 10 in has:  # Pleural Effusion: basal meniscus
+        r = lesion_rngs[10]
+        s = 1 if r.random() < 0.5 else -1
+        hgt = r.uniform(0.10, 0.28)
+        aa = s * u
+        v_med = float(sc.dome(np.asarray(0.2), s)) - 0.35 * hgt
+        v_m = v_med - 0.9 * hgt * np.clip((aa - 0.2) / 0.5, 0.0, 1.2) ** 2
+        fl = field_bin[s] & (v > v_m)
+        if not fl.any():
+            fl = field_bin[s] & (v > np.max(np.where(field_bin[s], v, -9.0)) - 2 * px)
+        fl_soft = field_soft[s] * _smoothstep(-0.01, 0.06, v - v_m)
+        dA += 0.45 * fl_soft
+        tex_keep *= 1.0 - fl_soft
+        lesions[10] = fl
+        params["effusion"] = {"side": s, "height": hgt}
+    if 3 in has:  # Lung Opacity: hazy irregular patch
+        r = lesion_rngs[3]
+        s, cu, cv = lung_point(r, None, (v > -0.45) & (v < 0.3), 0.05)
+        rx, ry = r.uniform(0.10, 0.17), r.uniform(0.10, 0.19)
+        _, q = _ellipse_sd(u, v, cu, cv, rx, ry, r.uniform(0, np.pi))
+        bound = 1.0 + 0.3 * _smooth_noise(r, H, 7)
+        patch = _smoothstep(0.0, 0.55, bound - q) * (0.8 + 0.2 * _smooth_noise(r, H, 14))
+        region = (bound - q > 0.1) & lung_bin[s]
+        if not region.any():
+            region = (q < 1.0) & lung_bin[s]
+        dA += 0.26 * patch * visible * field_soft[s]
+        lesions[3] = region
+    if 4 in has:  # Lung Lesion: small round nodule(s)
+        r = lesion_rngs[4]
+        for _ in range(int(r.choice([1, 1, 1, 2, 2, 3]))):
+            rad = max(r.uniform(0.035, 0.06), 1.2 * px)
+            s, cu, cv = lung_point(r, None, None, rad + 0.02)
+            nd, q = _ellipse_sd(u, v, cu, cv, rad, rad)
+            dA += 0.40 * np.sqrt(np.clip(1.0 - q * q, 0.0, 1.0)) + 0.08 * _aa(nd, px)
+            lesions[4] |= (nd > 0) | ((np.abs(u - cu) < 0.5 * px) & (np.abs(v - cv) < 0.5 * px))
+        lesions[4] &= lung_any
+    if 5 in has:  # Edema: bilateral perihilar haze + Kerley B lines
+        r = lesion_rngs[5]
+        m5 = np.zeros_like(lung_any)
+        for s in (-1, 1):
+            rx, ry = r.uniform(0.20, 0.27), r.uniform(0.26, 0.34)
+            _, q = _ellipse_sd(u, v, s * r.uniform(0.20, 0.26), r.uniform(-0.02, 0.06), rx, ry, s * 0.3)
+            haze = np.exp(-1.6 * q * q) * field_soft[s]
+            dA += 0.24 * haze * visible
+            tex_extra += 0.9 * haze
+            # Kerley B lines: short horizontal lines along the lateral lower lung border
+            band = field_bin[s] & (sd[s] < 0.05) & (s * u > 0.42) & (v > 0.1) & (v < 0.5)
+            period = max(r.uniform(0.045, 0.06), 3 * px)
+            ph = r.uniform(0, 1)
+            lines = np.abs(((v / period + ph) % 1.0) - 0.5) * period
+            kerley = _aa(0.5 * max(0.006, 0.7 * px) - (0.5 * period - lines), px) * band
+            dA += 0.22 * kerley
+            m5 |= ((q < 1.0) | band) & lung_bin[s]
+        lesions[5] = m5
+    if 6 in has:  # Consolidation: dense homogeneous region with air bronchograms
+        r = lesion_rngs[6]
+        s, cu, cv = lung_point(r, None, (v > -0.45) & (v < 0.3), 0.1)
+        rx, ry = r.uniform(0.17, 0.26), r.uniform(0.15, 0.24)
+        cd, _ = _ellipse_sd(u, v, cu, cv, rx, ry, r.uniform(0, np.pi))
+        cd = cd + 0.035 * _smooth_noise(r, H, 9)  # lobulated border
+        if r.random() < 0.5:  # lobar: one straight, sharp (fissure) border
+            th = r.uniform(-0.5, 0.5) + (np.pi / 2 if r.random() < 0.5 else 0.0)
+            off = r.uniform(0.3, 0.8) * min(rx, ry)
+            fissure = off - (np.cos(th) * (u - cu) + np.sin(th) * (v - cv)) * (1 if r.random() < 0.5 else -1)
+            csd = np.minimum(cd, fissure)
+            edge = np.minimum(_smoothstep(-0.012, 0.02, cd), _aa(fissure, px))
+        else:
+            csd = cd
+            edge = _smoothstep(-0.012, 0.02, cd)
+        cons = edge * visible * field_soft[s] * (0.9 + 0.1 * _smooth_noise(r, H, 24))
+        region = (csd > 0) & lung_bin[s]
+        if not region.any():
+            region = (cd > -px) & lung_bin[s]
+        b_thick, b_thin = _vessel_tree(sc, r, [(s * 0.15, 0.0, s)], csd > 0.01, trunks=(7, 9), generations=4,
+                                       trunk_length=0.2)
+        bronchi = np.maximum(_blur_lines(b_thick, max(0.6, 0.9 * scale)), _blur_lines(b_thin, max(0.5, 0.6 * scale)))
+        dA += 0.4 * cons - 0.25 * cons * bronchi
+        tex_keep *= 1.0 - 0.8 * np.clip(cons, 0.0, 1.0)
+        lesions[6] = region
+    if 7 in has:  # Pneumonia: patchy textured density in a lower zone
+        r = lesion_rngs[7]
+        s = 1 if r.random() < 0.5 else -1
+        low_zone = v > np.maximum(-0.02, sc.dome(s * u, s) - 0.38)
+        s, cu, cv = lung_point(r, s, low_zone, 0.06)
+        rx, ry = r.uniform(0.15, 0.21), r.uniform(0.12, 0.17)
+        _, q = _ellipse_sd(u, v, cu, cv, rx, ry, r.uniform(0, np.pi))
+        env = _smoothstep(1.0, 0.6, q)
+        blots = _smoothstep(-0.5, 0.5, _smooth_noise(r, H, 20)) * (0.75 + 0.25 * _smooth_noise(r, H, 44))
+        dA += 0.42 * env * np.clip(blots, 0, 1) * visible * field_soft[s]
+        region = (q < 1.0) & lung_bin[s]
+        lesions[7] = region
+    if 8 in has:  # Atelectasis: plate-like band or basal wedge
+        r = lesion_rngs[8]
+        s = 1 if r.random() < 0.5 else -1
+        aa = s * u
+        above = sc.dome(aa, s) - v
+        base_zone = (above > 0.05) & (above < 0.22) & (aa > 0.22) & (aa < 0.6)
+        s, cu, cv = lung_point(r, s, base_zone, 0.03)
+        if r.random() < 0.55:  # plate (discoid) atelectasis
+            ln = r.uniform(0.11, 0.17)
+            th = r.uniform(-0.3, 0.3)
+            hw = max(r.uniform(0.012, 0.02), 0.7 * px)
+            dx, dy = ln * math.cos(th), ln * math.sin(th)
+            asd = _segment_sd(u, v, (cu - dx, cv - dy), (cu + dx, cv + dy), hw)
+        else:  # wedge: base on the diaphragm, apex towards the hilum
+            b0, b1 = s * (abs(cu) - 0.1), s * (abs(cu) + 0.12)
+            p0 = (b0, float(sc.dome(np.asarray(abs(b0)), s)) + 0.03)
+            p1 = (b1, float(sc.dome(np.asarray(abs(b1)), s)) + 0.03)
+            apex = (s * max(abs(cu) - 0.12, 0.2), cv - r.uniform(0.12, 0.2))
+            asd = _triangle_sd(u, v, p0, p1, apex)
+        ate = _aa(asd, px) * field_soft[s]
+        dA += 0.36 * ate * (1.0 - 0.6 * sil)
+        region = (asd > 0) & lung_bin[s]
+        if not region.any():
+            region = (asd > -px) & lung_bin[s]
+        if not region.any():
+            rr, cc = _choose_pixel(r, base_zone & lung_bin[s], lung_bin[s])
+            region = np.zeros_like(lung_any)
+            region[rr, cc] = True
+        lesions[8] = region
+    if 11 in has:  # Pleural Other: pleural thickening along the lateral wall
+        r = lesion_rngs[11]
+        s = 1 if r.random() < 0.5 else -1
+        v1 = r.uniform(-0.45, 0.0)
+        v2 = v1 + r.uniform(0.35, 0.55)
+        tk = max(r.uniform(0.022, 0.038), 1.2 * px) * (1.0 + 0.35 * np.sin(v * r.uniform(25, 45) + r.uniform(0, 6)))
+        span = _smoothstep(v1 - 0.03, v1 + 0.03, v) * _smoothstep(v2 + 0.03, v2 - 0.03, v)
+        lateral = (s * u > 0.45)
+        band_sd = np.minimum(tk - sd[s], sd[s] + 0.5 * px)
+        band = _aa(band_sd, px) * span * lateral
+        dA += 0.38 * band
+        region = (band_sd > 0) & (span > 0.5) & lateral & field_bin[s]
+        if not region.any():
+            region = (sd[s] > 0) & (sd[s] < 2 * px) & lateral & (span > 0)
+        lesions[11] = region
+    if 13 in has:  # Support Devices
+        r = lesion_rngs[13]
+        dev, dev_bin, kinds = _support_devices(sc, r, body_bin)
+        dA += 0.75 * dev
+        lesions[13] = dev_bin
+        params["devices"] = kinds
+    inf_mask = None
+    if infection:  # COVID-19-like peripheral ground-glass opacities (QaTa-COV19)
+        r = sub[3]
+        sides = [-1, 1] if r.random() < 0.75 else [1 if r.random() < 0.5 else -1]
+        inf_mask = np.zeros_like(lung_any)
+        for s in sides:
+            width = r.uniform(0.14, 0.24)
+            v_lo = r.uniform(-0.4, -0.05)
+            noise = _smooth_noise(r, H, 9)
+            zone = _smoothstep(width, width * 0.4, sd[s]) * _smoothstep(v_lo - 0.05, v_lo + 0.1, v)
+            gg = zone * _smoothstep(-0.9, 0.3, noise) * field_soft[s] * visible
+            dA += 0.2 * gg * (0.8 + 0.2 * _smooth_noise(r, H, 30))
+            inf_mask |= (gg > 0.2) & lung_bin[s]
+        if not inf_mask.any():
+            s = sides[0]
+            inf_mask = lung_bin[s] & (sd[s] < 0.12) & (v > -0.2)
+            if not inf_mask.any():
+                inf_mask = lung_bin[s].copy()
+            dA += 0.14 * inf_mask
+    fine = _smooth_noise(tex_rng, H, 48)
+    A = A + (an.vessel * vessels * (tex_keep + tex_extra) + 0.02 * fine * (tex_keep + 3.0 * tex_extra)) * tex_weight
+    A = A + dA * body
+    # exposure, film response, noise
+    img = _expose(A, pose, sub[3])
+    anat = np.stack([lung_bin[1], lung_bin[-1], heart_bin, clav_bin[1], clav_bin[-1]]).astype(np.uint8)
+    lesions[0] = 0
+    # the masks only where the signature is: inside the body
+    lesions &= body_bin[None].astype(np.uint8)
+    return Phantom(image=img, anatomy=anat, lesions=lesions, body=body_bin.astype(np.uint8),
+                   findings=tuple(wanted), infection=None if inf_mask is None else inf_mask.astype(np.uint8),
+                   params=params)
+
+
+def _triangle_sd(u: np.ndarray, v: np.ndarray, p0: tuple[float, float], p1: tuple[float, float],
+                 p2: tuple[float, float]) -> np.ndarray:
+    """Signed distance (positive inside, exact inside) to a triangle, approximated outside by the edge lines."""
+    pts = (p0, p1, p2)
+    # orientation
+    area = (p1[0] - p0[0]) * (p2[1] - p0[1]) - (p1[1] - p0[1]) * (p2[0] - p0[0])
+    sgn = 1.0 if area > 0 else -1.0
+    out = None
+    for i in range(3):
+        (x0, y0), (x1, y1) = pts[i], pts[(i + 1) % 3]
+        ex, ey = x1 - x0, y1 - y0
+        n = math.hypot(ex, ey) + 1e-12
+        d = sgn * (ex * (v - y0) - ey * (u - x0)) / n
+        out = d if out is None else np.minimum(out, d)
+    return out
+
+
+def _bezier(points: Sequence[tuple[float, float]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` points of the Bezier curve with control ``points`` (De Casteljau, vectorised over ``t``)."""
+    t = np.linspace(0.0, 1.0, n)[:, None]
+    pts = [np.asarray(p, dtype=np.float64)[None] for p in points]
+    while len(pts) > 1:
+        pts = [(1 - t) * a + t * b for a, b in zip(pts[:-1], pts[1:])]
+    return pts[0][:, 0], pts[0][:, 1]
+
+
+def _support_devices(sc: _Scene, r: np.random.Generator,
+                     body_bin: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Tubes, lines, ECG leads and a pacemaker: returns (density in [0, 1], mask, kinds drawn)."""
+    size = sc.size
+    kinds_all = ["endotracheal tube", "nasogastric tube", "central line", "ECG leads", "pacemaker"]
+    n = int(r.choice([1, 1, 2, 2, 3]))
+    kinds = sorted(r.choice(len(kinds_all), size=n, replace=False).tolist())
+    thin = np.zeros((size, size), np.float32)
+    thick = np.zeros((size, size), np.float32)
+    solid = np.zeros((size, size), np.float32)
+    u, v, px = sc.u, sc.v, sc.px
+
+    def splat(canvas: np.ndarray, cu: np.ndarray, cv: np.ndarray) -> None:
+        rows, cols = sc.to_pixel(cu, cv)
+        rows, cols = np.round(rows).astype(np.int64), np.round(cols).astype(np.int64)
+        ok = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
+        canvas[rows[ok], cols[ok]] = 1.0
+
+    npts = 4 * size
+    for k in kinds:
+        name = kinds_all[k]
+        if name == "endotracheal tube":
+            tip = r.uniform(-0.42, -0.25)
+            cu, cv = _bezier([(0.0, -1.3), (r.uniform(-0.03, 0.03), -0.8), (0.0, tip)], npts)
+            splat(thick, cu, cv)
+        elif name == "nasogastric tube":
+            end = (0.38 + r.uniform(-0.05, 0.05), float(sc.dome(np.asarray(0.38), +1)) + r.uniform(0.1, 0.2))
+            cu, cv = _bezier([(-0.02, -1.3), (0.04, -0.2), (0.02, 0.45), end], npts)
+            splat(thin, cu, cv)
+        elif name == "central line":
+            s = 1 if r.random() < 0.5 else -1
+            cu, cv = _bezier([(s * 0.75, -0.78), (s * 0.35, r.uniform(-0.62, -0.52)), (-0.03, -0.45),
+                              (-0.05, r.uniform(-0.2, -0.05))], npts)
+            splat(thin, cu, cv)
+        elif name == "ECG leads":
+            for _ in range(int(r.integers(2, 5))):
+                cu0, cv0 = r.uniform(-0.75, 0.75), r.uniform(-0.6, 0.5)
+                ring, _ = _ellipse_sd(u, v, cu0, cv0, 0.035, 0.035)
+                solid = np.maximum(solid, _aa(np.minimum(ring, 0.012 - ring), px)
+                                   + 0.6 * _aa(ring - 0.022, px))
+                end = (np.clip(cu0 + r.uniform(-0.4, 0.4), -0.85, 0.85), -1.2 if cv0 < 0 else 1.2)
+                cu, cv = _bezier([(cu0, cv0), (cu0 + r.uniform(-0.3, 0.3), (cv0 + end[1]) / 2), end], npts)
+                splat(thin, cu, cv)
+        elif name == "pacemaker":
+            gu, gv = r.uniform(0.4, 0.55), r.uniform(-0.55, -0.42)
+            gsd = _segment_sd(u, v, (gu - 0.04, gv), (gu + 0.04, gv), 0.045)
+            solid = np.maximum(solid, _aa(gsd, px) * (1.0 + 0.3 * _aa(gsd - 0.015, px)))
+            tip = (r.uniform(0.12, 0.25), r.uniform(0.3, 0.38))
+            cu, cv = _bezier([(gu, gv), (0.05, -0.6), (-0.1, -0.1), tip], npts)
+            splat(thin, cu, cv)
+    scale = size / 256.0
+    dens = np.zeros((size, size), np.float32)
+    mask = solid > 0.3
+    for canvas, sigma, gain in ((thin, 0.7, 1.0), (thick, 2.0, 0.55)):
+        if canvas.any():
+            s_px = max(0.55, sigma * scale)
+            blur = ndi.gaussian_filter(canvas, s_px, mode="constant") * (math.sqrt(2 * math.pi) * s_px)
+            line = np.clip(blur, 0.0, 1.0)
+            dens = np.maximum(dens, gain * line)
+            mask |= line > 0.25
+    if thick.any():  # the radiopaque stripe of the endotracheal tube
+        s_px = max(0.5, 0.5 * scale)
+        stripe = np.clip(ndi.gaussian_filter(thick, s_px, mode="constant") * (math.sqrt(2 * math.pi) * s_px), 0, 1)
+        dens = np.maximum(dens, stripe)
+    dens = np.maximum(dens, solid.clip(0, 1.3))
+    mask &= body_bin
+    if not mask.any():  # everything fell outside the body: keep the densest pixel inside it
+        flat = int(np.argmax(np.where(body_bin, dens, -1.0)))
+        mask.ravel()[flat] = True
+    return dens, mask, [kinds_all[k] for k in kinds]
+
+
+def draw_lateral(rng: np.random.Generator, image_size: int = 256, anatomy: Anatomy | None = None) -> np.ndarray:
+    """Draw a lateral chest radiograph (patient facing the image's left; no masks): float32 ``(H, W)`` in [0, 1]."""
+    size = int(image_size)
+    if size < 32:
+        raise ValueError(f"image_size must be at least 32, got {image_size}")
+    seeds = rng.integers(0, 2**63 - 1, size=4)
+    sub = [np.random.default_rng(int(s)) for s in seeds]
+    an = anatomy if anatomy is not None else sample_anatomy(sub[0])
+    pose = _pose(sub[1])
+    sc = _Scene(size, an, pose)
+    u, v, px = sc.u, sc.v, sc.px
+    # body: chest wall in front (image left), back behind the spine, arms raised over the upper chest
+    front = -0.74 - 0.06 * np.cos(np.clip(v, -1.2, 1.2) * 1.3)
+    back = 0.86 + 0.04 * v
+    body = _aa(np.minimum(u - front, back - u), px)
+    arms = _smoothstep(-0.45, -0.75, v) * body
+    A = body * an.soft * (0.85 + 0.15 * _smoothstep(0.0, 0.6, v)) + 0.12 * arms
+    # lungs: one field in front of the spine, deeper behind (posterior costophrenic recess)
+    diaphragm = 0.32 + sc.inspiration + 0.16 * (u + 0.6) - 0.22 * u * u
+    t = np.clip((v + 0.02) / 0.7, -1.0, 1.0)
+    d_outer, _ = _ellipse_sd(u - 0.08 * t, v, 0.0, -0.02, 0.5 + 0.1 * t, 0.7)
+    lsd = np.minimum(d_outer, diaphragm - v)
+    lung = _smoothstep(-0.01, 0.04, lsd)
+    depth = ndi.gaussian_filter(lung, max(0.6, 0.06 / px), mode="constant", truncate=3.0)
+    heart_sd, _ = _ellipse_sd(u, v, -0.3, 0.22, 0.34, 0.28, -0.5)
+    heart = _smoothstep(-0.01, 0.03, np.minimum(heart_sd, diaphragm + 0.1 - v))
+    A = A - an.air * 0.95 * lung * (0.5 + 0.5 * depth) * (1.0 - 0.75 * heart) + 0.06 * heart * body
+    A = A + 0.08 * _aa(v - diaphragm, px) * body
+    # spine: vertebral bodies along a gentle kyphosis at the back, posterior elements behind
+    x_sp = 0.60 + 0.06 * (v + 0.2) ** 2
+    vb = np.cos((v - an.rib_first) * (2 * np.pi / 0.11))
+    spine = _aa(0.07 - np.abs(u - x_sp), px) * (0.7 + 0.3 * _smoothstep(-0.4, 0.4, vb))
+    post = _aa(0.05 - np.abs(u - x_sp - 0.13), px) * 0.5 * (0.6 + 0.4 * _smoothstep(-0.2, 0.6, vb))
+    sternum = _aa(0.02 - np.abs(u - front - 0.1), px) * _smoothstep(-0.7, -0.6, v) * _smoothstep(0.3, 0.2, v)
+    trachea = _aa(np.minimum(0.03 - np.abs(u + 0.02 - 0.1 * (v + 0.9)), -0.18 - v), px)
+    ka = (v - 0.55 * u) / 0.105
+    ribs = _aa((0.2 - np.abs(ka - np.round(ka))) * 0.1, px) * lung * _smoothstep(-0.1, 0.5, u) * 0.5
+    A = A + an.bone * (1.6 * spine + post + sternum + ribs) - 0.12 * trachea
+    thick_c, thin_c = _vessel_tree(sc, sub[2], [(0.0, -0.04, -1), (0.0, -0.04, 1)], lsd > 0, trunks=(4, 6))
+    scale = size / 256.0
+    tex = np.maximum(_blur_lines(thick_c, max(0.6, 1.1 * scale)), _blur_lines(thin_c, max(0.5, 0.6 * scale)))
+    A = A + 0.7 * an.vessel * tex * lung * (1.0 - 0.7 * heart)
+    return _expose(A, pose, sub[3])
+
+
+def _obs_index(f: int | str) -> int:
+    if isinstance(f, (int, np.integer)):
+        if not 0 <= int(f) < NUM_OBSERVATIONS:
+            raise ValueError(f"observation index out of range: {f}")
+        return int(f)
+    if f not in _OBS_INDEX:
+        raise ValueError(f"unknown observation {f!r}; expected one of {list(OBSERVATIONS)}")
+    return _OBS_INDEX[f]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dataset writers
+# ----------------------------------------------------------------------------------------------------------------
+
+#: Fraction of JSRT cases with a nodule (154 of 247 in the real set).
+_JSRT_NODULE_FRACTION = 154 / 247
+#: Probability that a QaTa-COV19 phantom also shows support devices (no mask for them in QaTa).
+_QATA_DEVICE_RATE = 0.25
+_LABEL_TEXT = {1.0: "1.0", 0.0: "0.0", -1.0: "-1.0", None: ""}
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One image to draw and the files it produces (paths relative to the output folder)."""
+
+    kind: str  # "frontal", "lateral", "scr", "qata"
+    dataset: str
+    index: tuple[int, ...]
+    patient: int  # anatomy seed index
+    findings: tuple[int, ...]
+    outputs: tuple[str, ...]
+
+
+def lesion_mask_path(image_path: str) -> str:
+    """Path of the true lesion bit mask of a phantom CheXpert image path (relative or absolute).
+
+    ``.../CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg`` ->
+    ``.../CheXpert-v1.0-small-lesions/train/patient00001/study1/view1_frontal.png``.
+    """
+    p = image_path.replace("\\", "/")
+    marker = CHEXPERT_DIR + "/"
+    pos = p.rfind(marker)
+    if pos < 0 or (pos > 0 and p[pos - 1] != "/"):
+        raise ValueError(f"not a CheXpert image path (no {marker!r} folder): {image_path}")
+    p = p[:pos] + LESIONS_DIR + "/" + p[pos + len(marker):]
+    return os.path.splitext(p)[0] + ".png"
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+
+
+def _encode(arr: np.ndarray, fmt: str) -> bytes:
+    """Encode a 2-D array as JPEG (quality 95, 8-bit grayscale), PNG (uint8 or uint16) or GIF (binary 0/255)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+    elif fmt == "png":
+        Image.fromarray(arr).save(buf, format="PNG")
+    elif fmt == "gif":
+        Image.fromarray((arr > 0).astype(np.uint8) * 255).save(buf, format="GIF")
+    else:
+        raise ValueError(fmt)
+    return buf.getvalue()
+
+
+def _is_valid_image(path: Path, size: int) -> bool:
+    """Whether ``path`` exists and decodes completely to a ``size`` x ``size`` single-channel image."""
+    from PIL import Image
+
+    try:
+        if path.stat().st_size == 0:
+            return False
+        with Image.open(path) as im:
+            if im.size != (size, size):
+                return False
+            im.load()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def _draw_task(task: _Task, seed: int, size: int) -> dict[str, bytes]:
+    """Draw one task's image and masks and encode them: ``{relative path: file bytes}``."""
+    anatomy = sample_anatomy(phantom_rng(seed, task.dataset, task.patient, purpose=_ANATOMY))
+    rng = phantom_rng(seed, task.dataset, *task.index)
+    if task.kind == "lateral":
+        return {task.outputs[0]: _encode(_to_uint8(draw_lateral(rng, size, anatomy)), "jpeg")}
+    ph = draw_frontal(rng, size, task.findings, anatomy, infection=task.kind == "qata")
+    image = _to_uint8(ph.image)
+    if task.kind == "frontal":
+        return {task.outputs[0]: _encode(image, "jpeg"), task.outputs[1]: _encode(encode_bitmask(ph.lesions), "png")}
+    if task.kind == "scr":
+        files = {task.outputs[0]: _encode(image, "png")}
+        for k, rel in enumerate(task.outputs[1:]):
+            files[rel] = _encode(ph.anatomy[k], "gif")
+        return files
+    if task.kind == "qata":
+        return {task.outputs[0]: _encode(image, "png"),
+                task.outputs[1]: _encode(ph.infection.astype(np.uint8) * 255, "png")}
+    raise ValueError(f"unknown task kind {task.kind!r}")
+
+
+def _run_task(args: tuple[str, int, int, bool, _Task]) -> tuple[str, bool]:
+    """Worker: skip the task when all its files are valid (unless ``force``), else draw and write them atomically.
+
+    Returns ``(kind, written)``.
+    """
+    root, seed, size, force, task = args
+    base = Path(root)
+    if not force and all(_is_valid_image(base / rel, size) for rel in task.outputs):
+        return task.kind, False
+    for rel, data in _draw_task(task, seed, size).items():
+        atomic_write_bytes(base / rel, data)
+    return task.kind, True
+
+
+def _init_worker() -> None:
+    """Pool initializer: one thread per worker process (the pool provides the parallelism)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import sys
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _resolve_prevalence(prevalence: Mapping[str, float] | None) -> dict[str, float]:
+    out = dict(DEFAULT_PREVALENCE)
+    for name, p in (prevalence or {}).items():
+        if name not in DEFAULT_PREVALENCE:
+            raise ValueError(f"prevalence: unknown observation {name!r} (No Finding is derived); expected one of "
+                             f"{list(DEFAULT_PREVALENCE)}")
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"prevalence of {name!r} must be in [0, 1], got {p}")
+        out[name] = float(p)
+    return out
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    """``value`` as a bool; also accepts ``"true"``/``"false"``/``"1"``/``"0"``/``"yes"``/``"no"`` (command lines)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and int(value) in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise ValueError(f"{name} must be a boolean, got {value!r}")
+
+
+def _check_rate(name: str, value: float) -> float:
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
+def _plan_chexpert(seed: int, split: str, n_patients: int, first_patient: int, max_studies: int, lateral_rate: float,
+                   prevalence: Mapping[str, float], uncertain_rate: float, blank_rate: float,
+                   false_uncertain_rate: float) -> tuple[list[list[str]], list[_Task], dict[str, Any]]:
+    """CSV rows and drawing tasks of one CheXpert split (``train`` or ``valid``), from the plan generator."""
+    dataset = f"chexpert_{split}"
+    valid = split == "valid"
+    rng = phantom_rng(seed, dataset, purpose=_PLAN)
+    prev = np.array([prevalence[name] for name in OBSERVATIONS[1:]])
+    n_studies_p = 0.45 ** np.arange(max_studies)
+    n_studies_p /= n_studies_p.sum()
+    sd_index = _OBS_INDEX["Support Devices"]
+    rows: list[list[str]] = []
+    tasks: list[_Task] = []
+    counts = {"patients": n_patients, "studies": 0, "frontal": 0, "lateral": 0,
+              "positives": dict.fromkeys(OBSERVATIONS[1:], 0)}
+    for p in range(n_patients):
+        pid = first_patient + p
+        n_st = 1 if valid else int(rng.choice(max_studies, p=n_studies_p)) + 1
+        sex = "Female" if rng.random() < 0.46 else "Male"
+        age = int(rng.integers(18, 88))
+        for st in range(1, n_st + 1):
+            age = min(90, age + int(st > 1) * int(rng.integers(0, 2)))
+            truth = rng.random(NUM_OBSERVATIONS - 1) < prev
+            draws = rng.random((3, NUM_OBSERVATIONS - 1))
+            labels: list[float | None] = [None] * NUM_OBSERVATIONS
+            for k in range(1, NUM_OBSERVATIONS):
+                t, (d_unc, d_blank, d_false) = truth[k - 1], draws[:, k - 1]
+                if valid:
+                    labels[k] = 1.0 if t else 0.0
+                elif t:
+                    labels[k] = -1.0 if d_unc < uncertain_rate else 1.0
+                elif d_false < false_uncertain_rate:
+                    labels[k] = -1.0
+                else:
+                    labels[k] = None if d_blank < blank_rate else 0.0
+            findings = tuple(k for k in range(1, NUM_OBSERVATIONS) if truth[k - 1])
+            if valid:
+                labels[0] = 0.0 if any(k != sd_index for k in findings) else 1.0
+            else:
+                mentioned = any(labels[k] in (1.0, -1.0) for k in range(1, NUM_OBSERVATIONS) if k != sd_index)
+                labels[0] = None if mentioned else 1.0
+            ap = "AP" if rng.random() < (0.85 if truth[sd_index - 1] else 0.55) else "PA"
+            lateral = bool(rng.random() < lateral_rate)
+            folder = f"{CHEXPERT_DIR}/{split}/patient{pid:05d}/study{st}"
+            text = [_LABEL_TEXT[x] for x in labels]
+            frontal = f"{folder}/view1_frontal.jpg"
+            rows.append([frontal, sex, str(age), "Frontal", ap, *text])
+            tasks.append(_Task("frontal", dataset, (p, st, 1), p, findings, (frontal, lesion_mask_path(frontal))))
+            counts["studies"] += 1
+            counts["frontal"] += 1
+            for k in findings:
+                counts["positives"][OBSERVATIONS[k]] += 1
+            if lateral:
+                path = f"{folder}/view2_lateral.jpg"
+                rows.append([path, sex, str(age), "Lateral", "", *text])
+                tasks.append(_Task("lateral", dataset, (p, st, 2), p, (), (path,)))
+                counts["lateral"] += 1
+    return rows, tasks, counts
+
+
+def _plan_scr(seed: int, n_cases: int) -> tuple[list[_Task], dict[str, Any]]:
+    n_nodule = int(round(n_cases * _JSRT_NODULE_FRACTION))
+    cases = [f"JPCLN{i + 1:03d}" for i in range(n_nodule)] + [f"JPCNN{i + 1:03d}" for i in range(n_cases - n_nodule)]
+    tasks = []
+    for i, case in enumerate(cases):
+        outputs = (f"{JSRT_DIR}/images/{case}.png",
+                   *(f"{SCR_DIR}/masks/{structure}/{case}.gif" for structure in SCR_STRUCTURES))
+        findings = (_OBS_INDEX["Lung Lesion"],) if case.startswith("JPCLN") else ()
+        tasks.append(_Task("scr", "scr", (i,), i, findings, outputs))
+    return tasks, {"cases": n_cases, "nodule_cases": n_nodule}
+
+
+def _plan_qata(seed: int, subset: str, n_images: int, first: int) -> list[_Task]:
+    dataset = "qata_train" if subset == "Train Set" else "qata_test"
+    rng = phantom_rng(seed, dataset, purpose=_PLAN)
+    tasks = []
+    for i in range(n_images):
+        name = f"covid_{first + i}"
+        devices = (_OBS_INDEX["Support Devices"],) if rng.random() < _QATA_DEVICE_RATE else ()
+        outputs = (f"{QATA_DIR}/{subset}/Images/{name}.png", f"{QATA_DIR}/{subset}/Ground-truths/mask_{name}.png")
+        tasks.append(_Task("qata", dataset, (i,), i, devices, outputs))
+    return tasks
+
+
+def _csv_text(rows: Sequence[Sequence[str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CHEXPERT_COLUMNS)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _remove_stray_temporaries(root: Path) -> int:
+    """Delete the temporary files an interrupted atomic write may leave (``.<name>.<random>.part<suffix>``)."""
+    removed = 0
+    for name in _OWNED_DIRS:
+        top = root / name
+        if not top.is_dir():
+            continue
+        for dirpath, _, filenames in os.walk(top):
+            for fn in filenames:
+                if fn.startswith(".") and ".part" in fn:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(dirpath, fn))
+                        removed += 1
+    return removed
+
+
+def _prepare_output(root: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+    """Check (and with ``overwrite`` clear) the output folder against ``manifest``; then write the manifest."""
+    path = root / MANIFEST
+    owned = [root / name for name in _OWNED_DIRS]
+    if path.exists():
+        previous = load_json(path)
+        if previous != manifest and not overwrite:
+            changed = sorted(k for k in set(previous.get("params", {})) | set(manifest["params"])
+                             if previous.get("params", {}).get(k) != manifest["params"].get(k))
+            raise BundleInputError(path, f"the phantom datasets here were generated with other parameters "
+                                         f"({', '.join(changed) or 'format'}); pass overwrite=True to regenerate "
+                                         f"them or choose another output folder")
+        if overwrite:
+            for d in owned:
+                if d.exists():
+                    shutil.rmtree(d)
+    else:
+        foreign = [d for d in owned if d.is_dir() and any(d.iterdir())]
+        if foreign:
+            raise BundleInputError(foreign[0], f"exists but was not written by the phantom generator (no {MANIFEST} "
+                                               f"in {root}); refusing to write phantoms into it")
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, manifest)
+
+
+def generate_phantom_datasets(
+    output_dir: PathLike,
+    seed: int = 0,
+    image_size: int = 256,
+    chexpert_train_patients: int = 600,
+    chexpert_valid_patients: int = 100,
+    max_studies_per_patient: int = 3,
+    lateral_rate: float = 0.3,
+    prevalence: Mapping[str, float] | None = None,
+    uncertain_rate: float = 0.1,
+    blank_rate: float = 0.5,
+    false_uncertain_rate: float = 0.02,
+    scr_cases: int = 60,
+    qata_train: int = 60,
+    qata_test: int = 30,
+    num_workers: int = 2,
+    overwrite: bool = False,
+    progress: bool = True,
+    start_method: str | None = None,
+) -> dict[str, Any]:
+    """Write the phantom CheXpert, JSRT/SCR and QaTa-COV19 datasets under ``output_dir`` (resumable, seeded).
+
+    Args:
+        output_dir: root folder of the three layouts (see the module docstring and ``docs/DEVELOPMENT.md``).
+        seed: global seed; the same seed and parameters give byte-identical files, whatever ``num_workers``.
+        image_size: height = width of every image (pixels).
+        chexpert_train_patients: CheXpert training patients (1 to ``max_studies_per_patient`` studies each,
+            about 1.5 on average: the defaults give ~900 frontal training images).
+        chexpert_valid_patients: CheXpert validation patients (one study each, numbered after the training ones).
+        max_studies_per_patient: most studies of one training patient.
+        lateral_rate: probability that a study also has a lateral view.
+        prevalence: probability of each true finding (observation name -> rate); missing names take
+            :data:`DEFAULT_PREVALENCE`.
+        uncertain_rate: fraction of true findings labelled ``-1.0`` (uncertain) in ``train.csv``.
+        blank_rate: fraction of absent findings left empty (not mentioned) in ``train.csv``.
+        false_uncertain_rate: fraction of absent findings labelled ``-1.0`` in ``train.csv``.
+        scr_cases: JSRT/SCR cases (~62% ``JPCLN*`` with a nodule, the rest ``JPCNN*``).
+        qata_train: QaTa-COV19 ``Train Set`` images.
+        qata_test: QaTa-COV19 ``Test Set`` images.
+        num_workers: worker processes (0 or 1: in this process).
+        overwrite: delete the generator's folders and regenerate everything (otherwise a re-run skips the images
+            already written and finishes the job).
+        progress: show a progress bar.
+        start_method: multiprocessing start method (default ``fork`` where available, else ``spawn``).
+
+    Returns:
+        a summary: counts per dataset, images written and skipped, seconds and images per second.
+
+    Raises:
+        BundleInputError: ``output_dir`` holds phantoms generated with other parameters (without ``overwrite``),
+            or dataset folders not written by the generator.
+    """
+    t0 = time.perf_counter()
+    seed = int(seed)
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    size = int(image_size)
+    if size < 32:
+        raise ValueError(f"image_size must be at least 32, got {image_size}")
+    for name, value in (("chexpert_train_patients", chexpert_train_patients),
+                        ("chexpert_valid_patients", chexpert_valid_patients), ("scr_cases", scr_cases),
+                        ("qata_train", qata_train), ("qata_test", qata_test)):
+        if int(value) < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if int(max_studies_per_patient) < 1:
+        raise ValueError(f"max_studies_per_patient must be >= 1, got {max_studies_per_patient}")
+    overwrite = _as_bool("overwrite", overwrite)
+    progress = _as_bool("progress", progress)
+    prev = _resolve_prevalence(prevalence)
+    params = {
+        "seed": seed, "image_size": size, "chexpert_train_patients": int(chexpert_train_patients),
+        "chexpert_valid_patients": int(chexpert_valid_patients),
+        "max_studies_per_patient": int(max_studies_per_patient),
+        "lateral_rate": _check_rate("lateral_rate", lateral_rate), "prevalence": prev,
+        "uncertain_rate": _check_rate("uncertain_rate", uncertain_rate),
+        "blank_rate": _check_rate("blank_rate", blank_rate),
+        "false_uncertain_rate": _check_rate("false_uncertain_rate", false_uncertain_rate),
+        "scr_cases": int(scr_cases), "qata_train": int(qata_train), "qata_test": int(qata_test),
+    }
+    manifest = {"generator": "bundle.data.phantom.generate_phantom_datasets", "format_version": _FORMAT_VERSION,
+                "params": params}
+    root = Path(os.path.abspath(os.path.expanduser(str(output_dir))))
+    _prepare_output(root, manifest, bool(overwrite))
+    strays = _remove_stray_temporaries(root)
+
+    # plan (cheap, in this process): CSV rows and the images to draw
+    common = dict(seed=seed, max_studies=params["max_studies_per_patient"], lateral_rate=params["lateral_rate"],
+                  prevalence=prev, uncertain_rate=params["uncertain_rate"], blank_rate=params["blank_rate"],
+                  false_uncertain_rate=params["false_uncertain_rate"])
+    train_rows, train_tasks, train_counts = _plan_chexpert(
+        split="train", n_patients=params["chexpert_train_patients"], first_patient=1, **common)
+    valid_rows, valid_tasks, valid_counts = _plan_chexpert(
+        split="valid", n_patients=params["chexpert_valid_patients"],
+        first_patient=params["chexpert_train_patients"] + 1, **common)
+    scr_tasks, scr_counts = _plan_scr(seed, params["scr_cases"])
+    qata_tasks = (_plan_qata(seed, "Train Set", params["qata_train"], 1)
+                  + _plan_qata(seed, "Test Set", params["qata_test"], params["qata_train"] + 1))
+    tasks = train_tasks + valid_tasks + scr_tasks + qata_tasks
+
+    # draw and write (files first, CSVs last)
+    jobs = [(str(root), seed, size, bool(overwrite), task) for task in tasks]
+    written = skipped = 0
+    bar = _progress(len(jobs), progress)
+    try:
+        if int(num_workers) <= 1 or len(jobs) < 2:
+            results: Iterable[tuple[str, bool]] = map(_run_task, jobs)
+            for _, was_written in results:
+                written += was_written
+                skipped += not was_written
+                bar.update(1)
+        else:
+            import multiprocessing as mp
+
+            method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            ctx = mp.get_context(method)
+            with ctx.Pool(int(num_workers), initializer=_init_worker) as pool:
+                for _, was_written in pool.imap_unordered(_run_task, jobs, chunksize=8):
+                    written += was_written
+                    skipped += not was_written
+                    bar.update(1)
+    finally:
+        bar.close()
+    atomic_write_text(root / CHEXPERT_DIR / "train.csv", _csv_text(train_rows))
+    atomic_write_text(root / CHEXPERT_DIR / "valid.csv", _csv_text(valid_rows))
+
+    seconds = time.perf_counter() - t0
+    summary = {
+        "output_dir": str(root),
+        "image_size": size,
+        "chexpert": {
+            "train_csv": str(root / CHEXPERT_DIR / "train.csv"), "valid_csv": str(root / CHEXPERT_DIR / "valid.csv"),
+            "train_rows": len(train_rows), "valid_rows": len(valid_rows),
+            **{f"train_{k}": v for k, v in train_counts.items()}, **{f"valid_{k}": v for k, v in valid_counts.items()},
+        },
+        "scr": scr_counts,
+        "qata": {"train": params["qata_train"], "test": params["qata_test"]},
+        "images": len(jobs), "images_written": written, "images_skipped": skipped,
+        "stray_temporaries_removed": strays,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(written / seconds, 2) if seconds > 0 else None,
+    }
+    logger.info("phantom datasets in %s: %d images (%d written, %d skipped) in %.1f s", root, len(jobs), written,
+                skipped, seconds)
+    return summary
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """One-paragraph text of a :func:`generate_phantom_datasets` summary (for logs and the config's ``run``)."""
+    c = summary["chexpert"]
+    return (f"phantom datasets in {summary['output_dir']} ({summary['image_size']} px): CheXpert train "
+            f"{c['train_frontal']} frontal + {c['train_lateral']} lateral from {c['train_patients']} patients, valid "
+            f"{c['valid_frontal']} frontal + {c['valid_lateral']} lateral; SCR {summary['scr']['cases']} cases; QaTa "
+            f"{summary['qata']['train']} train + {summary['qata']['test']} test. {summary['images']} images: "
+            f"{summary['images_written']} written, {summary['images_skipped']} already there; "
+            f"{summary['seconds']:.1f} s")
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a requirement
+        return _NoBar()
+    return tqdm(total=total, desc="phantom images", unit="img", mininterval=1.0, dynamic_ncols=True)

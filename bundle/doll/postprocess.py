@@ -1,0 +1,101 @@
+"""Explanation maps to masks: the post-processing steps of the DoLL recipe, one function each.
+
+All functions take and return torch tensors shaped ``(N, H, W)`` (a stack of maps), on any device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def positive_evidence(maps: torch.Tensor) -> torch.Tensor:
+    """Keep the evidence for the class (positive attributions), summed over input channels when ``(N, C, H, W)``."""
+    if maps.dim() == 4:
+        maps = maps.sum(1)
+    return maps.clamp_min(0)
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of ``(N, H, W)`` maps (``sigma`` in pixels, reflect padding; 0 = no-op)."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    out = maps.unsqueeze(1)
+    pad_h, pad_w = min(radius, maps.shape[-2] - 1), min(radius, maps.shape[-1] - 1)
+    out = F.pad(out, (pad_w, pad_w, 0, 0), mode="reflect")
+    out = F.conv2d(out, k[radius - pad_w: radius + pad_w + 1].view(1, 1, 1, -1))
+    out = F.pad(out, (0, 0, pad_h, pad_h), mode="reflect")
+    out = F.conv2d(out, k[radius - pad_h: radius + pad_h + 1].view(1, 1, -1, 1))
+    return out.squeeze(1)
+
+
+def normalize_maps(maps: torch.Tensor, mode: str = "max", percentile: float = 99.0) -> torch.Tensor:
+    """Scale each map to ``[0, 1]``: by its maximum (``"max"``) or its ``percentile`` (``"percentile"``, clipped)."""
+    flat = maps.flatten(1)
+    if mode == "max":
+        scale = flat.max(1).values
+    elif mode == "percentile":
+        scale = torch.quantile(flat.float(), percentile / 100.0, dim=1).to(maps.dtype)
+    else:
+        raise ValueError(f"unknown normalisation {mode!r}: use 'max' or 'percentile'")
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (maps / scale.view(-1, 1, 1)).clamp(0, 1)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of ``values`` in ``[0, 1]`` (maximal between-class variance over a ``bins`` histogram)."""
+    hist, edges = np.histogram(np.asarray(values, dtype=np.float64), bins=bins, range=(0.0, 1.0))
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def threshold_maps(maps: torch.Tensor, method: str = "otsu", value: float = 0.5) -> torch.Tensor:
+    """Binarise each ``[0, 1]`` map: ``"fixed"`` (``> value``), ``"percentile"`` (above the map's ``value``-th
+    percentile, ``value`` in 0-100) or ``"otsu"`` (Otsu's threshold of the map, at least ``value`` when given as a
+    floor; pass 0 for pure Otsu). All-zero maps give empty masks."""
+    out = torch.zeros_like(maps, dtype=torch.bool)
+    for i, m in enumerate(maps):
+        if not bool((m > 0).any()):
+            continue
+        if method == "fixed":
+            t = value
+        elif method == "percentile":
+            t = float(torch.quantile(m.flatten().float(), value / 100.0))
+        elif method == "otsu":
+            t = max(otsu_threshold(m.detach().cpu().numpy().ravel()), value)
+        else:
+            raise ValueError(f"unknown threshold method {method!r}: use 'fixed', 'percentile' or 'otsu'")
+        out[i] = m > t
+    return out
+
+
+def remove_small_components(masks: torch.Tensor, min_size: int) -> torch.Tensor:
+    """Drop 8-connected components smaller than ``min_size`` pixels from each ``(N, H, W)`` boolean mask."""
+    if min_size <= 1:
+        return masks
+    from scipy import ndimage
+
+    out = masks.detach().cpu().numpy().copy()
+    structure = np.ones((3, 3), dtype=bool)
+    for i in range(out.shape[0]):
+        if not out[i].any():
+            continue
+        labels, n = ndimage.label(out[i], structure=structure)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = sizes >= min_size
+        keep[0] = False
+        out[i] = keep[labels]
+    return torch.as_tensor(out, device=masks.device)

@@ -1,0 +1,58 @@
+"""Networks: classifiers, segmenters and their parts, weight transfer, fine-tuning modes and losses.
+
+- :mod:`.classifiers`: ``build_classifier`` (14-observation classifiers).
+- :mod:`.segmentation`: ``build_segmenter`` (SegResNet / UNet) and the encoder/decoder/head map.
+- :mod:`.transfer`: ``load_pretrained``, ``load_encoder_from_classifier``, ``load_external`` -> ``TransferReport``.
+- :mod:`.finetune`: ``replace_head``, ``prepare_finetune`` (``full`` / ``warmup`` / ``adapter``),
+  ``EncoderWarmupHandler``.
+- :mod:`.losses`: ``WeightedDiceBCELoss``.
+"""
+
+from __future__ import annotations
+
+from .classifiers import build_classifier
+from .finetune import (EncoderWarmupHandler, FinetuneSetup, FinetuneSummary, ResidualAdapter, add_adapters,
+                       prepare_finetune, replace_head, set_trainable)
+from .losses import WeightedDiceBCELoss
+from .segmentation import (build_segmenter, decoder_stage_names, encoder_module_names, encoder_parameter_names,
+                           head_module_names, head_parameter_names, network_parts)
+from .transfer import (TransferReport, initialise_segmenter, load_encoder_from_classifier, load_external,
+                       load_pretrained, read_state_dict)
+
+__all__ = [
+    "EncoderWarmupHandler",
+    "FinetuneSetup",
+    "FinetuneSummary",
+    "ResidualAdapter",
+    "TransferReport",
+    "WeightedDiceBCELoss",
+    "add_adapters",
+    "build_classifier",
+    "build_segmenter",
+    "decoder_stage_names",
+    "encoder_module_names",
+    "encoder_parameter_names",
+    "head_module_names",
+    "head_parameter_names",
+    "initialise_segmenter",
+    "load_encoder_from_classifier",
+    "load_external",
+    "load_pretrained",
+    "network_parts",
+    "prepare_finetune",
+    "read_state_dict",
+    "replace_head",
+    "set_trainable",
+]
+
+
+def __getattr__(name: str):
+    """Import submodules lazily on attribute access (``bundle.<package>.<module>`` in config expressions)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"{__name__}.{name}":
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+        raise

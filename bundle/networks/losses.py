@@ -1,0 +1,91 @@
+"""Segmentation losses for multi-label sigmoid outputs: Dice + (background-weighted) BCE or focal loss.
+
+Pre-training on DoLL follows PSSL (arXiv:2207.03335): pseudo masks derived from explanations are reliable where
+they mark an object and unreliable elsewhere, so the cross-entropy term weights background pixels by
+``background_weight`` (0.1) against 1.0 for object pixels. "Background" is per channel: a pixel is background for
+observation ``c`` where the DoLL mask of ``c`` is 0. With soft targets ``t`` in [0, 1] the weight interpolates,
+``w = background_weight + (1 - background_weight) * t``. With ``background_weight=1`` the loss is plain
+Dice + BCE (the fine-tuning loss).
+
+Note on MONAI's ``DiceCELoss(sigmoid=True)``: it uses ``BCEWithLogitsLoss`` only for **one** output channel; with
+more channels it uses softmax cross-entropy (mutually exclusive classes) regardless of ``sigmoid``. For multi-label
+outputs (DoLL's 14 channels, overlapping lungs/heart/clavicles) this module's loss is the right one; it equals
+``DiceCELoss(sigmoid=True)`` for a single channel and ``DiceLoss(sigmoid=True) + BCEWithLogitsLoss()`` for any
+number of channels when ``background_weight=1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from torch.nn.modules.loss import _Loss
+
+__all__ = ["WeightedDiceBCELoss"]
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """A plain tensor (drops MONAI ``MetaTensor`` metadata so the loss is a plain scalar)."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+class WeightedDiceBCELoss(_Loss):
+    """``dice_weight * Dice + bce_weight * weighted BCE`` (or weighted focal loss) on logits ``(B, C, *spatial)``.
+
+    Args:
+        background_weight: weight of background (target 0) pixels in the BCE/focal term; objects weigh 1.0
+            (PSSL: 0.1). 1.0 gives the unweighted loss.
+        dice_weight: weight of the Dice term (MONAI ``DiceLoss(sigmoid=True, include_background=True)``; every
+            channel is a foreground class).
+        bce_weight: weight of the BCE (or focal) term.
+        focal: use the sigmoid focal loss ``(1 - p_t)^gamma * BCE`` (MONAI's formulation) instead of BCE.
+        gamma: focal exponent.
+        smooth_nr, smooth_dr, squared_pred, jaccard, batch: passed to :class:`monai.losses.DiceLoss`
+            (``batch=True`` computes Dice over the whole batch per channel, which avoids the large loss of empty
+            channels, frequent in DoLL where most observations are absent from an image).
+
+    The BCE term is ``mean(w * bce)`` over all elements (as ``F.binary_cross_entropy_with_logits(weight=w)``).
+    """
+
+    def __init__(self, background_weight: float = 0.1, dice_weight: float = 1.0, bce_weight: float = 1.0,
+                 focal: bool = False, gamma: float = 2.0, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5,
+                 squared_pred: bool = False, jaccard: bool = False, batch: bool = False) -> None:
+        super().__init__(reduction="mean")
+        for name, value in (("background_weight", background_weight), ("dice_weight", dice_weight),
+                            ("bce_weight", bce_weight), ("gamma", gamma)):
+            if float(value) < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.background_weight = float(background_weight)
+        self.dice_weight = float(dice_weight)
+        self.bce_weight = float(bce_weight)
+        self.focal = bool(focal)
+        self.gamma = float(gamma)
+        self.dice = DiceLoss(include_background=True, sigmoid=True, squared_pred=squared_pred, jaccard=jaccard,
+                             reduction="mean", smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)
+
+    def pixel_weights(self, target: torch.Tensor) -> torch.Tensor:
+        """Per-element weights of the BCE term: ``background_weight`` on background, 1 on objects."""
+        return self.background_weight + (1.0 - self.background_weight) * target
+
+    def components(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss terms: ``{"dice", "bce" (or focal), "total"}`` (unweighted terms and the weighted total)."""
+        input, target = _plain(input), _plain(target)
+        if input.shape != target.shape:
+            raise ValueError(f"input (logits) and target must have the same shape (B, C, *spatial); got "
+                             f"{tuple(input.shape)} and {tuple(target.shape)}")
+        if input.dim() < 3:
+            raise ValueError(f"expected (B, C, *spatial) tensors, got shape {tuple(input.shape)}")
+        target = target.to(dtype=input.dtype)
+        w = self.pixel_weights(target)
+        per_element = F.binary_cross_entropy_with_logits(input, target, reduction="none")
+        if self.focal:
+            # (1 - p_t)^gamma computed in log space, as monai.losses.focal_loss.sigmoid_focal_loss
+            per_element = torch.exp(self.gamma * F.logsigmoid(-input * (target * 2 - 1))) * per_element
+        cls = (w * per_element).mean()
+        dice = self.dice(input, target) if self.dice_weight > 0 else input.new_zeros(())
+        total = self.dice_weight * dice + self.bce_weight * cls
+        return {"dice": dice, "focal" if self.focal else "bce": cls, "total": total}
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Args: ``input`` logits and ``target`` masks in [0, 1], both ``(B, C, *spatial)``. Returns a scalar."""
+        return self.components(input, target)["total"]

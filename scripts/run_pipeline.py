@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Run the bundle's stages in order on the built-in phantom data (the README's main job).
+
+Every stage is an ordinary ``python -m monai.bundle run`` of its config (so each can also be run alone); this script
+only chains them, passes the shared output folders, and times them. Settings: ``configs/pipeline.yaml``.
+
+    python scripts/run_pipeline.py                 # default size (CPU, minutes)
+    python scripts/run_pipeline.py --quick         # CI's end-to-end smoke run (outputs under <root>/quick/)
+    python scripts/run_pipeline.py --stages data,classifier
+
+Outputs: ``data/`` (phantoms, datalists), ``models/`` (checkpoints), ``eval/`` (metrics, MLflow store ``mlruns.db``,
+logs in ``eval/logs/<stage>.log``, timings in ``eval/pipeline_timing.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+from bundle.utils import atomic_write_json  # noqa: E402
+
+STAGES = ("data", "classifier")
+
+
+def _fmt(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class Pipeline:
+    """Chains the stage configs with shared folders; each stage's output goes to ``eval/logs/<stage>.log``."""
+
+    def __init__(self, quick: bool, device: str | None, root: Path | None = None, verbose: bool = False):
+        settings = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
+        self.settings = settings["quick" if quick else "default"]
+        self.quick = quick
+        base = root or (ROOT / "quick" if quick else ROOT)
+        self.paths = {"data_root": str(base / "data"), "output_root": str(base / "eval"),
+                      "models_dir": str(base / "models")}
+        self.device = device
+        self.verbose = verbose
+        self.log_dir = Path(self.paths["output_root"]) / "logs"
+        self.timing: dict[str, float] = {}
+
+    def bundle_run(self, name: str, configs: list[str], overrides: dict[str, Any] | None = None) -> None:
+        """Run ``python -m monai.bundle run`` on ``configs`` (names under configs/) with the shared folders."""
+        files = [str(ROOT / "configs" / c) for c in ["common.yaml", *configs]]
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(files)]
+        args = dict(self.paths)
+        if self.device:
+            args["device"] = f"$torch.device('{self.device}')"
+        args.update(overrides or {})
+        for key, value in args.items():
+            cmd += [f"--{key}", _fmt(value)]
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        start = time.time()
+        print(f"[pipeline] {name}: {' '.join(configs)}", flush=True)
+        with open(log_path, "w") as log:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=None if self.verbose else log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        elapsed = time.time() - start
+        self.timing[name] = round(elapsed, 1)
+        if proc.returncode != 0:
+            tail = "" if self.verbose else "".join(open(log_path).readlines()[-40:])
+            raise SystemExit(f"[pipeline] stage {name} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
+        print(f"[pipeline] {name}: done in {elapsed:.0f} s", flush=True)
+
+    # ---- stages -------------------------------------------------------------------------------------------------
+    def data(self) -> None:
+        self.bundle_run("data", ["prepare_data.yaml"], self.settings["overrides"].get("data"))
+
+    def classifier(self) -> None:
+        common = self.settings["overrides"].get("classifier") or {}
+        for spec in self.settings["classifiers"]:
+            spec = {**common, **spec, "show_progress": False}
+            name = f"{spec['classifier_arch']}_seed{spec['seed']}"
+            self.bundle_run(f"classifier_{name}", ["train_classifier.yaml"], spec)
+            self.bundle_run(f"classifier_{name}_eval", ["train_classifier.yaml", "evaluate_classifier.yaml"],
+                            {k: v for k, v in spec.items() if k in ("classifier_arch", "seed")})
+
+    def run(self, stages: list[str]) -> None:
+        start = time.time()
+        for stage in stages:
+            getattr(self, stage)()
+        self.timing["total"] = round(time.time() - start, 1)
+        atomic_write_json(Path(self.paths["output_root"]) / "pipeline_timing.json", self.timing)
+        print(f"[pipeline] finished {', '.join(stages)} in {self.timing['total']:.0f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes for a few-minute end-to-end run (CI)")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--device", default=None, help="torch device for every stage (default: cuda if available)")
+    parser.add_argument("--root", default=None, help="folder for data/, eval/, models/ (default: the bundle root)")
+    parser.add_argument("--verbose", action="store_true", help="stream the stages' output instead of logging it")
+    args = parser.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
+    Pipeline(args.quick, args.device, Path(args.root) if args.root else None, args.verbose).run(stages)
+
+
+if __name__ == "__main__":
+    main()

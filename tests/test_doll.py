@@ -1,0 +1,232 @@
+"""The IG-to-DoLL recipe: post-processing steps against references, the generator on a known-answer classifier,
+the transforms, and resumable / sharded generation through the bundle config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from bundle.data.io import load_bitmask
+from bundle.doll import postprocess as pp
+from bundle.doll.generator import DoLLGenerator, IGToDoLL, IGToDoLLd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- post-processing ------------------------------------------------------------------------------------------
+def test_gaussian_smooth_matches_scipy():
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 20, 24)).astype(np.float64)
+    ours = pp.gaussian_smooth(torch.as_tensor(maps), sigma=1.5).numpy()
+    ref = np.stack([ndimage.gaussian_filter(m, 1.5, mode="mirror", truncate=3.0) for m in maps])
+    np.testing.assert_allclose(ours, ref, atol=1e-10)
+
+
+def test_otsu_threshold_separates_two_modes():
+    values = np.concatenate([np.full(500, 0.2), np.full(300, 0.7)])
+    t = pp.otsu_threshold(values)
+    assert 0.2 < t <= 0.7
+    masks = pp.threshold_maps(torch.as_tensor(values.reshape(1, 20, 40)), "otsu", 0.0)
+    assert int(masks.sum()) == 300
+
+
+def test_threshold_methods_and_empty_maps():
+    m = torch.linspace(0, 1, 100).view(1, 10, 10)
+    assert int(pp.threshold_maps(m, "fixed", 0.5).sum()) == 50
+    assert int(pp.threshold_maps(m, "percentile", 90).sum()) == 10
+    assert not pp.threshold_maps(torch.zeros(1, 5, 5), "otsu").any()
+    with pytest.raises(ValueError, match="unknown threshold"):
+        pp.threshold_maps(m, "magic")
+
+
+def test_remove_small_components_keeps_large_ones():
+    mask = np.zeros((1, 20, 20), dtype=bool)
+    mask[0, 2:8, 2:8] = True       # 36 px
+    mask[0, 15:17, 15:17] = True   # 4 px speck
+    out = pp.remove_small_components(torch.as_tensor(mask), min_size=10).numpy()
+    assert out[0, 2:8, 2:8].all() and not out[0, 15:17, 15:17].any()
+
+
+def test_normalize_maps_per_map():
+    maps = torch.tensor([[[0.0, 2.0], [1.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    out = pp.normalize_maps(maps, "max")
+    assert torch.allclose(out[0], torch.tensor([[0.0, 0.5], [0.25, 1.0]])) and out[1].abs().sum() == 0
+
+
+# ---- the generator on a classifier with a known answer ---------------------------------------------------------
+class RegionClassifier(torch.nn.Module):
+    """Logit of class c = mean intensity inside region R_c (a linear model: IG with a zero baseline = x * w)."""
+
+    def __init__(self, regions: torch.Tensor, bias: float = -0.1):
+        super().__init__()
+        self.register_buffer("w", regions.float() / regions.flatten(1).sum(1).clamp_min(1).view(-1, 1, 1))
+        self.bias = bias
+
+    def forward(self, x):
+        return torch.einsum("bhw,khw->bk", x[:, 0], self.w) * 10 + self.bias
+
+
+def _regions(size=32, k=14):
+    regions = torch.zeros(k, size, size)
+    for c in range(k):
+        r, col = divmod(c, 4)
+        regions[c, r * 8: r * 8 + 8, col * 8: col * 8 + 8] = 1
+    return regions
+
+
+def test_generator_localises_the_evidence_of_a_known_classifier():
+    regions = _regions()
+    net = RegionClassifier(regions)
+    gen = DoLLGenerator([net], smooth_sigma=0.5, min_component_size=4, n_steps=8)
+    x = torch.zeros(1, 1, 32, 32)
+    x[0, 0, 9:15, 9:15] = 1.0            # a bright patch inside region 5 (rows 8-15, cols 8-15)
+    label = torch.full((1, 14), float("nan"))
+    label[0, 5] = 1.0
+    label[0, 0] = 1.0                    # No Finding labelled positive: never a target
+    out = gen(x, label)
+    assert 5 in out.targets[0] and 0 not in out.targets[0]
+    mask = out.masks[0, 5].numpy().astype(bool)
+    patch = x[0, 0].numpy() > 0
+    inter, union = (mask & patch).sum(), (mask | patch).sum()
+    assert inter / union > 0.6
+    assert not (mask & ~regions[5].numpy().astype(bool)).any()  # evidence only where the classifier looks
+    # channels that are not targets stay empty
+    others = [c for c in range(14) if c not in out.targets[0]]
+    assert out.masks[0, others].sum() == 0 and out.soft[0, others].abs().sum() == 0
+    # completeness of IG: the attributions sum to f(x) - f(0) for the linear model
+    assert out.deltas[0].abs().max() < 1e-4
+
+
+def test_predicted_targets_and_probability_weighted_boost():
+    regions = _regions()
+    strong, weak = RegionClassifier(regions, bias=0.0), RegionClassifier(regions, bias=-5.0)
+    gen = DoLLGenerator([strong, weak], target_source="predicted", prob_threshold=0.5, n_steps=4)
+    x = torch.zeros(1, 1, 32, 32)
+    x[0, 0, 1:7, 17:23] = 1.0            # region 2 (rows 0-7, cols 16-23)
+    probs = gen.probabilities(x)
+    assert probs.shape == (2, 1, 14)
+    targets = gen.select_targets(probs.mean(0))
+    assert targets == [[2]]
+    # boosting: weights are the probabilities of each classifier
+    maps = torch.rand(2, 1, 14, 4, 4)
+    boosted = gen.boost_maps(maps, probs)
+    w = probs[:, 0, 2]
+    expected = (maps[0, 0, 2] * w[0] + maps[1, 0, 2] * w[1]) / (w[0] + w[1])
+    assert torch.allclose(boosted[0, 2], expected, atol=1e-6)
+
+
+def test_array_and_dictionary_transforms_agree():
+    net = RegionClassifier(_regions())
+    x = torch.zeros(1, 32, 32)
+    x[0, 9:15, 9:15] = 1.0
+    label = [float("nan")] * 14
+    label[5] = 1.0
+    arr = IGToDoLL(classifiers=[net], n_steps=4)(x, label)
+    d = IGToDoLLd(keys="image", classifiers=[net], n_steps=4)({"image": x, "label": torch.tensor(label)})
+    assert arr.shape == (14, 32, 32) and arr.dtype == torch.uint8
+    assert torch.equal(arr, d["doll"]) and d["doll_targets"] == [5]
+    assert d["doll_soft"].shape == (14, 32, 32) and d["doll_probs"].shape == (1, 14)
+
+
+# ---- generation through the bundle config: resume after a kill, shards -----------------------------------------
+def _make_dataset(root: Path, n: int = 24, size: int = 32) -> Path:
+    from PIL import Image
+
+    from bundle.networks.classifiers import build_classifier, save_spec
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        img = (rng.random((size, size)) * 255).astype(np.uint8)
+        path = root / "images" / f"p{i:03d}" / "view1_frontal.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path)
+        label = [0.0] * 14
+        label[1 + i % 13] = 1.0
+        items.append({"image": str(path), "label": label, "label_mask": [1.0] * 14, "patient": f"p{i:03d}"})
+    dl = root / "chexpert.json"
+    dl.write_text(json.dumps({"training": items[: n - 6], "validation": items[n - 6:]}))
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        net = build_classifier("densenet_small", init_features=8, growth_rate=4, block_config=(1, 1))
+        folder = root / "models" / "classifiers" / name
+        save_spec(str(folder), "densenet_small", 14, init_features=8, growth_rate=4, block_config=[1, 1])
+        torch.save(net.state_dict(), folder / "model.pt")
+    return dl
+
+
+def _doll_cmd(root: Path, launcher: list[str] | None = None, extra: list[str] | None = None) -> list[str]:
+    configs = json.dumps([str(ROOT / "configs" / "common.yaml"), str(ROOT / "configs" / "generate_doll.yaml")])
+    return [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", "--config_file", configs,
+            "--datalist", str(root / "chexpert.json"), "--models_dir", str(root / "models"),
+            "--classifier_names", "['a','b']", "--image_root", str(root / "images"),
+            "--data_root", str(root / "out"), "--datalist_dir", str(root / "out"), "--output_root", str(root / "eval"),
+            "--image_size", "[32,32]", "--doll#n_steps", "4", "--batch_size", "1", "--device", "$torch.device('cpu')",
+            *(extra or [])]
+
+
+def _check_outputs(root: Path, n: int) -> dict:
+    out = root / "out"
+    datalist = json.loads((out / "doll.json").read_text())
+    entries = datalist["training"] + datalist["validation"]
+    assert len(entries) == n and len({e["image"] for e in entries}) == n
+    pngs = [p for p in (out / "doll").rglob("*.png")]
+    assert len(pngs) == n                                      # exactly one DoLL per image
+    assert not list((out / "doll").rglob("*.part*"))           # no temporary file left behind
+    for e in entries:
+        masks = load_bitmask(e["label"], 14)                   # every file is a valid 14-channel bit mask
+        assert masks.shape == (14, 32, 32)
+        assert all(not masks[c].any() for c in range(14) if c not in e["targets"])
+    return datalist
+
+
+@pytest.mark.slow
+def test_generation_resumes_after_kill(tmp_path):
+    _make_dataset(tmp_path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_doll_cmd(tmp_path), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((tmp_path / "out" / "doll").rglob("*.json"))) < 5:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((tmp_path / "out" / "doll").rglob("*.json")))
+    assert 0 < done_before < 24, "the kill should land mid-generation"
+    assert not (tmp_path / "out" / "doll.json").exists()
+    res = subprocess.run(_doll_cmd(tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"{done_before} of 24 images already done" in res.stdout + res.stderr
+    _check_outputs(tmp_path, 24)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_process_sharding_gives_the_single_process_datalist(tmp_path):
+    single, double = tmp_path / "single", tmp_path / "double"
+    for root in (single, double):
+        root.mkdir()
+        _make_dataset(root)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(_doll_cmd(single), cwd=single, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    res = subprocess.run(_doll_cmd(double, torchrun, ["--distributed", "true"]), cwd=double, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    a, b = _check_outputs(single, 24), _check_outputs(double, 24)
+    rel = lambda dl, root: [(os.path.relpath(e["image"], root), os.path.relpath(e["label"], root), e["targets"])
+                            for s in ("training", "validation") for e in dl[s]]
+    assert rel(a, single) == rel(b, double)
+    for ea, eb in zip(a["training"], b["training"]):            # same masks, bit for bit
+        assert np.array_equal(load_bitmask(ea["label"], 14), load_bitmask(eb["label"], 14))
