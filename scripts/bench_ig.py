@@ -11,7 +11,8 @@ Network: MONAI DenseNet121 (2D, 1 input channel, 14 outputs, random init, eval m
   captum on the same K targets (both ratios are printed: against captum over all targets and over the same K).
 
 Attributions are checked for equality (max abs difference relative to captum's max abs value). Reported: seconds
-per image, ratios, peak memory per variant (CPU: peak RSS, reset between variants through
+per image by wall clock and by process CPU time (the latter is less disturbed by other processes on a shared
+machine), ratios, peak memory per variant (CPU: peak RSS, reset between variants through
 ``/proc/self/clear_refs``; CUDA: ``torch.cuda.max_memory_allocated``), the machine's matmul GFLOP/s measured in
 the same run and the fraction of it reached, counting conv + linear FLOPs of one forward pass (input-gradient
 backward taken as the same count): captum ``2 x T x steps x F``, engine floor ``steps x (1 + T) x F``.
@@ -122,21 +123,26 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_gflops(device: str, n: int = 2048, reps: int = 8) -> float:
-    """Best-of fp32 matmul GFLOP/s for ``n x n`` matrices."""
+def matmul_gflops(device: str, n: int = 2048, reps: int = 8) -> tuple[float, float]:
+    """Best-of fp32 matmul GFLOP/s for ``n x n`` matrices: by wall time, and by CPU time per thread (less
+    sensitive to other processes on a shared machine; equals the wall figure when nothing else runs)."""
     import torch
 
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     (a @ b).sum().item()  # warm-up
-    best = float("inf")
+    best = best_cpu = float("inf")
+    threads = torch.get_num_threads() if device == "cpu" else 1
     for _ in range(reps):
         _sync(device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         (a @ b).sum().item()
         _sync(device)
         best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+        best_cpu = min(best_cpu, (time.process_time() - c) / threads)
+    if device != "cpu":
+        best_cpu = best
+    return 2 * n**3 / best / 1e9, 2 * n**3 / best_cpu / 1e9
 
 
 def forward_flops(model: Any, shape: tuple[int, ...], device: str) -> float:
@@ -230,9 +236,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("# MALLOC tuning: " + (", ".join(f"{k}={os.environ[k]}" for k in _MALLOC_ENV) if malloc_tuned
                                  else "off (glibc defaults)"), flush=True)
 
-    gflops_start = matmul_gflops(dev)
+    gflops_start, gflops_start_cpu = matmul_gflops(dev)
     f_fwd = forward_flops(model, (1, size, size), dev)
-    print(f"# fp32 matmul (2048^3): {gflops_start:.1f} GFLOP/s; forward conv+linear: {f_fwd / 1e9:.3f} GFLOP/image",
+    print(f"# fp32 matmul (2048^3): {gflops_start:.1f} GFLOP/s (by CPU time per thread: {gflops_start_cpu:.1f}); "
+          f"forward conv+linear: {f_fwd / 1e9:.3f} GFLOP/image",
           flush=True)
 
     graph = {b: graph_mib(model, b, (1, size, size), dev) for b in sorted({steps, *args.engine_ibs})}
@@ -279,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         variants += [("captum/selected", "sel", captum_run), ("engine/selected", "sel", engine_run(engine, steps))]
 
     times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    cpu_times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     peaks: dict[str, float] = {name: 0.0 for name, _, _ in variants}
     diffs: dict[str, float] = {}
     delta_max: dict[str, float] = {}
@@ -290,14 +298,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             targets = all_targets if kind == "all" else selected[i]
             mem.reset()
             _sync(dev)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             attr, delta = fn(x, targets)
             _sync(dev)
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             times[name].append(dt)
+            cpu_times[name].append(dc)
             peaks[name] = max(peaks[name], mem.peak_mib())
             results[name] = (attr.detach().cpu(), delta.detach().cpu())
-            print(f"  image {i}: {name:<28s} {dt:8.2f} s  ({len(targets)} targets)", flush=True)
+            print(f"  image {i}: {name:<28s} {dt:8.2f} s wall {dc:8.2f} s CPU  ({len(targets)} targets, "
+                  f"load {os.getloadavg()[0]:.1f})", flush=True)
         ref = {"all": results["captum"], "sel": results.get("captum/selected")}
         for name, kind, _ in variants:
             if name.startswith("captum"):
@@ -308,9 +318,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             delta_max[name] = max(delta_max.get(name, 0.0), float((d - rd).abs().max()))
         delta_max["captum"] = max(delta_max.get("captum", 0.0), float(results["captum"][1].abs().max()))
 
-    gflops_end = matmul_gflops(dev)
+    gflops_end, gflops_end_cpu = matmul_gflops(dev)
     gflops = max(gflops_start, gflops_end)
+    gflops_cpu = max(gflops_start_cpu, gflops_end_cpu)
+    n_threads = torch.get_num_threads() if dev == "cpu" else 1
     sec = {k: float(np.mean(v)) for k, v in times.items()}
+    cpu = {k: float(np.mean(v)) for k, v in cpu_times.items()}
 
     def flops(name: str) -> float:
         t = args.selected if name.endswith("selected") else n_t
@@ -318,34 +331,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     rows = []
     print(f"\n# fp32 matmul: {gflops_start:.1f} GFLOP/s at start, {gflops_end:.1f} at end (fraction uses the max, "
-          f"{gflops:.1f})")
-    print(f"{'variant':<28s} {'s/image':>9s} {'vs captum':>10s} {'TFLOP/img':>10s} {'GFLOP/s':>8s} "
-          f"{'of matmul':>9s} {'peak MiB':>9s} {'rel diff':>9s}")
+          f"{gflops:.1f}); by CPU time per thread {gflops_start_cpu:.1f} / {gflops_end_cpu:.1f} (max {gflops_cpu:.1f})"
+          f"; 'of matmul' = GFLOP/s over matmul GFLOP/s, wall and CPU-time based")
+    print(f"{'variant':<28s} {'s/image':>9s} {'vs captum':>10s} {'CPU s/img':>10s} {'vs captum':>10s} "
+          f"{'TFLOP/img':>10s} {'GFLOP/s':>8s} {'of matmul':>9s} {'(CPU)':>6s} {'peak MiB':>9s} {'rel diff':>9s}")
     for name, _, _ in variants:
         s = sec[name]
         fl = flops(name)
         row = {"variant": name, "s_per_image": s, "speedup_vs_captum_all": sec["captum"] / s,
+               "cpu_s_per_image": cpu[name], "cpu_speedup_vs_captum_all": cpu["captum"] / cpu[name],
                "flop_per_image": fl, "gflops": fl / s / 1e9, "fraction_of_matmul": fl / s / 1e9 / gflops,
+               "fraction_of_matmul_cpu_time": fl / (cpu[name] / n_threads) / 1e9 / gflops_cpu,
                "peak_mib": peaks[name], "max_rel_diff_vs_captum": diffs.get(name),
                "max_abs_delta_diff_vs_captum": delta_max.get(name)}
         rows.append(row)
-        print(f"{name:<28s} {s:9.2f} {row['speedup_vs_captum_all']:9.2f}x {fl / 1e12:10.3f} {row['gflops']:8.1f} "
-              f"{row['fraction_of_matmul']:9.1%} {peaks[name]:9.0f} "
+        print(f"{name:<28s} {s:9.2f} {row['speedup_vs_captum_all']:9.2f}x {cpu[name]:10.2f} "
+              f"{row['cpu_speedup_vs_captum_all']:9.2f}x {fl / 1e12:10.3f} {row['gflops']:8.1f} "
+              f"{row['fraction_of_matmul']:9.1%} {row['fraction_of_matmul_cpu_time']:6.1%} {peaks[name]:9.0f} "
               f"{'-' if diffs.get(name) is None else format(diffs[name], '.1e'):>9s}")
     summary = {
         "identical_work_speedup": sec["captum"] / sec["engine"],
+        "identical_work_speedup_cpu_time": cpu["captum"] / cpu["engine"],
         "flop_floor_speedup": flops("captum") / flops("engine"),
         "max_abs_captum_delta": delta_max["captum"],
     }
     print(f"\nidentical work ({n_t} targets x {steps} steps): engine {sec['engine']:.2f} s/image vs captum "
           f"{sec['captum']:.2f} s/image -> {summary['identical_work_speedup']:.2f}x "
-          f"(FLOP floor ratio {summary['flop_floor_speedup']:.2f}x)")
+          f"(CPU time: {summary['identical_work_speedup_cpu_time']:.2f}x; FLOP floor ratio "
+          f"{summary['flop_floor_speedup']:.2f}x)")
     if selected:
         summary["doll_vs_captum_all"] = sec["captum"] / sec["engine/selected"]
         summary["doll_vs_captum_selected"] = sec["captum/selected"] / sec["engine/selected"]
+        summary["doll_vs_captum_all_cpu_time"] = cpu["captum"] / cpu["engine/selected"]
+        summary["doll_vs_captum_selected_cpu_time"] = cpu["captum/selected"] / cpu["engine/selected"]
         print(f"DoLL mode ({args.selected} selected targets): engine {sec['engine/selected']:.2f} s/image -> "
               f"{summary['doll_vs_captum_all']:.2f}x vs captum over all {n_t} targets, "
-              f"{summary['doll_vs_captum_selected']:.2f}x vs captum over the same {args.selected} targets")
+              f"{summary['doll_vs_captum_selected']:.2f}x vs captum over the same {args.selected} targets "
+              f"(CPU time: {summary['doll_vs_captum_all_cpu_time']:.2f}x, "
+              f"{summary['doll_vs_captum_selected_cpu_time']:.2f}x)")
     if dev == "cpu" and malloc_tuned:
         print("note: with the MALLOC tuning glibc keeps freed memory, so the CPU peak RSS of a variant is the process"
               " high-water mark so far; the autograd graph size per chunk above is what scales with "
@@ -354,6 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "malloc_tuned": malloc_tuned, "matmul_gflops": [gflops_start, gflops_end],
+              "matmul_gflops_cpu_time": [gflops_start_cpu, gflops_end_cpu],
               "forward_gflop_per_image": f_fwd / 1e9,
               "graph_mib_per_chunk": graph, "variants": rows, "summary": summary}
     if args.json is not None:

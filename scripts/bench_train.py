@@ -122,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         # the cached (deterministic) images and labels as tensors in memory
         bare_net = copy.deepcopy(net)
         bare_loss = copy.deepcopy(loss_fn)
-        bare_opt = type(opt)(bare_net.parameters(), **opt.defaults)
+        hyper = {k: opt.defaults[k] for k in ("lr", "betas", "eps", "weight_decay", "amsgrad") if k in opt.defaults}
+        bare_opt = type(opt)(bare_net.parameters(), **hyper)
         cached = [dataset._cache[i] for i in range(len(dataset))]
         images = torch.stack([torch.as_tensor(c["image"]).float() for c in cached])
         labels = torch.stack([torch.as_tensor(c["label"]).float() for c in cached])

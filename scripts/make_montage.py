@@ -46,13 +46,24 @@ def _tile(image: np.ndarray, anatomy: np.ndarray | None, lesion: np.ndarray | No
     if not raw:
         if lesion is not None and lesion.any():
             fill = lesion.astype(bool)
-            rgb[fill] = 0.72 * rgb[fill] + 0.28 * np.asarray(colour, np.float32)
+            rgb[fill] = 0.8 * rgb[fill] + 0.2 * np.asarray(colour, np.float32)
         if anatomy is not None:
             for k in range(anatomy.shape[0]):
                 rgb[_edge(anatomy[k])] = ANATOMY_COLOURS[k]
         if lesion is not None and lesion.any():
             rgb[_edge(lesion)] = colour
     return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` into lines at most ``width`` pixels wide."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
 
 
 def make_montage(out: str, size: int = 256, seed: int = 0, raw: bool = False, columns: int = 4) -> str:
@@ -72,7 +83,8 @@ def make_montage(out: str, size: int = 256, seed: int = 0, raw: bool = False, co
                                                                              INFECTION_COLOUR, raw)))
     font = ImageFont.load_default(size=max(10, size // 18))
     small = ImageFont.load_default(size=max(9, size // 22))
-    head = max(28, size // 7)
+    line = max(10, size // 18) + 3
+    head = line * 3 + 2
     rows = (len(tiles) + columns - 1) // columns
     pad = 4
     canvas = Image.new("RGB", (columns * (size + pad) + pad, rows * (size + head + pad) + pad), (20, 20, 20))
@@ -81,7 +93,8 @@ def make_montage(out: str, size: int = 256, seed: int = 0, raw: bool = False, co
         r, c = divmod(i, columns)
         x0, y0 = pad + c * (size + pad), pad + r * (size + head + pad)
         draw.text((x0 + 3, y0 + 1), title, fill=(255, 255, 255), font=font)
-        draw.text((x0 + 3, y0 + head // 2 + 1), caption, fill=(190, 190, 190), font=small)
+        for j, text in enumerate(_wrap(caption, small, size - 6)[:2]):
+            draw.text((x0 + 3, y0 + line * (j + 1) + 1), text, fill=(190, 190, 190), font=small)
         canvas.paste(Image.fromarray(arr), (x0, y0 + head))
     save_png(out, np.asarray(canvas))
     return out
