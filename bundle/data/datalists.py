@@ -194,3 +194,17 @@ def build_all_datalists(
         logger.info("datalists: wrote %s (%s)", path, {k: len(datalist[k]) for k in DATALIST_SECTIONS})
     atomic_write_json(datalist_dir / "summary.json", summary)
     return summary
+
+
+def format_datalist_summary(summary: Mapping[str, Any]) -> str:
+    """One line per datalist of :func:`build_all_datalists`'s summary (for the data stage's log)."""
+    lines = []
+    for name, info in summary.items():
+        if not isinstance(info, Mapping) or "status" not in info:
+            continue
+        if info["status"] != "written":
+            lines.append(f"datalist {name}: {info['status']}")
+            continue
+        counts = ", ".join(f"{k} {info[k]}" for k in ("training", "validation", "test") if k in info)
+        lines.append(f"datalist {name}: {counts} (skipped {info.get('skipped', 0)}) -> {info['path']}")
+    return "\n".join(lines)

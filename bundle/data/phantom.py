@@ -140,6 +140,8 @@ def phantom_rng(seed: int, dataset: str, *index: int, purpose: int = _IMAGE) -> 
     """
     if int(seed) < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    if dataset not in _DATASETS:
+        raise ValueError(f"unknown phantom dataset {dataset!r}; expected one of {list(_DATASETS)}")
     return np.random.default_rng(np.random.SeedSequence([int(seed), _DATASETS[dataset], purpose, *map(int, index)]))
 
 
@@ -575,8 +577,9 @@ def draw_frontal(
     scale = size / 256.0
     vessels = np.maximum(_blur_lines(thick_c, max(0.6, 0.9 * scale)), _blur_lines(thin_c, max(0.5, 0.55 * scale)))
     hilum = np.zeros_like(u)
-    for hu, hv, _ in hila:
-        hilum += np.exp(-(((u - hu) / 0.06) ** 2 + ((v - hv) / 0.09) ** 2))
+    for hu, hv, _ in hila:  # dense hilar vessels
+        hilum += sc.local(lambda uu, vv, hu=hu, hv=hv: np.exp(-(((uu - hu) / 0.06) ** 2 + ((vv - hv) / 0.09) ** 2)),
+                          (hu - 0.2, hu + 0.2, hv - 0.3, hv + 0.3), 0.0)
     tex_weight = visible + field_any_soft * sil * 0.3
 
     # ribs (posterior arcs + faint anterior ribs), clavicles -------------------------------------------------------
@@ -841,7 +844,7 @@ def draw_frontal(
         params["devices"] = kinds
     inf_mask = None
     if infection:  # COVID-19-like peripheral ground-glass opacities (QaTa-COV19)
-        r = sub[3]
+        r = sub[4 + NUM_OBSERVATIONS - 1]  # its own generator: the rest of the picture is unchanged
         sides = [-1, 1] if r.random() < 0.75 else [1 if r.random() < 0.5 else -1]
         inf_mask = np.zeros_like(lung_any)
         for s in sides:
@@ -993,7 +996,7 @@ def draw_lateral(rng: np.random.Generator, image_size: int = 256, anatomy: Anato
     d_outer, _ = _ellipse_sd(u - 0.1 * t, v, 0.06, -0.02, 0.52 + 0.1 * t, 0.7)
     lsd = np.minimum(d_outer, diaphragm - v)
     lung = _smoothstep(-0.03, 0.06, lsd)
-    depth = ndi.gaussian_filter(lung, max(0.6, 0.06 / px), mode="constant", truncate=3.0)
+    depth = _blur(lung, 0.06 / px)
     heart_sd, _ = _ellipse_sd(u, v, -0.32, 0.24, 0.34, 0.28, -0.5)
     heart = _smoothstep(-0.04, 0.06, np.minimum(heart_sd, diaphragm + 0.1 - v))
     A = A - an.air * 0.95 * lung * (0.5 + 0.5 * depth) * (1.0 - 0.75 * heart) + 0.06 * heart * body
@@ -1367,7 +1370,9 @@ def generate_phantom_datasets(
         overwrite: delete the generator's folders and regenerate everything (otherwise a re-run skips the images
             already written and finishes the job).
         progress: show a progress bar.
-        start_method: multiprocessing start method (default ``fork`` where available, else ``spawn``).
+        start_method: multiprocessing start method (default ``fork`` where available, else ``spawn``). The
+            workers run one thread each and tune glibc's ``malloc`` (as does this process when
+            ``num_workers <= 1``): the drawing allocates many image-sized temporaries.
 
     Returns:
         a summary: counts per dataset, images written and skipped, seconds and images per second.
