@@ -12,8 +12,9 @@ Network: MONAI DenseNet121 (2D, 1 input channel, 14 outputs, random init, eval m
 
 Attributions are checked for equality (max abs difference relative to captum's max abs value). Reported: seconds
 per image by wall clock and by process CPU time (the latter is less disturbed by other processes on a shared
-machine), ratios, peak memory per variant (CPU: peak RSS, reset between variants through
-``/proc/self/clear_refs``; CUDA: ``torch.cuda.max_memory_allocated``), the machine's matmul GFLOP/s measured in
+machine), ratios, peak memory per variant (a separate untimed pass: CPU peak RSS above the start, after
+``malloc_trim`` and a reset of the peak mark through ``/proc/self/clear_refs``; CUDA:
+``torch.cuda.max_memory_allocated``), the machine's matmul GFLOP/s measured in
 the same run and the fraction of it reached, counting conv + linear FLOPs of one forward pass (input-gradient
 backward taken as the same count): captum ``2 x T x steps x F``, engine floor ``steps x (1 + T) x F``.
 
@@ -87,39 +88,71 @@ def _maybe_reexec(args: argparse.Namespace) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # measurement helpers
 # ----------------------------------------------------------------------------------------------------------------
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 class PeakMemory:
-    """Peak memory of a code region: CUDA max allocated, or peak RSS (reset through /proc/self/clear_refs)."""
+    """Peak memory of a code region.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: freed heap memory is first
+    handed back to the OS (glibc ``malloc_trim(0)``, which matters with the MALLOC tuning that otherwise keeps it),
+    the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), and the region's peak is ``VmHWM`` minus the
+    RSS at the start: the memory the region itself needed. Falls back to the process peak RSS where unsupported.
+    """
 
     def __init__(self, device: str) -> None:
         self.device = device
+        self.start_kib = 0
         self.can_reset = False
+        self._trim: Callable[[int], int] | None = None
         if device == "cpu":
+            try:
+                import ctypes
+
+                self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):
+                self._trim = None
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
-                self.can_reset = True
+                self.can_reset = _proc_status_kib("VmHWM") is not None
             except OSError:
                 pass
 
     def reset(self) -> None:
+        import gc
+
         import torch
 
+        gc.collect()
         if self.device == "cuda":
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        elif self.can_reset:
+            self.start_kib = torch.cuda.memory_allocated() // 1024
+            return
+        if self._trim is not None:
+            self._trim(0)
+        if self.can_reset:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
+            self.start_kib = _proc_status_kib("VmRSS") or 0
 
     def peak_mib(self) -> float:
+        """Peak memory above the start of the region, MiB."""
         import torch
 
         if self.device == "cuda":
-            return torch.cuda.max_memory_allocated() / 2**20
+            return (torch.cuda.max_memory_allocated() // 1024 - self.start_kib) / 1024
         if self.can_reset:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
+            return ((_proc_status_kib("VmHWM") or 0) - self.start_kib) / 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -287,7 +320,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     cpu_times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
-    peaks: dict[str, float] = {name: 0.0 for name, _, _ in variants}
     diffs: dict[str, float] = {}
     delta_max: dict[str, float] = {}
     for i in range(args.images):
@@ -296,7 +328,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results: dict[str, Any] = {}
         for name, kind, fn in order:
             targets = all_targets if kind == "all" else selected[i]
-            mem.reset()
             _sync(dev)
             t0, c0 = time.perf_counter(), time.process_time()
             attr, delta = fn(x, targets)
@@ -304,7 +335,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             times[name].append(dt)
             cpu_times[name].append(dc)
-            peaks[name] = max(peaks[name], mem.peak_mib())
             results[name] = (attr.detach().cpu(), delta.detach().cpu())
             print(f"  image {i}: {name:<28s} {dt:8.2f} s wall {dc:8.2f} s CPU  ({len(targets)} targets, "
                   f"load {os.getloadavg()[0]:.1f})", flush=True)
@@ -317,6 +347,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             diffs[name] = max(diffs.get(name, 0.0), rel_diff(a, ra))
             delta_max[name] = max(delta_max.get(name, 0.0), float((d - rd).abs().max()))
         delta_max["captum"] = max(delta_max.get("captum", 0.0), float(results["captum"][1].abs().max()))
+
+    # memory pass (not timed): the peak of IG is one chunk's graph plus its backward passes, independent of the
+    # number of targets, so each variant runs once on 2 of its targets after freed memory went back to the OS
+    peaks: dict[str, float] = {}
+    for name, kind, fn in variants:
+        targets = (all_targets if kind == "all" else selected[0])[:2]
+        mem.reset()
+        fn(images[0], targets)
+        peaks[name] = mem.peak_mib()
+    print("# peak memory above the start of each variant (" + ("RSS" if dev == "cpu" else "CUDA allocated")
+          + "): " + ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items()), flush=True)
 
     gflops_end, gflops_end_cpu = matmul_gflops(dev)
     gflops = max(gflops_start, gflops_end)
@@ -369,10 +410,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{summary['doll_vs_captum_selected']:.2f}x vs captum over the same {args.selected} targets "
               f"(CPU time: {summary['doll_vs_captum_all_cpu_time']:.2f}x, "
               f"{summary['doll_vs_captum_selected_cpu_time']:.2f}x)")
-    if dev == "cpu" and malloc_tuned:
-        print("note: with the MALLOC tuning glibc keeps freed memory, so the CPU peak RSS of a variant is the process"
-              " high-water mark so far; the autograd graph size per chunk above is what scales with "
-              "internal_batch_size")
     print(f"max |delta| (captum, fp32): {delta_max['captum']:.3e}; peak RSS of the process: "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

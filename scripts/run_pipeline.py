@@ -30,7 +30,7 @@ import yaml  # noqa: E402
 
 from bundle.utils import atomic_write_json  # noqa: E402
 
-STAGES = ("data", "classifier")
+STAGES = ("data", "classifier", "doll")
 
 
 def _fmt(value: Any) -> str:
@@ -88,6 +88,15 @@ class Pipeline:
             self.bundle_run(f"classifier_{name}", ["train_classifier.yaml"], spec)
             self.bundle_run(f"classifier_{name}_eval", ["train_classifier.yaml", "evaluate_classifier.yaml"],
                             {k: v for k, v in spec.items() if k in ("classifier_arch", "seed")})
+
+    def classifier_names(self) -> list[str]:
+        return [f"{c['classifier_arch']}_seed{c['seed']}" for c in self.settings["classifiers"]]
+
+    def doll(self) -> None:
+        overrides = {"classifier_names": self.classifier_names(), **(self.settings["overrides"].get("doll") or {})}
+        self.bundle_run("doll_generate", ["generate_doll.yaml"], overrides)
+        quality = {**overrides, **(self.settings["overrides"].get("doll_quality") or {})}
+        self.bundle_run("doll_quality", ["generate_doll.yaml", "evaluate_doll.yaml"], quality)
 
     def run(self, stages: list[str]) -> None:
         start = time.time()

@@ -55,6 +55,7 @@ __all__ = [
     "SegmentationCSVWriter",
     "ResumableTraining",
     "NullHandler",
+    "FinetuneHandler",
     "write_oracle_doll",
     "epochs_for",
 ]
@@ -209,6 +210,19 @@ class NullHandler:
 
     def attach(self, engine: Engine) -> None:
         return None
+
+
+class FinetuneHandler:
+    """Attach the fine-tuning mode's handler of a :class:`FinetuneInit` (the encoder warm-up in ``warmup`` mode;
+    nothing otherwise). A config component (a dict with ``_target_``), so tools that edit handler lists, such as
+    MONAI Label's bundle train task, can read it; attach it after the checkpoint handler so a resumed run knows its
+    epoch."""
+
+    def __init__(self, finetune: "FinetuneInit"):
+        self.finetune = finetune
+
+    def attach(self, engine: Engine) -> None:
+        self.finetune.handler.attach(engine)
 
 
 def _is_rank0() -> bool:
