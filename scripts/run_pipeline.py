@@ -30,7 +30,7 @@ import yaml  # noqa: E402
 
 from bundle.utils import atomic_write_json  # noqa: E402
 
-STAGES = ("data", "classifier", "doll")
+STAGES = ("data", "classifier", "doll", "analysis", "report")
 
 
 def _fmt(value: Any) -> str:
@@ -97,6 +97,27 @@ class Pipeline:
         self.bundle_run("doll_generate", ["generate_doll.yaml"], overrides)
         quality = {**overrides, **(self.settings["overrides"].get("doll_quality") or {})}
         self.bundle_run("doll_quality", ["generate_doll.yaml", "evaluate_doll.yaml"], quality)
+
+    def analysis(self) -> None:
+        """Stage 7 (configs/analysis.yaml): statistics, learning curves, Grad-CAM and ensembles of the sweep; the
+        sections whose inputs earlier stages did not write are recorded as not run."""
+        self.bundle_run("analysis", ["analysis.yaml"], self.settings["overrides"].get("analysis"))
+
+    def report(self) -> None:
+        """Stage 8 (configs/report.yaml): the HTML/Markdown/CSV report. This run's timings so far are merged into
+        ``pipeline_timing.json`` first, so that the report shows them (the report's own time is added after)."""
+        path = Path(self.paths["output_root"]) / "pipeline_timing.json"
+        timing: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                timing = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                timing = {}
+        timing.update(self.timing)
+        if self.timing:
+            timing["total"] = round(sum(v for k, v in timing.items() if k != "total"), 1)
+        atomic_write_json(path, timing)
+        self.bundle_run("report", ["report.yaml"], self.settings["overrides"].get("report"))
 
     def run(self, stages: list[str]) -> None:
         start = time.time()

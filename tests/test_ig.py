@@ -169,6 +169,8 @@ def test_baseline_builders(images):
     with pytest.raises(ValueError):
         make_baselines(images, torch.zeros(2, 1, 16, 16))
     with pytest.raises(ValueError):
+        make_baselines(images, torch.zeros(2, 2, 1, 32, 32))  # 2 images for a batch of 3
+    with pytest.raises(ValueError):
         make_baselines(images, "gaussian")
 
 

@@ -159,7 +159,7 @@ def make_baselines(
     if isinstance(baselines, Tensor):
         b = baselines.detach().to(device=x.device, dtype=x.dtype)
         if b.dim() == 5:
-            if b.shape[1:] != x.shape and b.shape[1] != 1:
+            if b.shape[2:] != x.shape[1:] or b.shape[1] not in (1, x.shape[0]):
                 raise ValueError(f"5-D baselines must be (D, B, C, H, W) = (D, *{tuple(x.shape)}), "
                                  f"got {tuple(b.shape)}")
             return b.expand(b.shape[0], *x.shape).contiguous()

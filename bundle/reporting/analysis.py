@@ -1,0 +1,804 @@
+"""Stage 7, the analysis (the toolkit of Ghosal and Shah, arXiv:2011.05791) of the low-data sweep.
+
+Run with ``configs/analysis.yaml``::
+
+    python -m monai.bundle run --config_file "['configs/common.yaml','configs/analysis.yaml']"
+
+Inputs:
+
+- the sweep's tidy CSV of per-image test metrics (``scripts/sweep.py``; columns ``task, init, train_size, seed,
+  image, structure, dice`` at least; ``mode`` optional: rows of a fine-tuning mode other than ``full`` are compared
+  as their own strategy ``<init>:<mode>``);
+- for the Grad-CAM views, two checkpoints (by default DoLL-init and scratch at one training size and seed);
+- for the ensembles, the predictions of several models on the same test images: either the sweep's saved masks
+  (``<output_root>/segmentation/<run>/masks_<split>/<image>_<structure>.png``) or checkpoints, whose inference is run
+  here with the evaluation's preprocessing (:func:`eval_transforms`) and the evaluation's resizing back to the
+  label's size (bilinear logits, then ``sigmoid > 0.5``), so that single-model Dice equals the sweep's.
+
+Outputs (``<output_root>/analysis/``, every file written atomically):
+
+- ``statistics.csv`` / ``statistics_structures.csv``: every init against the reference init per task and training
+  size (and per structure): :func:`bundle.stats.paired.compare_inits` with the test images as the paired units
+  (each image's Dice averaged over seeds and structures), Wilcoxon signed-rank, paired bootstrap CI of the mean
+  difference, rank-biserial correlation, Cohen's ``d_z``, Holm-adjusted p-values (one family per table by default);
+- ``replicability.csv``: per task, init and size, the mean Dice of each seed, then mean, SD and CV across seeds;
+- ``learning_curves.csv``: mean Dice against training size per init, with a bootstrap CI over test images (rows
+  ``structure="all"`` for the mean over structures, and one per structure), and ``learning_curves.png``;
+- ``dice_scores.csv`` (per seed and image, mean over structures) and ``dice_distributions.png``;
+- ``gradcam.csv`` (per model, image and structure: the fraction of the Grad-CAM mass inside the reference structure
+  and whether the map's maximum falls inside it) and ``gradcam_panel.png``;
+- ``ensembles_rows.csv`` / ``ensembles.csv`` (Dice of each model alone and of the union, intersection, majority vote
+  and STAPLE of all models), ``synergy_rows.csv`` / ``synergy.csv`` (pairwise unions and intersections) and
+  ``ensemble_panel.png``;
+- ``status.json`` (``done`` or ``not run: <why>`` per section) and ``summary.json`` (headline numbers).
+
+A section whose inputs are missing is recorded as not run (the report says so); corrupt inputs raise
+:class:`bundle.utils.BundleInputError`. Everything is logged to one MLflow run (experiment
+``<mlflow_experiment_prefix>_analysis``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import zlib
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from ..constants import slug
+from ..utils import BundleInputError, PathLike, atomic_write_json, atomic_write_text
+from .plots import size_key
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SWEEP_COLUMNS",
+    "normalise_size",
+    "load_sweep",
+    "per_image_scores",
+    "statistics_table",
+    "replicability_table",
+    "learning_curves",
+    "image_ids",
+    "eval_transforms",
+    "load_segmenter",
+    "predict_logits",
+    "predict_masks",
+    "read_mask_dir",
+    "run_checkpoint",
+    "available_models",
+    "pick_train_size",
+    "sweep_models",
+    "gradcam_analysis",
+    "ensemble_analysis",
+    "run_analysis",
+]
+
+#: Columns the sweep CSV must have.
+SWEEP_COLUMNS: tuple[str, ...] = ("task", "init", "train_size", "seed", "image", "structure", "dice")
+_UNIT = "image_mean"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the sweep table
+# --------------------------------------------------------------------------------------------------------------------
+def normalise_size(value: Any) -> int | str:
+    """A training-set size as ``int``, or ``"all"`` (``"all"``, ``None``, ``-1``, empty)."""
+    from ..workflows.segmentation import parse_train_size
+
+    n = parse_train_size(None if (isinstance(value, float) and math.isnan(value)) else value)
+    return "all" if n is None else int(n)
+
+
+def load_sweep(path: PathLike, task: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """Read the sweep's tidy CSV.
+
+    ``train_size`` becomes ``int`` or ``"all"``; ``task``, ``init``, ``image``, ``structure`` text; ``seed`` int.
+    With a ``mode`` column, rows whose mode is not ``full`` get ``init = "<init>:<mode>"`` (a strategy of its own).
+
+    Args:
+        path: the CSV file.
+        task: keep only this task (or these tasks).
+
+    Raises:
+        BundleInputError: missing file, missing columns, no rows, or non-numeric Dice.
+    """
+    import pandas as pd
+
+    if not os.path.isfile(path):
+        raise BundleInputError(path, "sweep CSV not found (written by scripts/sweep.py)")
+    try:
+        df = pd.read_csv(path, dtype={"task": str, "init": str, "train_size": str, "image": str, "structure": str,
+                                      "mode": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise BundleInputError(path, f"unreadable sweep CSV ({e})") from None
+    missing = [c for c in SWEEP_COLUMNS if c not in df.columns]
+    if missing:
+        raise BundleInputError(path, f"sweep CSV lacks columns {missing} (has {list(df.columns)})")
+    if task is not None:
+        tasks = {task} if isinstance(task, str) else set(task)
+        df = df[df["task"].isin(tasks)]
+    if df.empty:
+        raise BundleInputError(path, "sweep CSV has no rows" + (f" for task {task!r}" if task is not None else ""))
+    try:
+        df["dice"] = pd.to_numeric(df["dice"])
+        df["seed"] = pd.to_numeric(df["seed"]).astype(int)
+    except (TypeError, ValueError) as e:
+        raise BundleInputError(path, f"non-numeric dice or seed values ({e})") from None
+    try:
+        df["train_size"] = pd.Series([normalise_size(v) for v in df["train_size"]], index=df.index, dtype=object)
+    except ValueError as e:
+        raise BundleInputError(path, str(e)) from None
+    if "mode" in df.columns:
+        mode = df["mode"].fillna("full").astype(str)
+        df["init"] = np.where(mode == "full", df["init"], df["init"] + ":" + mode)
+    return df.reset_index(drop=True)
+
+
+def per_image_scores(df: pd.DataFrame, value_col: str = "dice") -> pd.DataFrame:
+    """Mean of ``value_col`` over structures: one row per ``task, init, train_size, seed, image``."""
+    keys = ["task", "init", "train_size", "seed", "image"]
+    out = df.groupby(keys, sort=False, dropna=False)[value_col].mean().reset_index()
+    return _sort_sizes(out, ["task", "train_size", "init", "seed", "image"])
+
+
+def _sort_sizes(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
+    """Sort by ``cols`` with training sizes in :func:`size_key` order."""
+    if df.empty:
+        return df.reset_index(drop=True)
+    order = sorted(range(len(df)), key=lambda i: tuple(
+        size_key(df[c].iat[i]) if c == "train_size" else (0, 0.0, str(df[c].iat[i])) for c in cols))
+    return df.iloc[order].reset_index(drop=True)
+
+
+def statistics_table(
+    df: pd.DataFrame,
+    reference: str = "scratch",
+    by_structure: bool = False,
+    alpha: float = 0.05,
+    n_boot: int = 10000,
+    confidence: float = 0.95,
+    holm_by: Sequence[str] | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Every init against ``reference`` per task and training size (and per structure with ``by_structure``).
+
+    The paired units are the test images: each image's Dice is averaged over seeds (and structures) first
+    (``unit="image_mean"`` of :func:`bundle.stats.paired.compare_inits`). Holm's correction runs over the whole
+    table (or per group of ``holm_by``).
+
+    Returns:
+        the :func:`~bundle.stats.paired.compare_inits` table (``task, [structure,] train_size, init, reference, n,
+        mean_init, mean_reference, mean_diff, ci_low, ci_high, wilcoxon_stat, p_value, p_holm, rank_biserial,
+        cohens_dz, significant, conclusion``) plus ``unit`` and ``confidence``.
+    """
+    from ..stats.paired import compare_inits
+
+    by = ["task", "structure", "train_size"] if by_structure else ["task", "train_size"]
+    table = compare_inits(df, reference, by=by, unit=_UNIT, alpha=alpha, n_boot=n_boot, confidence=confidence,
+                          holm_by=holm_by, seed=seed)
+    table["unit"] = _UNIT
+    table["confidence"] = confidence
+    return table
+
+
+def replicability_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Replicability across seeds (:func:`bundle.stats.paired.replicability`) of the per-image mean Dice, per task,
+    init and training size: ``n_seeds, mean, sd, cv, min, max`` of the seeds' mean Dice."""
+    from ..stats.paired import replicability
+
+    return replicability(per_image_scores(df), by=["task", "init", "train_size"])
+
+
+def learning_curves(df: pd.DataFrame, confidence: float = 0.95, n_boot: int = 10000, seed: int = 0) -> pd.DataFrame:
+    """Mean Dice against training size per task and init, with a bootstrap confidence interval.
+
+    For each ``(task, structure, init, train_size)`` (``structure="all"`` averages the structures of each image) the
+    units are the test images, each averaged over seeds; ``mean`` is their mean and ``[ci_low, ci_high]`` the
+    percentile bootstrap CI of that mean (:func:`bundle.stats.paired.paired_bootstrap_ci`, deterministic under
+    ``seed``). ``seed_sd`` is the SD of the seeds' means (training variability), ``n_seeds`` their number.
+
+    Returns:
+        DataFrame ``task, structure, init, train_size, n_images, n_seeds, mean, ci_low, ci_high, seed_sd``.
+    """
+    import pandas as pd
+
+    from ..stats.paired import paired_bootstrap_ci
+
+    frames = [df.assign(structure="all").groupby(["task", "structure", "init", "train_size", "seed", "image"],
+                                                  sort=False)["dice"].mean().reset_index(),
+              df.groupby(["task", "structure", "init", "train_size", "seed", "image"], sort=False)["dice"].mean()
+              .reset_index()]
+    scores = pd.concat(frames, ignore_index=True).dropna(subset=["dice"])
+    rows = []
+    for (task, structure, init, size), g in scores.groupby(["task", "structure", "init", "train_size"], sort=False):
+        units = g.groupby("image")["dice"].mean().to_numpy(dtype=np.float64)
+        seeds = g.groupby("seed")["dice"].mean().to_numpy(dtype=np.float64)
+        key = zlib.crc32(repr((str(task), str(structure), str(init), str(size))).encode("utf-8"))
+        lo, hi = paired_bootstrap_ci(units, None, n_boot=n_boot, confidence=confidence, seed=[seed, key])
+        rows.append({"task": task, "structure": structure, "init": init, "train_size": size,
+                     "n_images": int(units.size), "n_seeds": int(seeds.size), "mean": float(units.mean()),
+                     "ci_low": lo, "ci_high": hi,
+                     "seed_sd": float(seeds.std(ddof=1)) if seeds.size > 1 else float("nan")})
+    out = pd.DataFrame(rows, columns=["task", "structure", "init", "train_size", "n_images", "n_seeds", "mean",
+                                      "ci_low", "ci_high", "seed_sd"])
+    out["_all"] = (out["structure"] != "all").astype(int)  # "all" first within each task
+    out = _sort_sizes(out, ["task", "_all", "structure", "init", "train_size"]).drop(columns="_all")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# models, test images and inference
+# --------------------------------------------------------------------------------------------------------------------
+def image_ids(items: Sequence[Mapping[str, Any]], image_key: str = "image") -> list[str]:
+    """The ``image`` ids the evaluation gives the items (as :class:`bundle.workflows.segmentation.SegmentationCSVWriter`:
+    the file stem, made unique with ``_1``, ``_2`` ... in datalist order)."""
+    seen: dict[str, int] = {}
+    out = []
+    for index, item in enumerate(items):
+        src = item.get(image_key)
+        stem = os.path.basename(str(src)) if src else f"image{index:05d}"
+        for suffix in (".nii.gz", ".dcm"):
+            if stem.lower().endswith(suffix):
+                stem = stem[: -len(suffix)]
+        stem = os.path.splitext(stem)[0]
+        k = seen.get(stem, 0)
+        seen[stem] = k + 1
+        out.append(stem if k == 0 else f"{stem}_{k}")
+    return out
+
+
+def eval_transforms(task: str, image_size: Sequence[int]) -> Any:
+    """The deterministic preprocessing of ``configs/train.yaml`` (``load_transforms``): the image loaded with
+    :class:`~bundle.data.transforms.LoadRadiographd`, resized (area) to ``image_size`` and percentile-scaled (0.5 to
+    99.5 -> ``[0, 1]``); the label loaded at its original size with the task's ``union_groups``."""
+    from monai.transforms import Compose, EnsureTyped, Resized, ScaleIntensityRangePercentilesd
+
+    from ..data.transforms import LoadMaskd, LoadRadiographd
+    from ..workflows.segmentation import task_spec
+
+    spec = task_spec(task)
+    return Compose([
+        LoadRadiographd(keys="image"),
+        LoadMaskd(keys="label", image_key="image", union_groups=spec.union_groups_list()),
+        Resized(keys="image", spatial_size=tuple(int(s) for s in image_size), mode="area"),
+        ScaleIntensityRangePercentilesd(keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
+        EnsureTyped(keys=["image", "label"], track_meta=False),
+    ])
+
+
+def load_segmenter(checkpoint: PathLike, out_channels: int, arch: str = "segresnet",
+                   device: str | torch.device = "cpu", **kwargs: Any) -> torch.nn.Module:
+    """A fine-tuned network from its checkpoint (:func:`bundle.networks.segmentation.build_segmenter`, with the
+    residual adapters when the checkpoint has them), in eval mode on ``device``.
+
+    Raises:
+        BundleInputError: missing checkpoint, or weights that do not fit the network.
+    """
+    import torch
+
+    from ..workflows.checkpoint import read_state_dict
+    from ..workflows.segmentation import build_finetune_network
+
+    if not os.path.isfile(checkpoint):
+        raise BundleInputError(checkpoint, "checkpoint not found")
+    state = read_state_dict(os.fspath(checkpoint), map_location="cpu")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    mode = "adapter" if any(".adapter." in k for k in state) else "full"
+    net = build_finetune_network(arch, int(out_channels), mode, **kwargs)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise BundleInputError(checkpoint, f"weights do not fit {arch} with {out_channels} outputs ({e})") from None
+    return net.to(torch.device(device) if isinstance(device, str) else device).eval()
+
+
+def predict_logits(net: torch.nn.Module, image: Any) -> torch.Tensor:
+    """Logits ``(C, h, w)`` of one preprocessed image ``(1, h, w)`` (no gradient, on the network's device, returned
+    on the CPU)."""
+    import torch
+
+    x = torch.as_tensor(image, dtype=torch.float32)
+    if x.ndim == 2:
+        x = x[None]
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        return net(x[None].to(device))[0].float().cpu()
+
+
+def predict_masks(net: torch.nn.Module, image: Any, size: Sequence[int] | None = None,
+                  threshold: float = 0.5) -> np.ndarray:
+    """Binary masks ``(C, H, W)`` of one preprocessed image: the logits resized to ``size`` (bilinear,
+    ``align_corners=False``, as the evaluation's :class:`~bundle.workflows.segmentation.ResizeLiked`), then
+    ``sigmoid > threshold``."""
+    import torch
+
+    logits = predict_logits(net, image)
+    if size is not None and tuple(logits.shape[-2:]) != tuple(size):
+        logits = torch.nn.functional.interpolate(logits[None], size=tuple(int(s) for s in size), mode="bilinear",
+                                                 align_corners=False)[0]
+    return (torch.sigmoid(logits) > threshold).numpy()
+
+
+def read_mask_dir(mask_dir: PathLike, image_id: str, structures: Sequence[str], shape: Sequence[int]) -> np.ndarray:
+    """Saved predictions ``<mask_dir>/<image_id>_<structure>.png`` as bool ``(C, H, W)``.
+
+    Raises:
+        BundleInputError: a missing file, or a mask whose size differs from ``shape``.
+    """
+    from ..data.io import load_mask
+
+    masks = []
+    for s in structures:
+        path = os.path.join(os.fspath(mask_dir), f"{image_id}_{slug(s)}.png")
+        if not os.path.isfile(path):
+            raise BundleInputError(path, "predicted mask not found")
+        m = load_mask(path).astype(bool)
+        if tuple(m.shape) != tuple(shape[-2:]):
+            raise BundleInputError(path, f"predicted mask size {m.shape} differs from the reference {tuple(shape)}")
+        masks.append(m)
+    return np.stack(masks)
+
+
+def run_checkpoint(models_dir: PathLike, task: str, init: str, train_size: Any, seed: int, mode: str = "full") -> str:
+    """``<models_dir>/segmentation/<run_name>/model.pt`` of one fine-tuning run (as ``configs/train.yaml``)."""
+    from ..workflows.segmentation import run_name
+
+    return os.path.join(os.fspath(models_dir), "segmentation", run_name(task, init, train_size, seed, mode),
+                        "model.pt")
+
+
+def _split_init(init: str) -> tuple[str, str]:
+    base, _, mode = str(init).partition(":")
+    return base, mode or "full"
+
+
+def available_models(sweep_csv: PathLike, task: str, output_root: PathLike, models_dir: PathLike,
+                     split: str = "test") -> dict[str, dict[str, str]]:
+    """The sweep's runs of ``task`` that have saved test masks or a checkpoint, grouped by training size.
+
+    Returns:
+        ``{train_size label: {"<init>_seed<seed>": mask dir or checkpoint path}}`` (a run's saved masks
+        ``<output_root>/segmentation/<run>/masks_<split>`` are preferred to its checkpoint); ``{}`` without a CSV.
+    """
+    from ..workflows.segmentation import run_name
+
+    if not os.path.isfile(sweep_csv):
+        return {}
+    df = load_sweep(sweep_csv)
+    df = df[df["task"] == task]
+    out: dict[str, dict[str, str]] = {}
+    runs = df[["init", "train_size", "seed"]].drop_duplicates()
+    for init, size, seed in runs.itertuples(index=False):
+        base, mode = _split_init(init)
+        name = run_name(task, base, size, int(seed), mode)
+        masks = os.path.join(os.fspath(output_root), "segmentation", name, f"masks_{split}")
+        ckpt = run_checkpoint(models_dir, task, base, size, int(seed), mode)
+        source = masks if os.path.isdir(masks) and os.listdir(masks) else ckpt if os.path.isfile(ckpt) else None
+        if source is not None:
+            label = f"{base}_seed{int(seed)}" + ("" if mode == "full" else f"_{mode}")
+            out.setdefault(str(size), {})[label] = source
+    return {k: dict(sorted(out[k].items())) for k in sorted(out, key=size_key)}
+
+
+def pick_train_size(sweep_csv: PathLike, task: str, output_root: PathLike, models_dir: PathLike,
+                    split: str = "test") -> str:
+    """The training size with the most available models (:func:`available_models`; ties: the largest size), or
+    ``"all"`` when there is none."""
+    found = available_models(sweep_csv, task, output_root, models_dir, split)
+    if not found:
+        return "all"
+    return max(found, key=lambda s: (len(found[s]), size_key(s)))
+
+
+def sweep_models(sweep_csv: PathLike, task: str, train_size: Any, output_root: PathLike, models_dir: PathLike,
+                 split: str = "test") -> dict[str, str]:
+    """The models of the ensembles: every available run of ``task`` at ``train_size`` (see
+    :func:`available_models`), ``{"<init>_seed<seed>": mask dir or checkpoint}``."""
+    found = available_models(sweep_csv, task, output_root, models_dir, split)
+    return found.get(str(normalise_size(train_size)), {})
+
+
+def _test_items(datalist: PathLike, split: str, max_images: int | None) -> tuple[list[dict[str, Any]], list[str]]:
+    from ..workflows.segmentation import load_section
+
+    items = load_section(datalist, split, "written by configs/prepare_data.yaml")
+    ids = image_ids(items)
+    if max_images is not None:
+        items, ids = items[: int(max_images)], ids[: int(max_images)]
+    if not items:
+        raise BundleInputError(datalist, f"no '{split}' items")
+    return items, ids
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Grad-CAM views
+# --------------------------------------------------------------------------------------------------------------------
+def gradcam_analysis(
+    checkpoints: Mapping[str, PathLike],
+    datalist: PathLike,
+    task: str,
+    out_dir: PathLike,
+    image_size: Sequence[int] = (128, 128),
+    split: str = "test",
+    num_images: int = 3,
+    mode: str = "hirescam",
+    layer: str | None = None,
+    arch: str = "segresnet",
+    arch_kwargs: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    tile_size: int = 128,
+) -> dict[str, Any]:
+    """Grad-CAM per structure (:class:`bundle.explain.gradcam.SegmentationGradCAM`, scores over each model's own
+    predicted masks) of a few test images for each model, as overlays and numbers.
+
+    The maps are computed at the network's input size. Per model, image and structure ``gradcam.csv`` has
+    ``inside_fraction`` (the share of the map's mass inside the reference structure; NaN for an all-zero map),
+    ``max_inside`` (the map's maximum falls inside the reference: the pointing game) and ``pred_area``.
+    ``gradcam_panel.png``: one row per (image, model): the image with the reference outlines, then one overlay per
+    structure (map in jet colours, reference outline in white).
+
+    Args:
+        checkpoints: model name -> checkpoint (e.g. ``{"doll": ..., "scratch": ...}``).
+        datalist: the task's datalist JSON.
+        task: the task (its structures and label groups).
+        out_dir: output folder.
+        image_size: network input size.
+        split: datalist section of the images.
+        num_images: the first ``num_images`` images of the split.
+        mode: ``"hirescam"`` (default; robust to the final GroupNorm of the default SegResNet) or ``"gradcam"``.
+        layer: the explained layer (default :func:`bundle.explain.gradcam.default_target_layer`).
+        arch, arch_kwargs: the network (as ``seg_arch``/``seg_kwargs`` of ``configs/train.yaml``).
+        device: torch device.
+        tile_size: panel tile size in pixels.
+
+    Returns:
+        ``{"rows": DataFrame, "panel": path, "csv": path}``.
+    """
+    import pandas as pd
+    import torch
+
+    from ..explain.gradcam import SegmentationGradCAM, gradcam_overlay
+    from ..workflows.segmentation import task_spec
+    from .figures import save_grid
+    from .plots import multi_overlay
+
+    spec = task_spec(task)
+    items, ids = _test_items(datalist, split, num_images)
+    transform = eval_transforms(task, image_size)
+    data = [transform({"image": it["image"], "label": it["label"]}) for it in items]
+    refs = [torch.nn.functional.interpolate(d["label"][None].float(), size=tuple(image_size), mode="nearest")[0]
+            .numpy() > 0.5 for d in data]
+    rows, tiles, titles = [], [], []
+    for name, ckpt in checkpoints.items():
+        net = load_segmenter(ckpt, spec.num_classes, arch, device, **dict(arch_kwargs or {}))
+        cam = SegmentationGradCAM(net, layer, mode=mode)  # type: ignore[arg-type]
+        for image_id, d, ref in zip(ids, data, refs):
+            x = torch.as_tensor(d["image"], dtype=torch.float32)
+            device_ = next(net.parameters()).device
+            heat = cam(x[None].to(device_))[0].cpu().numpy().astype(np.float64)  # (S, H, W)
+            pred = cam.masks[0].cpu().numpy() if cam.masks is not None else np.zeros_like(ref)
+            img = x[0].numpy()
+            tiles.append(multi_overlay(img, ref))
+            titles.append(f"{name}: {image_id}")
+            for c, s in enumerate(spec.structures):
+                total = float(heat[c].sum())
+                inside = float(heat[c][ref[c]].sum()) / total if total > 0 else float("nan")
+                peak = bool(ref[c].flat[int(np.argmax(heat[c]))]) if total > 0 else False
+                rows.append({"task": task, "model": name, "checkpoint": os.fspath(ckpt), "image": image_id,
+                             "structure": s, "inside_fraction": inside, "max_inside": int(peak),
+                             "pred_area": int(pred[c].sum()), "ref_area": int(ref[c].sum()),
+                             "mode": mode, "layer": cam.target_layer})
+                tiles.append(gradcam_overlay(img, heat[c], ref[c]))
+                titles.append(f"{name} {s}")
+        del net
+    os.makedirs(out_dir, exist_ok=True)
+    table = pd.DataFrame(rows)
+    csv = os.path.join(os.fspath(out_dir), "gradcam.csv")
+    atomic_write_text(csv, table.to_csv(index=False))
+    panel = save_grid(tiles, titles, 1 + spec.num_classes, os.path.join(os.fspath(out_dir), "gradcam_panel.png"),
+                      tile_size=tile_size)
+    return {"rows": table, "panel": panel, "csv": csv}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ensembles and synergy
+# --------------------------------------------------------------------------------------------------------------------
+def ensemble_analysis(
+    models: Mapping[str, PathLike],
+    datalist: PathLike,
+    task: str,
+    out_dir: PathLike,
+    image_size: Sequence[int] = (128, 128),
+    split: str = "test",
+    methods: Sequence[str] = ("union", "intersection", "majority", "staple"),
+    max_images: int | None = None,
+    arch: str = "segresnet",
+    arch_kwargs: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    panel_image: int = 0,
+    tile_size: int = 128,
+) -> dict[str, Any]:
+    """Mask ensembles across models (:func:`bundle.metrics.ensembles.ensemble_rows`) and the pairwise synergy
+    analysis (:func:`bundle.metrics.ensembles.synergy_rows`) on the same test images, at the labels' original size.
+
+    Args:
+        models: model name -> a folder of saved predictions (``<image>_<structure>.png``, as the evaluation writes
+            them) or a checkpoint (inference is run: :func:`eval_transforms`, :func:`predict_masks`). At least two.
+        datalist: the task's datalist JSON (images and reference masks).
+        task: the task.
+        out_dir: output folder.
+        image_size: network input size (checkpoints only).
+        split: datalist section.
+        methods: ensemble methods.
+        max_images: at most this many images (the first of the split).
+        arch, arch_kwargs, device: the network (checkpoints only).
+        panel_image: index of the image shown in ``ensemble_panel.png``.
+        tile_size: panel tile size.
+
+    Returns:
+        ``{"rows", "summary", "synergy_rows", "synergy": DataFrames, "panel": path, "files": [paths]}``.
+        ``summary``: per ``method, models, structure`` (``"all"``: mean over structures) the mean Dice over
+        images; ``synergy``: per pair and structure the mean Dice of each model, of their union and intersection,
+        the mean gains over the better model and the share of images where the union (intersection) beats both.
+    """
+    import pandas as pd
+
+    from ..data.io import load_radiograph
+    from ..metrics.ensembles import ensemble_masks, ensemble_rows, synergy_rows
+    from ..workflows.segmentation import task_spec
+    from .figures import save_grid
+    from .plots import multi_overlay
+
+    if len(models) < 2:
+        raise ValueError(f"ensembles need at least two models, got {list(models)}")
+    spec = task_spec(task)
+    items, ids = _test_items(datalist, split, max_images)
+    transform = eval_transforms(task, image_size)
+    nets = {name: load_segmenter(src, spec.num_classes, arch, device, **dict(arch_kwargs or {}))
+            for name, src in models.items() if not os.path.isdir(src)}
+    rows: list[dict[str, Any]] = []
+    syn: list[dict[str, Any]] = []
+    shown: dict[str, Any] | None = None
+    for k, (item, image_id) in enumerate(zip(items, ids)):
+        d = transform({"image": item["image"], "label": item["label"]})
+        ref = d["label"].numpy() > 0.5
+        preds = {}
+        for name, src in models.items():
+            if name in nets:
+                preds[name] = predict_masks(nets[name], d["image"], ref.shape[-2:])
+            else:
+                preds[name] = read_mask_dir(src, image_id, spec.structures, ref.shape)
+        rows += ensemble_rows(preds, ref, image_id, spec.structures, methods, task=task)
+        syn += synergy_rows(preds, ref, image_id, spec.structures, task=task)
+        if k == min(panel_image, len(items) - 1):
+            shown = {"image": load_radiograph(item["image"])[0], "ref": ref, "preds": preds, "id": image_id,
+                     "ens": ensemble_masks(list(preds.values()), methods=methods)}
+    table, syn_table = pd.DataFrame(rows), pd.DataFrame(syn)
+    mean_all = table.groupby(["task", "image", "method", "models"], sort=False)["dice"].mean().reset_index()
+    summary = pd.concat([
+        mean_all.groupby(["task", "method", "models"], sort=False)["dice"].agg(["mean", "std", "count"])
+        .reset_index().assign(structure="all"),
+        table.groupby(["task", "method", "models", "structure"], sort=False)["dice"].agg(["mean", "std", "count"])
+        .reset_index()], ignore_index=True)
+    summary = summary.rename(columns={"mean": "dice", "std": "dice_sd", "count": "n_images"})
+    summary = summary[["task", "structure", "method", "models", "dice", "dice_sd", "n_images"]]
+    syn_all = syn_table.groupby(["task", "image", "model_a", "model_b"], sort=False)[
+        ["dice_a", "dice_b", "dice_union", "dice_intersection", "best_single", "gain_union", "gain_intersection"]
+    ].mean().reset_index().assign(structure="all")
+    syn_both = pd.concat([syn_all, syn_table], ignore_index=True)
+    synergy = syn_both.groupby(["task", "structure", "model_a", "model_b"], sort=False).agg(
+        n_images=("image", "count"), dice_a=("dice_a", "mean"), dice_b=("dice_b", "mean"),
+        dice_union=("dice_union", "mean"), dice_intersection=("dice_intersection", "mean"),
+        best_single=("best_single", "mean"), gain_union=("gain_union", "mean"),
+        gain_intersection=("gain_intersection", "mean"),
+        union_wins=("gain_union", lambda g: float((g > 0).mean())),
+        intersection_wins=("gain_intersection", lambda g: float((g > 0).mean()))).reset_index()
+    out = os.fspath(out_dir)
+    os.makedirs(out, exist_ok=True)
+    files = []
+    for name, frame in (("ensembles_rows", table), ("ensembles", summary), ("synergy_rows", syn_table),
+                        ("synergy", synergy)):
+        path = os.path.join(out, f"{name}.csv")
+        atomic_write_text(path, frame.to_csv(index=False))
+        files.append(path)
+    panel = None
+    if shown is not None:
+        dsc = {r["models"] if r["method"] == "single" else r["method"]: r["dice"]
+               for r in mean_all[mean_all["image"] == shown["id"]].to_dict("records")}
+        img = shown["image"]
+        tiles = [multi_overlay(img, shown["ref"])]
+        titles = [f"reference {shown['id']}"]
+        for name, mask in shown["preds"].items():
+            tiles.append(multi_overlay(img, mask))
+            titles.append(f"{name} {dsc.get(name, float('nan')):.3f}")
+        for method, mask in shown["ens"].items():
+            tiles.append(multi_overlay(img, mask))
+            titles.append(f"{method} {dsc.get(method, float('nan')):.3f}")
+        panel = save_grid(tiles, titles, min(len(tiles), 5), os.path.join(out, "ensemble_panel.png"),
+                          tile_size=tile_size)
+        files.append(panel)
+    return {"rows": table, "summary": summary, "synergy_rows": syn_table, "synergy": synergy, "panel": panel,
+            "files": files}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------------------------------
+def _jsonable(obj: Any) -> Any:
+    """NaN/inf -> None, numpy scalars -> Python (for :func:`bundle.utils.atomic_write_json`, which forbids NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def _metric_key(*parts: Any) -> str:
+    return "_".join(slug(str(p)).replace(":", "_") for p in parts)
+
+
+def _missing(paths: Mapping[str, PathLike]) -> list[str]:
+    return [f"{k}: {v}" for k, v in paths.items() if not v or not os.path.exists(v)]
+
+
+def run_analysis(
+    sweep_csv: PathLike,
+    out_dir: PathLike,
+    reference: str = "scratch",
+    task: str = "scr",
+    datalist: PathLike | None = None,
+    split: str = "test",
+    image_size: Sequence[int] = (128, 128),
+    alpha: float = 0.05,
+    n_boot: int = 10000,
+    confidence: float = 0.95,
+    holm_by: Sequence[str] | None = None,
+    gradcam_checkpoints: Mapping[str, PathLike] | None = None,
+    gradcam_images: int = 3,
+    gradcam_mode: str = "hirescam",
+    gradcam_layer: str | None = None,
+    ensemble_models: Mapping[str, PathLike] | None = None,
+    ensemble_methods: Sequence[str] = ("union", "intersection", "majority", "staple"),
+    ensemble_max_images: int | None = 50,
+    arch: str = "segresnet",
+    arch_kwargs: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    init_labels: Mapping[str, str] | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = "cxr_doll_analysis",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run the whole analysis (see the module docstring) and write it into ``out_dir``.
+
+    Args:
+        sweep_csv: the sweep's tidy CSV (all its tasks enter the statistics and learning curves).
+        out_dir: output folder (``<output_root>/analysis``).
+        reference: the reference init of the statistics.
+        task: the task of the Grad-CAM and ensemble views.
+        datalist: the task's datalist JSON (test images and reference masks).
+        split: datalist section of the views.
+        image_size: network input size.
+        alpha, n_boot, confidence, holm_by: statistics settings (:func:`statistics_table`).
+        gradcam_checkpoints: model name -> checkpoint for the Grad-CAM views (e.g. DoLL-init and scratch).
+        gradcam_images, gradcam_mode, gradcam_layer: see :func:`gradcam_analysis`.
+        ensemble_models: model name -> saved-mask folder or checkpoint (:func:`sweep_models`); at least two.
+        ensemble_methods, ensemble_max_images: see :func:`ensemble_analysis`.
+        arch, arch_kwargs, device: the segmentation network.
+        init_labels: display names of the inits in the figures.
+        tracking_uri: MLflow store (``None``: no MLflow run).
+        experiment: MLflow experiment.
+        seed: bootstrap seed.
+
+    Returns:
+        ``{"status": {section: "done" | "not run: ..."}, "files": [...], "summary": {...}, "run_id": ...}``.
+    """
+    from .plots import plot_dice_distributions, plot_learning_curves
+
+    out = os.fspath(out_dir)
+    os.makedirs(out, exist_ok=True)
+    status: dict[str, str] = {}
+    files: list[str] = []
+    summary: dict[str, Any] = {"sweep_csv": os.fspath(sweep_csv), "reference": reference, "task": task}
+    metrics: dict[str, float] = {}
+
+    def write_csv(name: str, frame: Any) -> str:
+        path = os.path.join(out, name)
+        atomic_write_text(path, frame.to_csv(index=False))
+        files.append(path)
+        return path
+
+    # ---- statistics, replicability, learning curves ------------------------------------------------------------
+    if not os.path.isfile(sweep_csv):
+        for section in ("statistics", "learning_curves"):
+            status[section] = f"not run: no sweep CSV at {sweep_csv}"
+    else:
+        df = load_sweep(sweep_csv)
+        summary.update(n_rows=len(df), tasks=sorted(df["task"].unique()), inits=sorted(df["init"].unique()),
+                       train_sizes=[str(s) for s in sorted(set(df["train_size"]), key=size_key)],
+                       seeds=sorted(int(s) for s in df["seed"].unique()))
+        if reference in set(df["init"]):
+            stats = statistics_table(df, reference, False, alpha, n_boot, confidence, holm_by, seed)
+            write_csv("statistics.csv", stats)
+            write_csv("statistics_structures.csv",
+                      statistics_table(df, reference, True, alpha, n_boot, confidence, holm_by, seed))
+            write_csv("replicability.csv", replicability_table(df))
+            for r in stats.to_dict("records"):
+                key = _metric_key("stat", r["task"], r["init"], f"n{r['train_size']}")
+                metrics[f"{key}_mean_diff"], metrics[f"{key}_p_holm"] = r["mean_diff"], r["p_holm"]
+            summary["n_significant"] = int(stats["significant"].sum())
+            summary["n_comparisons"] = len(stats)
+            status["statistics"] = "done"
+        else:
+            status["statistics"] = f"not run: reference init {reference!r} not in the sweep ({summary['inits']})"
+        curves = learning_curves(df, confidence, n_boot, seed)
+        write_csv("learning_curves.csv", curves)
+        scores = per_image_scores(df)
+        write_csv("dice_scores.csv", scores)
+        files.append(plot_learning_curves(curves, os.path.join(out, "learning_curves.png"), init_labels))
+        files.append(plot_dice_distributions(scores, os.path.join(out, "dice_distributions.png"), init_labels,
+                                             seed=seed))
+        for r in curves[curves["structure"] == "all"].to_dict("records"):
+            metrics[_metric_key("curve", r["task"], r["init"], f"n{r['train_size']}", "dice")] = r["mean"]
+        status["learning_curves"] = "done"
+
+    # ---- Grad-CAM --------------------------------------------------------------------------------------------
+    cams = dict(gradcam_checkpoints or {})
+    problems = _missing({"datalist": datalist or "", **{f"checkpoint {k}": v for k, v in cams.items()}})
+    if not cams or problems:
+        status["gradcam"] = "not run: " + ("no checkpoints given" if not cams else "missing " + "; ".join(problems))
+    else:
+        res = gradcam_analysis(cams, datalist, task, out, image_size, split, gradcam_images, gradcam_mode,  # type: ignore[arg-type]
+                               gradcam_layer, arch, arch_kwargs, device)
+        files += [res["csv"], res["panel"]]
+        for name, g in res["rows"].groupby("model", sort=False):
+            metrics[_metric_key("gradcam", name, "inside_fraction")] = float(g["inside_fraction"].mean())
+            metrics[_metric_key("gradcam", name, "pointing")] = float(g["max_inside"].mean())
+        status["gradcam"] = "done"
+
+    # ---- ensembles -------------------------------------------------------------------------------------------
+    ens = dict(ensemble_models or {})
+    problems = _missing({"datalist": datalist or "", **{f"model {k}": v for k, v in ens.items()}})
+    if len(ens) < 2 or problems:
+        status["ensembles"] = "not run: " + (f"needs at least two models, got {len(ens)}" if len(ens) < 2
+                                             else "missing " + "; ".join(problems))
+    else:
+        res = ensemble_analysis(ens, datalist, task, out, image_size, split, ensemble_methods,  # type: ignore[arg-type]
+                                ensemble_max_images, arch, arch_kwargs, device)
+        files += res["files"]
+        for r in res["summary"][res["summary"]["structure"] == "all"].to_dict("records"):
+            name = r["models"] if r["method"] == "single" else r["method"]
+            metrics[_metric_key("ensemble", r["task"], name, "dice")] = r["dice"]
+        summary["ensemble_models"] = {k: os.fspath(v) for k, v in ens.items()}
+        status["ensembles"] = "done"
+
+    summary["status"] = status
+    for name, obj in (("status.json", status), ("summary.json", summary)):
+        path = os.path.join(out, name)
+        atomic_write_json(path, _jsonable(obj))
+        files.append(path)
+    run_id = None
+    if tracking_uri:
+        from ..workflows.tracking import log_run
+
+        params = {"sweep_csv": os.fspath(sweep_csv), "reference": reference, "task": task, "alpha": alpha,
+                  "n_boot": n_boot, "confidence": confidence, "unit": _UNIT, "holm_by": str(holm_by),
+                  "gradcam_mode": gradcam_mode, "gradcam_models": ",".join(cams),
+                  "ensemble_models": ",".join(ens), "ensemble_methods": ",".join(ensemble_methods)}
+        run_id = log_run(tracking_uri, experiment, "analysis", params=params, metrics=metrics,
+                         artifacts=files, tags={"stage": "analysis", "task": task,
+                                                **{f"status_{k}": v[:200] for k, v in status.items()}})
+    logger.info("analysis: " + ", ".join(f"{k}: {v}" for k, v in status.items()))
+    return {"status": status, "files": files, "summary": summary, "run_id": run_id}

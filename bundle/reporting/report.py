@@ -1,0 +1,816 @@
+"""Stage 8, the report: one self-contained HTML file (every image embedded as a base64 PNG), the same report in
+Markdown, and its tables as CSV, from whatever the pipeline's stages wrote.
+
+Run with ``configs/report.yaml``::
+
+    python -m monai.bundle run --config_file "['configs/common.yaml','configs/report.yaml']"
+
+Sections (each says "not run" when its inputs are missing, so a partial pipeline still gets a report):
+
+1. Conclusions: sentences **computed** from the numbers below (:func:`comparison_sentence` and friends), never
+   written in advance;
+2. the phantom data (montage);
+3. DoLL against the true lesions, beside Grad-CAM and single-classifier IG (``doll_quality/summary.csv``,
+   ``panel.png``);
+4. the classifiers' AUROC (``classifiers/*/metrics_test.json``);
+5. learning curves, Dice distributions, the statistics table and replicability (``analysis/``);
+6. Grad-CAM of the segmenters and the mask ensembles / synergy (``analysis/``);
+7. throughput (``pipeline_timing.json``, any benchmark JSON files);
+8. reproducibility: the configs' text and the package versions.
+
+Outputs in ``out_dir``: ``report.html``, ``report.md``, ``figures/<name>.png`` (what the Markdown links to),
+``tables/<name>.csv`` (every table, full precision) and ``conclusions.csv`` (``section, statement``). Everything is
+written atomically and logged to one MLflow run (experiment ``<mlflow_experiment_prefix>_report``), every figure
+included.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..constants import OBSERVATIONS, slug
+from ..utils import PathLike, atomic_save, atomic_write_text
+from .plots import size_key
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_PACKAGES",
+    "DEFAULT_LABELS",
+    "Text",
+    "Table",
+    "FigureBlock",
+    "Code",
+    "Section",
+    "Report",
+    "fmt_p",
+    "fmt_num",
+    "size_phrase",
+    "comparison_sentence",
+    "statistics_conclusions",
+    "package_versions",
+    "build_report",
+]
+
+#: Packages whose versions the report lists.
+DEFAULT_PACKAGES: tuple[str, ...] = ("monai", "torch", "numpy", "scipy", "pandas", "matplotlib", "mlflow",
+                                     "pytorch-ignite", "captum", "pillow", "pydicom", "nibabel", "pyyaml",
+                                     "scikit-image", "tqdm")
+
+NOT_RUN = "not run"
+#: Display names of the inits (``init_labels`` of the configs extend them).
+DEFAULT_LABELS: dict[str, str] = {"doll": "DoLL-init", "scratch": "scratch",
+                                  "classifier_encoder": "classifier-encoder init", "external": "external init (TII)"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# number formatting and computed sentences
+# --------------------------------------------------------------------------------------------------------------------
+def _isnan(value: Any) -> bool:
+    try:
+        return value is None or math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def fmt_num(value: Any, digits: int = 4, signed: bool = False) -> str:
+    """A number with ``digits`` decimals (``+`` sign with ``signed``); ``n/a`` for NaN/None."""
+    if _isnan(value):
+        return "n/a"
+    return f"{float(value):+.{digits}f}" if signed else f"{float(value):.{digits}f}"
+
+
+def fmt_p(p: Any) -> str:
+    """A p-value: 4 decimals, or 3 significant digits in scientific notation below 0.001 (``n/a`` for NaN)."""
+    if _isnan(p):
+        return "n/a"
+    p = float(p)
+    return f"{p:.2e}" if p < 1e-3 else f"{p:.4f}"
+
+
+def size_phrase(size: Any) -> str:
+    """``4`` -> ``"4 labelled images"``, ``"all"`` -> ``"all labelled images"``."""
+    try:
+        n = int(str(size))
+    except ValueError:
+        return f"{size} labelled images"
+    return f"{n} labelled image" + ("" if n == 1 else "s")
+
+
+def _label(init: Any, labels: Mapping[str, str]) -> str:
+    base, _, mode = str(init).partition(":")
+    name = labels.get(str(init), labels.get(base, base))
+    return f"{name} ({mode})" if mode and str(init) not in labels else name
+
+
+def comparison_sentence(row: Mapping[str, Any], labels: Mapping[str, str] | None = None, alpha: float = 0.05,
+                        value: str = "mean Dice") -> str:
+    """One conclusion from one row of the statistics table (:func:`bundle.reporting.analysis.statistics_table`).
+
+    ``"<A> beats <B> on <task> at <size>: +0.0500 mean Dice (0.8000 vs 0.7500), 95% CI [+0.0400, +0.0600], Holm
+    p=0.0020 (Wilcoxon signed-rank, n=20 test images)."`` when the Holm-adjusted p-value is below ``alpha``
+    (``<B> beats <A>`` when the difference is negative), otherwise ``"No significant difference between <A> and
+    <B> ..."``. The difference is always ``A - B`` (A: the init, B: the reference).
+    """
+    labels = {**DEFAULT_LABELS, **dict(labels or {})}
+    a, b = _label(row["init"], labels), _label(row["reference"], labels)
+    structure = row.get("structure")
+    on = f"on {row['task']}" + (f" ({structure})" if isinstance(structure, str) and structure not in ("", "all")
+                                else "")
+    where = f"{on} at {size_phrase(row['train_size'])}"
+    n = int(row["n"]) if not _isnan(row["n"]) else 0
+    if n == 0:
+        return f"{a} vs {b} {where}: no paired test images, no comparison."
+    conf = float(row.get("confidence", 0.95)) if not _isnan(row.get("confidence", 0.95)) else 0.95
+    numbers = (f"{fmt_num(row['mean_diff'], signed=True)} {value} ({fmt_num(row['mean_init'])} vs "
+               f"{fmt_num(row['mean_reference'])}), {100 * conf:.0f}% CI [{fmt_num(row['ci_low'], signed=True)}, "
+               f"{fmt_num(row['ci_high'], signed=True)}], Holm p={fmt_p(row['p_holm'])} "
+               f"(Wilcoxon signed-rank, n={n} test images)")
+    significant = not _isnan(row["p_holm"]) and float(row["p_holm"]) < alpha
+    if not significant:
+        return f"No significant difference between {a} and {b} {where} (alpha={alpha:g}): {numbers}."
+    winner, loser = (a, b) if float(row["mean_diff"]) > 0 else (b, a)
+    note = ""
+    if float(row["ci_low"]) <= 0.0 <= float(row["ci_high"]):
+        note = " (note: the bootstrap CI includes 0)"
+    return f"{winner} beats {loser} {where}: {numbers}{note}."
+
+
+def statistics_conclusions(stats: pd.DataFrame, labels: Mapping[str, str] | None = None,
+                           alpha: float = 0.05) -> list[str]:
+    """An overview sentence per (task, init) (how many training sizes are significantly better, worse, or not
+    different), then one :func:`comparison_sentence` per row."""
+    labels = {**DEFAULT_LABELS, **dict(labels or {})}
+    out = []
+    for (task, init), g in stats.groupby(["task", "init"], sort=False):
+        ref = _label(g["reference"].iloc[0], labels)
+        sig = g["p_holm"].astype(float) < alpha
+        better = [str(s) for s in g.loc[sig & (g["mean_diff"].astype(float) > 0), "train_size"]]
+        worse = [str(s) for s in g.loc[sig & (g["mean_diff"].astype(float) < 0), "train_size"]]
+        same = [str(s) for s in g["train_size"] if str(s) not in better + worse]
+
+        def at(sizes: list[str]) -> str:
+            if not sizes:
+                return "at no size"
+            return f"at {len(sizes)} size{'s' if len(sizes) > 1 else ''} ({', '.join(sizes)} labelled images)"
+
+        parts = [f"significantly better {at(better)}", f"significantly worse {at(worse)}",
+                 f"not significantly different {at(same)}"]
+        out.append(f"{_label(init, labels)} against {ref} on {task}, over {len(g)} training-set sizes (Holm-corrected,"
+                   f" alpha={alpha:g}): " + ", ".join(parts) + ".")
+    out += [comparison_sentence(r, labels, alpha) for r in stats.to_dict("records")]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the document model: sections of blocks, rendered to HTML and Markdown
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Text:
+    """A paragraph (``conclusion=True``: listed among the report's conclusions too)."""
+
+    text: str
+    conclusion: bool = False
+
+
+@dataclass
+class Table:
+    """A table (``name``: HTML id ``table-<name>`` and CSV file ``tables/<name>.csv``); ``formats`` maps a column to
+    a formatter (default: 4 decimals for floats)."""
+
+    name: str
+    frame: Any
+    caption: str = ""
+    formats: dict[str, Callable[[Any], str]] = field(default_factory=dict)
+
+    def cell(self, col: str, value: Any) -> str:
+        if col in self.formats:
+            return self.formats[col](value)
+        if isinstance(value, (bool, np.bool_)):
+            return "yes" if value else "no"
+        if isinstance(value, (float, np.floating)):
+            return fmt_num(value)
+        return "" if value is None else str(value)
+
+
+@dataclass
+class FigureBlock:
+    """A PNG figure (embedded in the HTML, copied to ``figures/<name>.png`` for the Markdown)."""
+
+    name: str
+    path: str
+    caption: str = ""
+
+
+@dataclass
+class Code:
+    """Verbatim text (a config file), collapsed in the HTML."""
+
+    title: str
+    text: str
+
+
+Block = Text | Table | FigureBlock | Code
+
+
+@dataclass
+class Section:
+    """A report section; ``status`` is ``"done"`` or ``"not run: <why>"`` (then the section shows that line)."""
+
+    key: str
+    title: str
+    blocks: list[Block] = field(default_factory=list)
+    status: str = "done"
+
+    def not_run(self, why: str) -> Section:
+        why = str(why)
+        while why.startswith(f"{NOT_RUN}: "):  # reasons relayed from the analysis' status.json
+            why = why[len(NOT_RUN) + 2:]
+        self.status = f"{NOT_RUN}: {why}"
+        return self
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #bbb;margin-top:2em}
+table{border-collapse:collapse;margin:0.8em 0;font-size:0.85em}th,td{border:1px solid #ccc;padding:3px 7px}
+th{background:#eee}td.num{text-align:right;font-variant-numeric:tabular-nums}
+figure{margin:1em 0}img{max-width:100%;border:1px solid #ddd}figcaption{font-size:0.85em;color:#555}
+.notrun{color:#a00;font-style:italic}.conclusions li{margin:0.3em 0}pre{background:#f6f6f6;padding:0.6em;
+overflow-x:auto;font-size:0.8em}caption{caption-side:top;text-align:left;font-weight:600;padding:0.2em 0}
+"""
+
+
+def _png_data_uri(path: str) -> str:
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+@dataclass
+class Report:
+    """The report: a title, sections, and the renderers."""
+
+    title: str
+    sections: list[Section] = field(default_factory=list)
+    generated: str = field(default_factory=lambda: _dt.datetime.now().isoformat(timespec="seconds"))
+
+    def conclusions(self) -> list[tuple[str, str]]:
+        """``(section title, statement)`` of every conclusion paragraph."""
+        return [(s.title, b.text) for s in self.sections for b in s.blocks if isinstance(b, Text) and b.conclusion]
+
+    def figures(self) -> list[FigureBlock]:
+        return [b for s in self.sections for b in s.blocks if isinstance(b, FigureBlock)]
+
+    def tables(self) -> list[Table]:
+        return [b for s in self.sections for b in s.blocks if isinstance(b, Table)]
+
+    # ---- HTML -------------------------------------------------------------------------------------------------
+    def to_html(self) -> str:
+        e = html.escape
+        parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(self.title)}</title>",
+                 f"<style>{_CSS}</style></head><body>", f"<h1>{e(self.title)}</h1>",
+                 f"<p>Generated {e(self.generated)}. Research software on synthetic phantoms and public data: not for "
+                 "clinical use.</p>", '<nav><ul>']
+        parts += [f'<li><a href="#sec-{s.key}">{e(s.title)}</a>'
+                  + (f' <span class="notrun">({e(NOT_RUN)})</span>' if s.status != "done" else "") + "</li>"
+                  for s in self.sections]
+        parts.append("</ul></nav>")
+        for s in self.sections:
+            parts.append(f'<section id="sec-{s.key}" data-status="{e(s.status)}"><h2>{e(s.title)}</h2>')
+            if s.status != "done":
+                parts.append(f'<p class="notrun">{e(s.status)}</p>')
+            if s.key == "conclusions":
+                parts.append('<ul class="conclusions">')
+                parts += [f"<li>{e(b.text)}</li>" for b in s.blocks if isinstance(b, Text)]
+                parts.append("</ul>")
+                parts += [self._html_block(b) for b in s.blocks if not isinstance(b, Text)]
+            else:
+                parts += [self._html_block(b) for b in s.blocks]
+            parts.append("</section>")
+        parts.append("</body></html>")
+        return "\n".join(parts) + "\n"
+
+    @staticmethod
+    def _html_block(b: Block) -> str:
+        e = html.escape
+        if isinstance(b, Text):
+            cls = ' class="conclusion"' if b.conclusion else ""
+            return f"<p{cls}>{e(b.text)}</p>"
+        if isinstance(b, Table):
+            frame = b.frame
+            cols = [str(c) for c in frame.columns]
+            rows = [f'<table id="table-{e(b.name)}">']
+            if b.caption:
+                rows.append(f"<caption>{e(b.caption)}</caption>")
+            rows.append("<thead><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr></thead><tbody>")
+            for rec in frame.itertuples(index=False):
+                cells = []
+                for c, v in zip(cols, rec):
+                    cls = ' class="num"' if _is_num(v) else ""
+                    cells.append(f"<td{cls}>{e(b.cell(c, v))}</td>")
+                rows.append("<tr>" + "".join(cells) + "</tr>")
+            rows.append("</tbody></table>")
+            return "\n".join(rows)
+        if isinstance(b, FigureBlock):
+            return (f'<figure id="fig-{e(b.name)}"><img src="{_png_data_uri(b.path)}" alt="{e(b.caption or b.name)}">'
+                    f"<figcaption>{e(b.caption)}</figcaption></figure>")
+        if isinstance(b, Code):
+            return f"<details><summary>{e(b.title)}</summary><pre>{e(b.text)}</pre></details>"
+        raise TypeError(f"unknown block {type(b).__name__}")
+
+    # ---- Markdown ---------------------------------------------------------------------------------------------
+    def to_markdown(self) -> str:
+        lines = [f"# {self.title}", "", f"Generated {self.generated}. Research software on synthetic phantoms and "
+                 "public data: not for clinical use.", ""]
+        for s in self.sections:
+            lines += [f"## {s.title}", ""]
+            if s.status != "done":
+                lines += [f"*{s.status}*", ""]
+            for b in s.blocks:
+                lines += self._md_block(b, bullet=s.key == "conclusions") + [""]
+        return "\n".join(lines).rstrip() + "\n"
+
+    @staticmethod
+    def _md_block(b: Block, bullet: bool = False) -> list[str]:
+        def esc(text: str) -> str:
+            return text.replace("|", "\\|").replace("\n", " ")
+
+        if isinstance(b, Text):
+            return [f"- {b.text}" if bullet else b.text]
+        if isinstance(b, Table):
+            cols = [str(c) for c in b.frame.columns]
+            out = [f"**{b.caption}**", ""] if b.caption else []
+            out += ["| " + " | ".join(esc(c) for c in cols) + " |", "|" + "|".join(
+                "---:" if b.frame[c].map(_is_num).all() and len(b.frame) else "---" for c in b.frame.columns) + "|"]
+            out += ["| " + " | ".join(esc(b.cell(c, v)) for c, v in zip(cols, rec)) + " |"
+                    for rec in b.frame.itertuples(index=False)]
+            return out
+        if isinstance(b, FigureBlock):
+            return [f"![{b.caption or b.name}](figures/{b.name}.png)", "", f"*{b.caption}*" if b.caption else ""]
+        if isinstance(b, Code):
+            return [f"<details><summary>{b.title}</summary>", "", "```yaml", b.text.rstrip(), "```", "", "</details>"]
+        raise TypeError(f"unknown block {type(b).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reading the stages' outputs
+# --------------------------------------------------------------------------------------------------------------------
+def _read_csv(path: PathLike, **kwargs: Any) -> pd.DataFrame | None:
+    import pandas as pd
+
+    if not path or not os.path.isfile(path):
+        return None
+    frame = pd.read_csv(path, **kwargs)
+    return frame
+
+
+def _read_json(path: PathLike) -> Any:
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _sort_by_size(frame: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
+    order = sorted(range(len(frame)), key=lambda i: tuple(
+        size_key(frame[c].iat[i]) if c == "train_size" else (0, 0.0, str(frame[c].iat[i])) for c in cols))
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def package_versions(names: Sequence[str] = DEFAULT_PACKAGES) -> pd.DataFrame:
+    """``package, version`` of Python and each installed package (``not installed`` otherwise)."""
+    import importlib.metadata as md
+
+    import pandas as pd
+
+    rows = [{"package": "python", "version": platform.python_version()},
+            {"package": "platform", "version": platform.platform()}]
+    for name in names:
+        try:
+            rows.append({"package": name, "version": md.version(name)})
+        except md.PackageNotFoundError:
+            rows.append({"package": name, "version": "not installed"})
+    return pd.DataFrame(rows)
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(obj, (list, tuple)) and len(obj) <= 20:
+        for k, v in enumerate(obj):
+            out.update(_flatten(v, f"{prefix}[{k}]"))
+    elif isinstance(obj, (int, float, str, bool)) or obj is None:
+        out[prefix] = obj
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------------------------------------------------
+def _p_formats() -> dict[str, Callable[[Any], str]]:
+    signed = {c: (lambda v: fmt_num(v, signed=True)) for c in ("mean_diff", "ci_low", "ci_high")}
+    return {**signed, "p_value": fmt_p, "p_holm": fmt_p, "wilcoxon_stat": lambda v: fmt_num(v, 1),
+            "rank_biserial": lambda v: fmt_num(v, 3), "cohens_dz": lambda v: fmt_num(v, 3)}
+
+
+def _phantom_section(montage: PathLike | None) -> Section:
+    sec = Section("phantom", "Phantom data")
+    if not montage or not os.path.isfile(montage):
+        return sec.not_run(f"no phantom montage at {montage}")
+    sec.blocks += [Text("Seeded phantom radiographs: one per CheXpert observation with its true lesion mask, the SCR "
+                        "anatomy and a QaTa-style infection case (scripts/make_montage.py)."),
+                   FigureBlock("phantom_montage", os.fspath(montage), "Phantom montage")]
+    return sec
+
+
+def _doll_section(doll_dir: PathLike | None) -> Section:
+    sec = Section("doll", "DoLL against the true lesions, Grad-CAM and single-classifier IG")
+    summary = _read_csv(os.path.join(doll_dir, "summary.csv")) if doll_dir else None
+    if summary is None or summary.empty:
+        return sec.not_run(f"no DoLL quality summary in {doll_dir}")
+    summary = summary.copy()
+    summary["observation"] = summary["observation"].astype(str)
+    order = {n: i for i, n in enumerate((*OBSERVATIONS, "all"))}
+    methods = [m for m in ("doll", "gradcam", "ig_single") if m in set(summary["method"])]
+    methods += sorted(set(summary["method"]) - set(methods))
+    pieces = {}
+    for metric in ("iou", "dice", "hit"):
+        if metric in summary.columns:
+            pieces[metric] = summary.pivot_table(index="observation", columns="method", values=metric, aggfunc="mean")
+    if "iou" not in pieces:
+        return sec.not_run(f"{doll_dir}/summary.csv has no iou column")
+    iou = pieces["iou"].reindex(columns=methods)
+    iou = iou.loc[sorted(iou.index, key=lambda o: order.get(o, len(order)))]
+    table = iou.reset_index().rename(columns={m: f"iou_{m}" for m in methods})
+    if "n" in summary.columns:
+        n = summary.groupby("observation")["n"].max()
+        table.insert(1, "n", table["observation"].map(n).astype("Int64"))
+    sec.blocks.append(Table("doll_quality", table, "IoU with the true lesion masks per observation (DoLL: boosted IG "
+                                                   "of all classifiers; gradcam and ig_single: first classifier)"))
+    if "all" in iou.index:
+        overall = iou.loc["all"].dropna().sort_values(ascending=False)
+        ranking = ", ".join(f"{m} {fmt_num(v)}" for m, v in overall.items())
+        best = overall.index[0]
+        per_obs = iou.drop(index="all", errors="ignore").dropna(how="all")
+        wins = int((per_obs.idxmax(axis=1) == "doll").sum()) if "doll" in per_obs.columns else 0
+        sec.blocks.append(Text(
+            f"Mean IoU over observations (true lesions of the phantom): {ranking}; the best method is {best}"
+            + (f"; DoLL has the highest IoU on {wins} of {len(per_obs)} observations." if "doll" in per_obs.columns
+               else "."), conclusion=True))
+    panel = os.path.join(doll_dir, "panel.png")
+    if os.path.isfile(panel):
+        sec.blocks.append(FigureBlock("doll_panel", panel, "Per observation: image, true lesion (green), then each "
+                                                           "method's mask (red)"))
+    return sec
+
+
+def _classifier_section(metric_files: Sequence[PathLike], out_dir: str) -> Section:
+    import pandas as pd
+
+    from .plots import plot_grouped_bars
+
+    sec = Section("classifiers", "Classifiers: AUROC on the test split")
+    rows = []
+    for path in metric_files:
+        obj = _read_json(path)
+        if not isinstance(obj, Mapping) or not isinstance(obj.get("metrics"), Mapping):
+            continue
+        m = obj["metrics"]
+        name = str(obj.get("classifier") or os.path.basename(os.path.dirname(os.fspath(path))))
+        row: dict[str, Any] = {"classifier": name, "mean_auroc": m.get("val_mean_auroc", m.get("mean_auroc"))}
+        for obs in OBSERVATIONS:
+            row[obs] = m.get(f"auroc_{slug(obs)}", float("nan"))
+        rows.append(row)
+    if not rows:
+        return sec.not_run("no classifier metrics (classifiers/*/metrics_test.json)")
+    table = pd.DataFrame(rows)
+    table = table[[c for c in table.columns if c in ("classifier", "mean_auroc") or table[c].notna().any()]]
+    sec.blocks.append(Table("classifier_auroc", table, "AUROC per observation (mean: the classifiers' key metric)",
+                            {c: (lambda v: fmt_num(v, 3)) for c in table.columns if c != "classifier"}))
+    best = table.loc[table["mean_auroc"].astype(float).idxmax()] if table["mean_auroc"].notna().any() else None
+    if best is not None:
+        sec.blocks.append(Text(f"Best mean AUROC: {best['classifier']} ({fmt_num(best['mean_auroc'], 3)}) among "
+                               f"{len(table)} classifier(s).", conclusion=True))
+    obs_cols = [c for c in table.columns if c in OBSERVATIONS]
+    if obs_cols:
+        fig = plot_grouped_bars(table.set_index("classifier")[obs_cols].T, os.path.join(out_dir, "classifier_auroc.png"),
+                                "AUROC per observation", "AUROC", (0.0, 1.0))
+        sec.blocks.append(FigureBlock("classifier_auroc", fig, "AUROC per observation and classifier"))
+    return sec
+
+
+def _learning_section(analysis_dir: str, status: Mapping[str, str], labels: Mapping[str, str]) -> Section:
+    sec = Section("learning_curves", "Learning curves and Dice distributions")
+    curves = _read_csv(os.path.join(analysis_dir, "learning_curves.csv"), dtype={"train_size": str})
+    if curves is None:
+        return sec.not_run(status.get("learning_curves", "no analysis/learning_curves.csv"))
+    fig = os.path.join(analysis_dir, "learning_curves.png")
+    if os.path.isfile(fig):
+        sec.blocks.append(FigureBlock("learning_curves", fig, "Mean test Dice (over images, seeds and structures) "
+                                                              "against labelled training images, 95% bootstrap CI"))
+    table = curves[curves["structure"] == "all"].drop(columns="structure")
+    table = _sort_by_size(table, ["task", "init", "train_size"])
+    sec.blocks.append(Table("learning_curves", table, "Learning curves (structure mean)",
+                            {"seed_sd": lambda v: fmt_num(v, 4)}))
+    for (task, init), g in table.groupby(["task", "init"], sort=False):
+        g = _sort_by_size(g, ["train_size"])
+        first, last = g.iloc[0], g.iloc[-1]
+        sec.blocks.append(Text(
+            f"{_label(init, labels)} on {task}: mean Dice {fmt_num(first['mean'])} [{fmt_num(first['ci_low'])}, "
+            f"{fmt_num(first['ci_high'])}] with {size_phrase(first['train_size'])}"
+            + (f", {fmt_num(last['mean'])} [{fmt_num(last['ci_low'])}, {fmt_num(last['ci_high'])}] with "
+               f"{size_phrase(last['train_size'])}." if len(g) > 1 else ".")))
+    dist = os.path.join(analysis_dir, "dice_distributions.png")
+    if os.path.isfile(dist):
+        sec.blocks.append(FigureBlock("dice_distributions", dist, "Per-image Dice (mean over structures) per seed: "
+                                                                   "box plots with the points"))
+    return sec
+
+
+def _statistics_section(analysis_dir: str, status: Mapping[str, str], labels: Mapping[str, str],
+                        alpha: float) -> tuple[Section, list[str]]:
+    sec = Section("statistics", "Statistics: each init against the reference")
+    stats = _read_csv(os.path.join(analysis_dir, "statistics.csv"), dtype={"train_size": str})
+    if stats is None:
+        return sec.not_run(status.get("statistics", "no analysis/statistics.csv")), []
+    stats = _sort_by_size(stats, ["task", "init", "train_size"])
+    conf = float(stats["confidence"].iloc[0]) if "confidence" in stats.columns and len(stats) else 0.95
+    sentences = statistics_conclusions(stats, labels, alpha)
+    sec.blocks.append(Text(
+        f"Paired units: the test images (each image's Dice averaged over seeds and structures); two-sided Wilcoxon "
+        f"signed-rank test, paired bootstrap {100 * conf:.0f}% CI of the mean difference (init minus reference), "
+        f"rank-biserial correlation and Cohen's d_z; p-values Holm-adjusted over the table, significant when "
+        f"p_holm < {alpha:g}."))
+    shown = ["task", "train_size", "init", "reference", "n", "mean_init", "mean_reference", "mean_diff", "ci_low",
+             "ci_high", "wilcoxon_stat", "p_value", "p_holm", "rank_biserial", "cohens_dz", "significant"]
+    sec.blocks.append(Table("statistics", stats[[c for c in shown if c in stats.columns]],
+                            "Mean Dice difference (init - reference) per task and training size", _p_formats()))
+    sec.blocks += [Text(s, conclusion=True) for s in sentences]
+    per_structure = _read_csv(os.path.join(analysis_dir, "statistics_structures.csv"), dtype={"train_size": str})
+    if per_structure is not None and len(per_structure):
+        per_structure = _sort_by_size(per_structure, ["task", "structure", "init", "train_size"])
+        sec.blocks.append(Table("statistics_structures", per_structure[[c for c in ["task", "structure", *shown[1:]]
+                                                                        if c in per_structure.columns]],
+                                "Per structure (a separate Holm family)", _p_formats()))
+    rep = _read_csv(os.path.join(analysis_dir, "replicability.csv"), dtype={"train_size": str})
+    if rep is not None and len(rep):
+        rep = _sort_by_size(rep, ["task", "init", "train_size"])
+        sec.blocks.append(Table("replicability", rep, "Replicability across seeds: the seeds' mean Dice"))
+        finite = rep[rep["cv"].notna()]
+        if len(finite):
+            worst = finite.loc[finite["cv"].astype(float).idxmax()]
+            sec.blocks.append(Text(
+                f"Replicability: the coefficient of variation of the mean Dice across seeds is at most "
+                f"{fmt_num(worst['cv'])} ({_label(worst['init'], labels)}, {worst['task']}, "
+                f"{size_phrase(worst['train_size'])}, {int(worst['n_seeds'])} seeds).", conclusion=True))
+    return sec, sentences
+
+
+def _gradcam_section(analysis_dir: str, status: Mapping[str, str], labels: Mapping[str, str]) -> Section:
+    sec = Section("gradcam", "Grad-CAM of the segmentation networks")
+    rows = _read_csv(os.path.join(analysis_dir, "gradcam.csv"))
+    if rows is None or rows.empty:
+        return sec.not_run(status.get("gradcam", "no analysis/gradcam.csv"))
+    mode = str(rows["mode"].iloc[0]) if "mode" in rows.columns else "gradcam"
+    layer = str(rows["layer"].iloc[0]) if "layer" in rows.columns else ""
+    table = rows.groupby(["model", "structure"], sort=False).agg(
+        n_images=("image", "nunique"), inside_fraction=("inside_fraction", "mean"),
+        pointing=("max_inside", "mean")).reset_index()
+    sec.blocks.append(Table("gradcam", table, f"Share of the {mode} map inside the reference structure, and pointing "
+                                              f"game (map maximum inside it), layer {layer}"))
+    overall = rows.groupby("model", sort=False).agg(inside=("inside_fraction", "mean"), hit=("max_inside", "mean"))
+    sec.blocks.append(Text("Grad-CAM mass inside the reference structures (mean over images and structures): "
+                           + "; ".join(f"{_label(m, labels)} {fmt_num(r['inside'], 3)} (pointing game "
+                                       f"{fmt_num(r['hit'], 3)})" for m, r in overall.iterrows()) + ".",
+                           conclusion=True))
+    panel = os.path.join(analysis_dir, "gradcam_panel.png")
+    if os.path.isfile(panel):
+        sec.blocks.append(FigureBlock("gradcam_panel", panel, f"Rows: image and model; first tile: reference outlines; "
+                                                              f"then one {mode} map per structure (white: reference)"))
+    return sec
+
+
+def _ensemble_section(analysis_dir: str, status: Mapping[str, str]) -> Section:
+    sec = Section("ensembles", "Mask ensembles and synergy")
+    summary = _read_csv(os.path.join(analysis_dir, "ensembles.csv"))
+    if summary is None or summary.empty:
+        return sec.not_run(status.get("ensembles", "no analysis/ensembles.csv"))
+    overall = summary[summary["structure"].astype(str) == "all"].copy()
+    overall["name"] = np.where(overall["method"] == "single", overall["models"], overall["method"])
+    wide = summary.copy()
+    wide["name"] = np.where(wide["method"] == "single", wide["models"], wide["method"])
+    table = wide.pivot_table(index=["method", "name"], columns="structure", values="dice", sort=False).reset_index()
+    cols = ["method", "name", "all"] + [c for c in table.columns if c not in ("method", "name", "all")]
+    sec.blocks.append(Table("ensembles", table[cols], "Mean Dice against the reference: each model alone and the "
+                                                      "ensembles of all models"))
+    single = overall[overall["method"] == "single"]
+    ens = overall[overall["method"] != "single"]
+    if len(single) and len(ens):
+        bs, be = single.loc[single["dice"].idxmax()], ens.loc[ens["dice"].idxmax()]
+        verdict = "above" if be["dice"] > bs["dice"] else "not above"
+        sec.blocks.append(Text(
+            f"Best ensemble: {be['method']} of {len(single)} models, mean Dice {fmt_num(be['dice'])}, "
+            f"{fmt_num(be['dice'] - bs['dice'], signed=True)} against the best single model ({bs['name']}, "
+            f"{fmt_num(bs['dice'])}): {verdict} the best single model.", conclusion=True))
+    panel = os.path.join(analysis_dir, "ensemble_panel.png")
+    if os.path.isfile(panel):
+        sec.blocks.append(FigureBlock("ensemble_panel", panel, "One test image: reference, each model, each ensemble "
+                                                               "(title: its mean Dice on that image)"))
+    synergy = _read_csv(os.path.join(analysis_dir, "synergy.csv"))
+    if synergy is not None and len(synergy):
+        syn = synergy[synergy["structure"].astype(str) == "all"].drop(columns=["structure"])
+        sec.blocks.append(Table("synergy", syn, "Pairwise synergy (mean over images): union and intersection of two "
+                                                "models against the better of the two"))
+        if len(syn):
+            top = syn.loc[syn["gain_union"].astype(float).idxmax()]
+            topi = syn.loc[syn["gain_intersection"].astype(float).idxmax()]
+            sec.blocks.append(Text(
+                f"Synergy: the union of a pair beats both of its models on {fmt_num(100 * syn['union_wins'].mean(), 1)}"
+                f"% of image-pair cases, the intersection on {fmt_num(100 * syn['intersection_wins'].mean(), 1)}%; "
+                f"largest mean union gain {fmt_num(top['gain_union'], signed=True)} ({top['model_a']} + "
+                f"{top['model_b']}), largest mean intersection gain {fmt_num(topi['gain_intersection'], signed=True)} "
+                f"({topi['model_a']} + {topi['model_b']}).", conclusion=True))
+    return sec
+
+
+def _throughput_section(timing_json: PathLike | None, bench_files: Sequence[PathLike], out_dir: str) -> Section:
+    import pandas as pd
+
+    from .plots import plot_bars
+
+    sec = Section("throughput", "Throughput")
+    timing = _read_json(timing_json) if timing_json else None
+    found = False
+    if isinstance(timing, Mapping) and timing:
+        found = True
+        stages = {k: float(v) for k, v in timing.items() if k != "total" and _is_num(v)}
+        table = pd.DataFrame({"stage": list(stages), "seconds": list(stages.values())})
+        if "total" in timing:
+            table = pd.concat([table, pd.DataFrame({"stage": ["total"], "seconds": [float(timing["total"])]})],
+                              ignore_index=True)
+        sec.blocks.append(Table("timing", table, "Wall-clock seconds per pipeline stage",
+                                {"seconds": lambda v: fmt_num(v, 1)}))
+        if stages:
+            fig = plot_bars(list(stages), list(stages.values()), os.path.join(out_dir, "timing.png"),
+                            "Pipeline stages", "seconds")
+            sec.blocks.append(FigureBlock("timing", fig, "Wall-clock seconds per stage"))
+            slow = max(stages, key=stages.get)  # type: ignore[arg-type]
+            total = float(timing.get("total", sum(stages.values())))
+            sec.blocks.append(Text(f"The pipeline took {total:.0f} s; the slowest stage was {slow} "
+                                   f"({stages[slow]:.0f} s, {100 * stages[slow] / max(total, 1e-9):.0f}%).",
+                                   conclusion=True))
+    for path in bench_files:
+        obj = _read_json(path)
+        if obj is None:
+            continue
+        found = True
+        flat = _flatten(obj)
+        table = pd.DataFrame({"key": list(flat), "value": [str(v) if not _is_num(v) else v for v in flat.values()]})
+        name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+        sec.blocks.append(Table(f"bench_{slug(name)}", table, f"Benchmark {os.path.basename(os.fspath(path))}",
+                                {"value": lambda v: f"{v:.4g}" if _is_num(v) else str(v)}))
+    if not found:
+        sec.not_run("no pipeline_timing.json and no benchmark JSON")
+    return sec
+
+
+def _repro_section(config_files: Sequence[PathLike], packages: Sequence[str]) -> Section:
+    sec = Section("reproducibility", "Configs and package versions")
+    sec.blocks.append(Table("packages", package_versions(packages), "Package versions"))
+    for path in config_files:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                sec.blocks.append(Code(os.path.basename(os.fspath(path)), f.read()))
+    return sec
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------------------------------
+def build_report(
+    out_dir: PathLike,
+    analysis_dir: PathLike | None = None,
+    doll_quality_dir: PathLike | None = None,
+    classifier_metrics: Sequence[PathLike] = (),
+    montage: PathLike | None = None,
+    timing_json: PathLike | None = None,
+    bench_files: Sequence[PathLike] = (),
+    config_files: Sequence[PathLike] = (),
+    init_labels: Mapping[str, str] | None = None,
+    alpha: float = 0.05,
+    packages: Sequence[str] = DEFAULT_PACKAGES,
+    title: str = "cxr_doll_segmentation: pipeline report",
+    tracking_uri: str | None = None,
+    experiment: str = "cxr_doll_report",
+) -> dict[str, Any]:
+    """Build the report (see the module docstring) from the stages' outputs.
+
+    Args:
+        out_dir: output folder (``<output_root>/report``).
+        analysis_dir: the analysis stage's folder (``<output_root>/analysis``).
+        doll_quality_dir: ``<output_root>/doll_quality`` (``summary.csv``, ``panel.png``).
+        classifier_metrics: ``metrics_test.json`` files of the classifiers.
+        montage: the phantom montage PNG.
+        timing_json: ``pipeline_timing.json``.
+        bench_files: benchmark JSON files (flattened into tables).
+        config_files: config files whose text is included.
+        init_labels: display names of the inits (e.g. ``{"doll": "DoLL-init"}``).
+        alpha: significance level of the conclusions (the statistics table's ``p_holm`` is compared with it).
+        packages: packages whose versions are listed.
+        title: report title.
+        tracking_uri: MLflow store (``None``: no MLflow run).
+        experiment: MLflow experiment.
+
+    Returns:
+        ``{"html", "markdown", "conclusions": [statements], "status": {section: status}, "files": [...],
+        "run_id": ...}``.
+    """
+    import pandas as pd
+
+    labels = {**DEFAULT_LABELS, **dict(init_labels or {})}
+    out = os.fspath(out_dir)
+    fig_dir, table_dir = os.path.join(out, "figures"), os.path.join(out, "tables")
+    os.makedirs(fig_dir, exist_ok=True)
+    adir = os.fspath(analysis_dir) if analysis_dir else ""
+    status = _read_json(os.path.join(adir, "status.json")) if adir else None
+    status = dict(status) if isinstance(status, Mapping) else {}
+    if adir and not os.path.isdir(adir):
+        status = {k: f"analysis stage not run (no {adir})" for k in
+                  ("learning_curves", "statistics", "gradcam", "ensembles")}
+
+    report = Report(title)
+    stats_section, _ = _statistics_section(adir, status, labels, alpha)
+    body = [
+        _phantom_section(montage),
+        _doll_section(os.fspath(doll_quality_dir) if doll_quality_dir else None),
+        _classifier_section(list(classifier_metrics), fig_dir),
+        _learning_section(adir, status, labels),
+        stats_section,
+        _gradcam_section(adir, status, labels),
+        _ensemble_section(adir, status),
+        _throughput_section(timing_json, list(bench_files), fig_dir),
+        _repro_section(list(config_files), packages),
+    ]
+    conclusions = Section("conclusions", "Conclusions (computed from the numbers below)")
+    conclusions.blocks = [Text(text, conclusion=False) for s in body for b in s.blocks
+                          if isinstance(b, Text) and b.conclusion for text in [b.text]]
+    not_run = [s.title for s in body if s.status != "done"]
+    if not_run:
+        conclusions.blocks.append(Text("Sections not run: " + "; ".join(not_run) + "."))
+    if not conclusions.blocks:
+        conclusions.not_run("no results to conclude from")
+    report.sections = [conclusions, *body]
+
+    files: list[str] = []
+    for fig in report.figures():  # copy for the Markdown (and MLflow)
+        dest = os.path.join(fig_dir, f"{fig.name}.png")
+        if os.path.abspath(fig.path) != os.path.abspath(dest):
+            atomic_save(dest, lambda tmp, src=fig.path: shutil.copyfile(src, tmp))
+        files.append(dest)
+    for table in report.tables():
+        path = os.path.join(table_dir, f"{table.name}.csv")
+        atomic_write_text(path, table.frame.to_csv(index=False))
+        files.append(path)
+    statements = report.conclusions()
+    conc_path = os.path.join(out, "conclusions.csv")
+    atomic_write_text(conc_path, pd.DataFrame(statements, columns=["section", "statement"]).to_csv(index=False))
+    html_path, md_path = os.path.join(out, "report.html"), os.path.join(out, "report.md")
+    atomic_write_text(html_path, report.to_html())
+    atomic_write_text(md_path, report.to_markdown())
+    files += [conc_path, html_path, md_path]
+    section_status = {s.key: s.status for s in report.sections}
+    run_id = None
+    if tracking_uri:
+        from ..workflows.tracking import log_run
+
+        metrics = {"n_figures": float(len(report.figures())), "n_tables": float(len(report.tables())),
+                   "n_sections_not_run": float(len(not_run))}
+        run_id = log_run(tracking_uri, experiment, "report", params={"out_dir": out, "title": title},
+                         metrics=metrics, artifacts=files,
+                         tags={"stage": "report", **{f"section_{k}": v[:200] for k, v in section_status.items()}})
+    logger.info(f"report: {html_path} ({len(report.figures())} figures, {len(report.tables())} tables; not run: "
+                f"{', '.join(not_run) or 'none'})")
+    return {"html": html_path, "markdown": md_path, "conclusions": [s for _, s in statements],
+            "status": section_status, "files": files, "run_id": run_id}

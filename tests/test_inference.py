@@ -1,0 +1,162 @@
+"""Inference, export and metadata: the Model Zoo entry points on the shipped weights (models/model.pt)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bundle.data.io import load_bitmask, load_mask, load_radiograph
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+MODEL = ROOT / "models" / "model.pt"
+
+needs_model = pytest.mark.skipif(not MODEL.exists(), reason="models/model.pt absent: run `bash scripts/main.sh` first")
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = a.sum() + b.sum()
+    return float(2 * np.logical_and(a, b).sum() / s) if s else 1.0
+
+
+def _infer(input_dir: Path, out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.yaml"),
+           "--dataset_dir", str(input_dir), "--output_dir", str(out_dir), "--device", "$torch.device('cpu')", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+
+
+def _write_dicom(path: Path, image01: np.ndarray, photometric: str = "MONOCHROME1") -> None:
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "DX", "phantom"
+    ds.Rows, ds.Columns = image01.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    values = np.round(image01 * 4095).astype(np.uint16)
+    ds.PixelData = (4095 - values if photometric == "MONOCHROME1" else values).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def scr_cases(tmp_path_factory) -> tuple[Path, Path]:
+    """A few phantom SCR test cases (not among the shipped model's training phantoms: another seed)."""
+    from bundle.data.phantom import generate_phantom_datasets
+
+    root = tmp_path_factory.mktemp("scr")
+    generate_phantom_datasets(root, seed=1234, image_size=256, chexpert_train_patients=1, chexpert_valid_patients=1,
+                              scr_cases=6, qata_train=1, qata_test=1, progress=False, num_workers=1)
+    return root / "JSRT" / "images", root / "SCR" / "masks"
+
+
+@needs_model
+def test_inference_on_phantoms_and_a_monochrome1_dicom(scr_cases, tmp_path):
+    images, masks = scr_cases
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    cases = sorted(p.stem for p in images.glob("*.png"))
+    for case in cases:
+        os.symlink(images / f"{case}.png", inputs / f"{case}.png")
+    img, _ = load_radiograph(images / f"{cases[0]}.png")
+    _write_dicom(inputs / "dicom_case", img)          # a DICOM without suffix, MONOCHROME1 (inverted storage)
+    res = _infer(inputs, tmp_path / "out", "--save_overlay", "true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    dices = {"lungs": [], "heart": [], "clavicles": []}
+    for case in cases:
+        pred = load_bitmask(tmp_path / "out" / f"{case}_seg.png", 3)
+        ref = {s: load_mask(masks / s / f"{case}.gif") for s in
+               ("left lung", "right lung", "heart", "left clavicle", "right clavicle")}
+        assert pred.shape[1:] == ref["heart"].shape          # the input's geometry
+        dices["lungs"].append(_dice(pred[0] > 0, (ref["left lung"] | ref["right lung"]) > 0))
+        dices["heart"].append(_dice(pred[1] > 0, ref["heart"] > 0))
+        dices["clavicles"].append(_dice(pred[2] > 0, (ref["left clavicle"] | ref["right clavicle"]) > 0))
+        assert (tmp_path / "out" / f"{case}_overlay.png").exists()
+    mean = {k: float(np.mean(v)) for k, v in dices.items()}
+    print("phantom inference Dice:", mean)
+    assert mean["lungs"] > 0.85 and mean["heart"] > 0.75, mean
+    # the DICOM (MONOCHROME1) copy of the first case gives the same mask as its PNG
+    dcm = load_bitmask(tmp_path / "out" / "dicom_case_seg.png", 3)
+    png = load_bitmask(tmp_path / "out" / f"{cases[0]}_seg.png", 3)
+    assert _dice(dcm > 0, png > 0) > 0.98
+
+
+@needs_model
+def test_inference_on_real_radiographs_reports_dice(real_lungs_dir, tmp_path):
+    res = _infer(real_lungs_dir / "images", tmp_path / "out", "--output_ext", ".nii.gz")
+    assert res.returncode == 0, res.stderr[-3000:]
+    import nibabel as nib
+
+    dices = []
+    for mask_path in sorted((real_lungs_dir / "masks").glob("*.png")):
+        out = tmp_path / "out" / f"{mask_path.stem}_seg.nii.gz"
+        data = np.asarray(nib.load(str(out)).dataobj)       # (X, Y, C)
+        pred = np.moveaxis(data, -1, 0).swapaxes(1, 2)      # (C, H, W)
+        ref = load_mask(mask_path)
+        assert pred.shape == (3, *ref.shape)
+        dices.append(_dice(pred[0] > 0, ref > 0))
+    print(f"real radiographs, phantom-trained model: lung Dice mean {np.mean(dices):.3f} (n={len(dices)})")
+    assert len(dices) == 34 and np.isfinite(dices).all()
+
+
+def test_inference_workflow_properties(tmp_path):
+    from monai.bundle import create_workflow
+
+    (tmp_path / "a.png").write_bytes((ROOT / "docs" / "images" / "phantom_montage.png").read_bytes())
+    wf = create_workflow(config_file=str(CONFIGS / "inference.yaml"), workflow_type="inference",
+                         dataset_dir=str(tmp_path))
+    assert wf.check_properties() == []
+
+
+def test_verify_metadata(shared_dir):
+    schema = shared_dir / "schemas" / "meta_schema_20240725.json"
+    if not schema.exists():
+        pytest.skip(f"needs {schema} (absent)")
+    cmd = [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
+           "--filepath", str(schema)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0 and "verified with no error" in res.stdout + res.stderr, res.stderr[-2000:]
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    # every package the configs import is declared
+    for pkg in ("pytorch-ignite", "captum", "mlflow", "nibabel", "pydicom", "pillow", "scipy"):
+        assert pkg in meta["required_packages_version"]
+
+
+def test_verify_net_in_out_segmenter():
+    cmd = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def",
+           "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "inference.yaml"), "--n", "4"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0 and "verified with no error" in res.stdout + res.stderr, res.stderr[-2000:]
+
+
+@needs_model
+def test_torchscript_export_matches_eager(tmp_path):
+    ts = tmp_path / "model.ts"
+    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
+           "--ckpt_file", str(MODEL), "--meta_file", str(CONFIGS / "metadata.json"),
+           "--config_file", str(CONFIGS / "inference.yaml")]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from bundle.networks.segmentation import build_segmenter
+
+    eager = build_segmenter("segresnet", out_channels=3)
+    eager.load_state_dict(torch.load(MODEL, map_location="cpu"))
+    eager.eval()
+    scripted = torch.jit.load(str(ts))
+    x = torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), eager(x), atol=1e-5)
