@@ -30,7 +30,7 @@ import yaml  # noqa: E402
 
 from bundle.utils import atomic_write_json  # noqa: E402
 
-STAGES = ("data", "classifier", "doll", "analysis", "report")
+STAGES = ("data", "classifier", "doll", "pretrain", "finetune", "export", "analysis", "report")
 
 
 def _fmt(value: Any) -> str:
@@ -97,6 +97,47 @@ class Pipeline:
         self.bundle_run("doll_generate", ["generate_doll.yaml"], overrides)
         quality = {**overrides, **(self.settings["overrides"].get("doll_quality") or {})}
         self.bundle_run("doll_quality", ["generate_doll.yaml", "evaluate_doll.yaml"], quality)
+
+    def pretrain(self) -> None:
+        """Stage 4 (configs/pretrain.yaml): the segmenter pre-trained end to end on the DoLL datalist."""
+        self.bundle_run("pretrain", ["pretrain.yaml"], {"show_progress": False,
+                                                         **(self.settings["overrides"].get("pretrain") or {})})
+
+    def finetune(self) -> None:
+        """Stage 5: the low-data sweep (scripts/sweep.py; grid from configs/pipeline.yaml), train + evaluate runs."""
+        from scripts.sweep import run_sweep
+
+        grid = dict(self.settings["sweep"])
+        start = time.time()
+        print(f"[pipeline] finetune: sweep {grid}", flush=True)
+        result = run_sweep(**grid, data_root=self.paths["data_root"], output_root=self.paths["output_root"],
+                           models_dir=self.paths["models_dir"], device=self.device, verbose=self.verbose)
+        self.timing["finetune"] = round(time.time() - start, 1)
+        print(f"[pipeline] finetune: {len(result.runs)} runs, {result.num_rows} rows -> {result.csv_path} "
+              f"in {self.timing['finetune']:.0f} s", flush=True)
+
+    def export(self) -> None:
+        """Stage 6: the shipped model = the SCR fine-tune of the DoLL checkpoint on all training images (seed 0),
+        copied to ``<models_dir>/model.pt`` and exported to TorchScript ``model.ts`` with ``ckpt_export``."""
+        import shutil
+
+        from bundle.utils import atomic_save
+        from bundle.workflows.segmentation import run_name
+
+        src = Path(self.paths["models_dir"]) / "segmentation" / run_name("scr", "doll", "all", 0) / "model.pt"
+        if not src.is_file():
+            raise SystemExit(f"[pipeline] export: {src} missing (the sweep must include init doll, size all, seed 0)")
+        dst = Path(self.paths["models_dir"]) / "model.pt"
+        atomic_save(dst, lambda tmp: shutil.copyfile(src, tmp))
+        cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath",
+               str(dst.with_suffix(".ts")), "--ckpt_file", str(dst), "--meta_file", str(ROOT / "configs" / "metadata.json"),
+               "--config_file", str(ROOT / "configs" / "inference.yaml")]
+        start = time.time()
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"[pipeline] export failed:\n{res.stderr[-3000:]}")
+        self.timing["export"] = round(time.time() - start, 1)
+        print(f"[pipeline] export: {src} -> {dst} and {dst.with_suffix('.ts')}", flush=True)
 
     def analysis(self) -> None:
         """Stage 7 (configs/analysis.yaml): statistics, learning curves, Grad-CAM and ensembles of the sweep; the

@@ -237,8 +237,9 @@ def learning_curves(df: pd.DataFrame, confidence: float = 0.95, n_boot: int = 10
 # models, test images and inference
 # --------------------------------------------------------------------------------------------------------------------
 def image_ids(items: Sequence[Mapping[str, Any]], image_key: str = "image") -> list[str]:
-    """The ``image`` ids the evaluation gives the items (as :class:`bundle.workflows.segmentation.SegmentationCSVWriter`:
-    the file stem, made unique with ``_1``, ``_2`` ... in datalist order)."""
+    """The ``image`` ids the evaluation gives the items (as
+    :class:`bundle.workflows.segmentation.SegmentationCSVWriter`: the file stem, made unique with ``_1``, ``_2`` ...
+    in datalist order)."""
     seen: dict[str, int] = {}
     out = []
     for index, item in enumerate(items):
@@ -760,8 +761,8 @@ def run_analysis(
     if not cams or problems:
         status["gradcam"] = "not run: " + ("no checkpoints given" if not cams else "missing " + "; ".join(problems))
     else:
-        res = gradcam_analysis(cams, datalist, task, out, image_size, split, gradcam_images, gradcam_mode,  # type: ignore[arg-type]
-                               gradcam_layer, arch, arch_kwargs, device)
+        res = gradcam_analysis(cams, os.fspath(datalist or ""), task, out, image_size, split, gradcam_images,
+                               gradcam_mode, gradcam_layer, arch, arch_kwargs, device)
         files += [res["csv"], res["panel"]]
         for name, g in res["rows"].groupby("model", sort=False):
             metrics[_metric_key("gradcam", name, "inside_fraction")] = float(g["inside_fraction"].mean())
@@ -775,7 +776,7 @@ def run_analysis(
         status["ensembles"] = "not run: " + (f"needs at least two models, got {len(ens)}" if len(ens) < 2
                                              else "missing " + "; ".join(problems))
     else:
-        res = ensemble_analysis(ens, datalist, task, out, image_size, split, ensemble_methods,  # type: ignore[arg-type]
+        res = ensemble_analysis(ens, os.fspath(datalist or ""), task, out, image_size, split, ensemble_methods,
                                 ensemble_max_images, arch, arch_kwargs, device)
         files += res["files"]
         for r in res["summary"][res["summary"]["structure"] == "all"].to_dict("records"):

@@ -143,7 +143,10 @@ def comparison_sentence(row: Mapping[str, Any], labels: Mapping[str, str] | None
                f"(Wilcoxon signed-rank, n={n} test images)")
     significant = not _isnan(row["p_holm"]) and float(row["p_holm"]) < alpha
     if not significant:
-        return f"No significant difference between {a} and {b} {where} (alpha={alpha:g}): {numbers}."
+        # the smallest two-sided p-value of the exact Wilcoxon test with n pairs is 2 / 2**n
+        floor = "" if 2.0 / 2.0**n < alpha else (f" (with n={n} the Wilcoxon test cannot reach p < {alpha:g}: "
+                                                  "too few test images)")
+        return f"No significant difference between {a} and {b} {where} (alpha={alpha:g}): {numbers}{floor}."
     winner, loser = (a, b) if float(row["mean_diff"]) > 0 else (b, a)
     note = ""
     if float(row["ci_low"]) <= 0.0 <= float(row["ci_high"]):
@@ -171,8 +174,9 @@ def statistics_conclusions(stats: pd.DataFrame, labels: Mapping[str, str] | None
 
         parts = [f"significantly better {at(better)}", f"significantly worse {at(worse)}",
                  f"not significantly different {at(same)}"]
-        out.append(f"{_label(init, labels)} against {ref} on {task}, over {len(g)} training-set sizes (Holm-corrected,"
-                   f" alpha={alpha:g}): " + ", ".join(parts) + ".")
+        sizes = f"{len(g)} training-set size" + ("s" if len(g) != 1 else "")
+        out.append(f"{_label(init, labels)} against {ref} on {task}, over {sizes} (Holm-corrected, alpha={alpha:g}): "
+                   + ", ".join(parts) + ".")
     out += [comparison_sentence(r, labels, alpha) for r in stats.to_dict("records")]
     return out
 
@@ -515,8 +519,9 @@ def _classifier_section(metric_files: Sequence[PathLike], out_dir: str) -> Secti
                                f"{len(table)} classifier(s).", conclusion=True))
     obs_cols = [c for c in table.columns if c in OBSERVATIONS]
     if obs_cols:
-        fig = plot_grouped_bars(table.set_index("classifier")[obs_cols].T, os.path.join(out_dir, "classifier_auroc.png"),
-                                "AUROC per observation", "AUROC", (0.0, 1.0))
+        fig = plot_grouped_bars(table.set_index("classifier")[obs_cols].T,
+                                os.path.join(out_dir, "classifier_auroc.png"), "AUROC per observation", "AUROC",
+                                (0.0, 1.0))
         sec.blocks.append(FigureBlock("classifier_auroc", fig, "AUROC per observation and classifier"))
     return sec
 
