@@ -44,16 +44,17 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+quiet() { "$@" 2> >(grep -v -e "is ignored: it is neither a file nor a directory" -e "^WARNING: Location" >&2); }
 if [ ! -f "$stamp" ]; then
   start=$(date +%s)
   echo "[monailabel] installing ${pins[0]} into $venv (first run: several minutes)"
-  "${pip[@]}" install -q --upgrade pip "setuptools>=70.1" wheel
+  quiet "${pip[@]}" install -q --upgrade pip "setuptools>=70.1" wheel
   # 1. torch first (CPU wheel), so that sam2 can be built against it
-  "${pip[@]}" install -q "torch==2.13.0+cpu" "torchvision==0.28.0" "numpy<2"
+  quiet "${pip[@]}" install -q "torch==2.13.0+cpu" "torchvision==0.28.0" "numpy<2"
   # 2. sam2 from its source archive, against that torch (no build isolation, no CUDA extension)
-  SAM2_BUILD_CUDA=0 "${pip[@]}" install -q --no-build-isolation "$sam2_pin" "torch==2.13.0+cpu" "numpy<2"
+  quiet env SAM2_BUILD_CUDA=0 "${pip[@]}" install -q --no-build-isolation "$sam2_pin" "torch==2.13.0+cpu" "numpy<2"
   # 3. monailabel and the rest, with the same pins
-  "${pip[@]}" install -q "${pins[@]}" "$sam2_pin"
+  quiet "${pip[@]}" install -q "${pins[@]}" "$sam2_pin"
   rm -f "$venv"/.cxr_doll_monailabel_*
   touch "$stamp"
   echo "[monailabel] installed in $(( $(date +%s) - start )) s"

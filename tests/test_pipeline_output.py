@@ -1,0 +1,68 @@
+"""Checks of a finished pipeline run (CI: after `bash scripts/main.sh --quick`, with CXR_DOLL_PIPELINE_ROOT=quick).
+
+The report must hold real content: tables whose numbers parse, embedded images that decode, conclusions computed
+from the statistics table, MLflow runs of every stage. Skipped when no pipeline output is there.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PIPELINE_ROOT = Path(os.environ.get("CXR_DOLL_PIPELINE_ROOT", ROOT / "quick"))
+if not PIPELINE_ROOT.is_absolute():
+    PIPELINE_ROOT = ROOT / PIPELINE_ROOT
+REPORT = PIPELINE_ROOT / "eval" / "report" / "report.html"
+
+pytestmark = pytest.mark.skipif(not REPORT.exists(), reason=f"no pipeline output at {PIPELINE_ROOT} "
+                                "(run `bash scripts/main.sh --quick` first)")
+
+
+def test_report_embeds_decodable_images():
+    from PIL import Image
+
+    html = REPORT.read_text()
+    images = re.findall(r'<img src="data:image/png;base64,([^"]+)"', html)
+    assert len(images) >= 5
+    for b64 in images:
+        with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+            assert im.size[0] > 10 and im.size[1] > 10
+    assert "http://" not in html.replace("http://www.w3.org", "")  # self-contained
+
+
+def test_report_tables_parse_and_match_the_stage_outputs():
+    html = REPORT.read_text()
+    tables = pd.read_html(io.StringIO(html))
+    assert len(tables) >= 4
+    # classifier AUROC in the report equals the classifier stage's metrics file
+    for path in (PIPELINE_ROOT / "eval" / "classifiers").glob("*/metrics_test.json"):
+        value = json.loads(path.read_text())["metrics"]["val_mean_auroc"]
+        assert f"{value:.3f}" in html
+    # the statistics table in the report: numbers parse, one row per init x size compared with scratch
+    stats = pd.read_csv(PIPELINE_ROOT / "eval" / "analysis" / "statistics.csv")
+    assert len(stats) >= 1 and stats["mean_diff"].notna().all()
+    for diff in stats["mean_diff"]:
+        assert f"{diff:+.4f}" in html
+    conclusions = pd.read_csv(PIPELINE_ROOT / "eval" / "report" / "conclusions.csv")
+    assert len(conclusions) >= 1
+    for text, sig in zip(conclusions.iloc[:, -1].astype(str), stats["significant"]):
+        assert ("beats" in text or "worse" in text) if sig else "no significant difference" in text.lower()
+
+
+def test_every_stage_logged_to_mlflow():
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{PIPELINE_ROOT / 'eval' / 'mlruns.db'}")
+    names = {e.name for e in client.search_experiments()}
+    for stage in ("classifiers", "doll", "pretrain", "finetune", "analysis", "report"):
+        assert any(n.endswith(stage) for n in names), (stage, names)
+    report_exp = next(e for e in client.search_experiments() if e.name.endswith("report"))
+    run = client.search_runs([report_exp.experiment_id])[0]
+    assert any(a.path.endswith(".html") or a.is_dir for a in client.list_artifacts(run.info.run_id))
