@@ -82,6 +82,12 @@ def build(datalist_dir: str, work: str, args: argparse.Namespace) -> dict[str, A
     })
     if args.no_augment:
         parser.update({"augmentations": []})
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            parser[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            parser[key.strip()] = value
     parser.parse(True)
     return {name: parser.get_parsed_content(name) for name in
             ("train#trainer", "train#dataset", "network", "loss", "optimizer")}
@@ -99,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no_augment", action="store_true", help="leave the random augmentations out of the pipeline")
+    ap.add_argument("--set", action="append", default=[], metavar="ID=VALUE",
+                    help="extra config override (JSON value or text), e.g. train#dataloader#_target_=ThreadDataLoader")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
@@ -164,9 +172,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
               "ratio": statistics.median(b) / statistics.median(p),
               "ratio_per_round_median": statistics.median([x / y for x, y in zip(b, p)]),
               "threads": torch.get_num_threads(), "image_size": args.image_size, "batch_size": bs,
-              "augment": not args.no_augment, "setup_s": round(setup_s, 1), "n_train": len(images)}
+              "augment": not args.no_augment, "setup_s": round(setup_s, 1), "n_train": len(images),
+              "overrides": list(args.set)}
     print(f"\n{args.arch} {args.task} {args.image_size}x{args.image_size}, batch {bs}, {torch.get_num_threads()} "
           f"threads, augmentations {'on' if not args.no_augment else 'off'}, {len(images)} training images")
+    if args.set:
+        print(f"overrides: {' '.join(args.set)}")
     print(f"bundle trainer : {result['bundle_images_per_s']:.1f} images/s (median of {len(b)} rounds)")
     print(f"bare PyTorch   : {result['bare_images_per_s']:.1f} images/s")
     print(f"ratio          : {result['ratio']:.3f} (target >= 0.85)")

@@ -8,7 +8,7 @@
 # pins below); later runs go straight to the check.
 # Pins: the CPU torch 2.13.0 wheel (pip's find-links /opt/wheels here; on another machine it comes from
 #   https://download.pytorch.org/whl/cpu, set PIP_EXTRA_INDEX_URL to it), torchvision 0.28.0 (the release paired with
-#   torch 2.13; monailabel imports torchvision.utils), monai 1.6.1 (the bundle's version), numpy<2.
+#   torch 2.13; monailabel imports torchvision.utils), monai 1.6.1 (the bundle's version), numpy<2, pydicom<3.
 # sam2 (a monailabel dependency, only used by MONAI Label's optional SAM2 tasks) is published as a source archive
 #   whose build needs torch: it is built first against the pinned CPU torch, without build isolation and without its
 #   CUDA extension (SAM2_BUILD_CUDA=0), so pip never downloads a CUDA torch just to build it.
@@ -21,16 +21,22 @@ case "$venv" in
   "$root"|"$root"/*) echo "[monailabel] MONAILABEL_VENV must lie outside the repository ($root)" >&2; exit 2 ;;
 esac
 
+# PyPI's torchvision 0.28.0 is built against PyPI's CUDA torch: beside the CPU torch its C extension does not load,
+# and scripts/check_monailabel.py then declares the two operators torchvision needs to import (monailabel only uses
+# torchvision.utils). With the PyTorch CPU index reachable, use the matching CPU build instead:
+#   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu MONAILABEL_TORCHVISION=torchvision==0.28.0+cpu bash ...
+torchvision_pin="${MONAILABEL_TORCHVISION:-torchvision==0.28.0}"
 pins=(
   "monailabel==0.8.5"
   "torch==2.13.0+cpu"
-  "torchvision==0.28.0"
+  "$torchvision_pin"
   "monai==1.6.1"
   "numpy<2"
   # the bundle's own imports (bundle/*): not all are monailabel dependencies
   "pandas"
   "matplotlib"
-  "pydicom"
+  # monailabel's DICOM code (pydicom-seg 0.4.1) imports pydicom._storage_sopclass_uids, gone in pydicom 3
+  "pydicom<3"
   "nibabel"
   "scipy"
   "captum==0.9.0"
@@ -50,7 +56,7 @@ if [ ! -f "$stamp" ]; then
   echo "[monailabel] installing ${pins[0]} into $venv (first run: several minutes)"
   quiet "${pip[@]}" install -q --upgrade pip "setuptools>=70.1" wheel
   # 1. torch first (CPU wheel), so that sam2 can be built against it
-  quiet "${pip[@]}" install -q "torch==2.13.0+cpu" "torchvision==0.28.0" "numpy<2"
+  quiet "${pip[@]}" install -q "torch==2.13.0+cpu" "$torchvision_pin" "numpy<2"
   # 2. sam2 from its source archive, against that torch (no build isolation, no CUDA extension)
   quiet env SAM2_BUILD_CUDA=0 "${pip[@]}" install -q --no-build-isolation "$sam2_pin" "torch==2.13.0+cpu" "numpy<2"
   # 3. monailabel and the rest, with the same pins
