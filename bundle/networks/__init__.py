@@ -46,13 +46,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    """Import submodules lazily on attribute access (``bundle.<package>.<module>`` in config expressions)."""
-    import importlib
+from .._lazy import submodule_getattr  # noqa: E402
 
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"{__name__}.{name}":
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-        raise
+__getattr__ = submodule_getattr(__name__)
