@@ -30,7 +30,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -224,8 +224,9 @@ def run_sweep(
     if device:
         common["device"] = f"$torch.device('{device}')"
     log_dir = Path(paths["output_root"]) / "segmentation" / "logs"
-    print(f"[sweep] {len(runs)} runs: tasks={list(tasks)} inits={list(inits)} sizes={[r for r in dict.fromkeys(r.train_size for r in runs)]} "
-          f"seeds={list(seeds)} modes={list(modes)}", flush=True)
+    sizes_run = list(dict.fromkeys(r.train_size for r in runs))
+    print(f"[sweep] {len(runs)} runs: tasks={list(tasks)} inits={list(inits)} sizes={sizes_run} seeds={list(seeds)} "
+          f"modes={list(modes)}", flush=True)
     for k, run in enumerate(runs, 1):
         if metrics_csv(paths["output_root"], run, split).is_file():
             run.status = "skipped"

@@ -199,7 +199,7 @@ def test_internal_batch_size_chunking(cnn, images):
     full = integrated_gradients(cnn, images, targets, n_steps=8)
     ref = captum_reference(cnn, images, targets, make_baselines(images, "zeros"), 8, "gausslegendre",
                            internal_batch_size=3)
-    for ibs in (1, 3, 5, 8, 13, 100):
+    for ibs in (1, 5, 13):  # one row per chunk; chunks straddling images; several images per chunk
         res = integrated_gradients(cnn, images, targets, n_steps=8, internal_batch_size=ibs)
         assert_matches_captum(res, ref, targets)
         assert float((res.attributions - full.attributions).abs().max() / full.attributions.abs().max()) <= 1e-6

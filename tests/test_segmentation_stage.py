@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -137,6 +136,32 @@ def test_task_specs_and_names() -> None:
     assert seg.epochs_for(150, 15) == 10 and seg.epochs_for(151, 15) == 11 and seg.epochs_for(1, 15) == 1
 
 
+def test_config_ids_for_monai_label_and_sweep_grid() -> None:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "train.yaml")])
+    for key in ("train#trainer", "train#dataset", "train#dataset#data", "train#handlers", "validate#evaluator",
+                "validate#dataset#data", "validate#handlers", "val_interval", "network_def", "network", "device",
+                "train#trainer#max_epochs", "task", "init", "mode", "train_size", "seed", "num_iterations"):
+        assert parser.get(key) is not None, key
+    # every train handler is a component dict (MONAI Label reads them with .get("_target_"))
+    assert all(isinstance(h, dict) and "_target_" in h for h in parser.get("train#handlers"))
+    # the indices configs/multi_gpu_train.yaml switches off on ranks > 0
+    targets = [h["_target_"].rsplit(".", 1)[-1] for h in parser.get("train#handlers")]
+    assert (targets[2], targets[4], targets[7]) == ("ResumableTraining", "ProgressBar", "TrackingHandler")
+    assert len(targets) == 8 and parser.get("validate#handlers")[1]["_target_"].endswith("TrackingHandler")
+    sys.path.insert(0, str(REPO / "scripts"))
+    import sweep
+
+    runs = sweep.make_grid(["scr"], ["doll", "scratch"], ["all", 4, "2"], [0, 1])
+    assert len(runs) == 12 and [r.train_size for r in runs[:6]] == ["2", "2", "4", "4", "all", "all"]
+    with pytest.raises(ValueError, match="unknown init"):
+        sweep.make_grid(["scr"], ["imagenet"], [2], [0])
+    with pytest.raises(ValueError, match="unknown task"):
+        sweep.make_grid(["liver"], ["doll"], [2], [0])
+
+
 def test_subset_items_nested_and_seeded() -> None:
     items = [{"image": f"/x/{i}.png", "patient": f"p{i // 2}"} for i in range(20)]
     subsets = {n: seg.subset_items(items, n, seed=3) for n in (2, 4, 8)}
@@ -171,6 +196,25 @@ def test_multilabel_dice_and_resize() -> None:
 
     resized = seg.ResizeLiked("pred", "label")({"pred": torch.ones(3, 8, 8), "label": torch.zeros(3, 16, 12)})
     assert tuple(resized["pred"].shape) == (3, 16, 12) and torch.allclose(resized["pred"], torch.ones(1))
+
+
+def test_rand_affine_joint_moves_image_and_mask_together() -> None:
+    square = torch.zeros(1, 32, 48)
+    square[:, 8:20, 10:30] = 1
+    data = {"image": square.clone(), "label": square.to(torch.uint8)}
+    identity = seg.RandAffineJointd(["image", "label"], prob=1.0, mode=["bilinear", "nearest"])(data)
+    assert torch.allclose(identity["image"], square, atol=1e-5) and torch.equal(identity["label"], data["label"])
+    aug = seg.RandAffineJointd(["image", "label"], prob=1.0, rotate_range=0.3, scale_range=0.1, translate_range=4,
+                               mode=["bilinear", "nearest"], padding_mode=["border", "zeros"])
+    aug.set_random_state(seed=7)
+    out = aug(data)
+    assert out["label"].dtype == torch.uint8 and set(out["label"].unique().tolist()) <= {0, 1}
+    assert not torch.equal(out["label"], data["label"])  # it moved
+    agree = ((out["image"] > 0.5) == (out["label"] > 0)).float().mean()
+    assert agree > 0.97  # the mask follows the image
+    aug.set_random_state(seed=7)
+    assert torch.equal(aug(data)["label"], out["label"])  # seeded
+    assert seg.RandAffineJointd(["image"], prob=0.0, rotate_range=1.0)(data)["image"] is data["image"]
 
 
 def test_resumable_training_honours_max_epochs(tmp_path: Path) -> None:
@@ -283,6 +327,10 @@ def test_finetune_resumes_and_tracks(env: dict[str, Any], finetuned: Path) -> No
         "init": "doll", "task": "scr", "train_size": "2", "seed": "0", "mode": "full"}
     assert params["n_train"] == "2" and int(params["transfer_loaded"]) > 0
     assert "val_mean_dice" in runs[0].data.metrics and "val_dice_heart" in runs[0].data.metrics
+    import mlflow
+
+    artifacts = [a.path for a in mlflow.MlflowClient(env["tracking_uri"]).list_artifacts(runs[0].info.run_id)]
+    assert "transfer_report.json" in artifacts  # the TransferReport, logged with the run
 
 
 @pytest.mark.slow

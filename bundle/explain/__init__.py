@@ -1,13 +1,16 @@
-"""Explanations of classifiers: multi-target Integrated Gradients (``bundle.explain.ig``).
+"""Explanations: multi-target Integrated Gradients (``bundle.explain.ig``), Grad-CAM (``bundle.explain.gradcam``).
 
-Names are imported lazily (``from bundle.explain import integrated_gradients`` loads ``ig`` on first use), so
-``import bundle.explain`` stays cheap.
+Names are imported lazily (``from bundle.explain import integrated_gradients`` loads ``ig`` on first use; any
+sub-module, e.g. ``bundle.explain.gradcam``, is imported on first attribute access), so ``import bundle.explain``
+stays cheap.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from .._lazy import submodule_getattr
 
 _EXPORTS = {
     "IGResult": "ig",
@@ -21,12 +24,13 @@ _EXPORTS = {
 }
 
 
+_submodule = submodule_getattr(__name__)
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    if name == "ig":
-        return importlib.import_module(f"{__name__}.ig")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _submodule(name)
 
 
 __all__ = sorted(_EXPORTS)
