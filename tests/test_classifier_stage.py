@@ -98,16 +98,16 @@ def test_resume_after_kill_mid_epoch(phantom, tmp_path):
     last = root / "models" / "classifiers" / "densenet_small_seed0" / "last.pt"
     deadline = time.time() + 400
     while time.time() < deadline and not last.exists():
-        time.sleep(0.2)
-    time.sleep(1.0)                                 # into epoch 2
-    os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)             # right after the first epoch's checkpoint: mid-run
     proc.wait()
     saved = torch.load(last, weights_only=False)["trainer"]      # ignite keeps iteration and epoch_length
-    assert saved["iteration"] // saved["epoch_length"] == 1
+    done = saved["iteration"] // saved["epoch_length"]
+    assert 1 <= done < 3
     res = subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     log = res.stdout + res.stderr
-    assert "resumed from" in log and "at epoch 1" in log
+    assert "resumed from" in log and f"at epoch {done}" in log
     assert "Epoch[1] Complete" not in log.replace("SupervisedEvaluator - INFO - Epoch[1]", "")
     final = torch.load(last, weights_only=False)["trainer"]
     assert final["iteration"] // final["epoch_length"] == 3

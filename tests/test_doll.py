@@ -192,22 +192,22 @@ def _check_outputs(root: Path, n: int) -> dict:
 
 @pytest.mark.slow
 def test_generation_resumes_after_kill(tmp_path):
-    _make_dataset(tmp_path)
+    _make_dataset(tmp_path, n=60)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(_doll_cmd(tmp_path), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list((tmp_path / "out" / "doll").rglob("*.json"))) < 5:
-        time.sleep(0.2)
+    while time.time() < deadline and len(list((tmp_path / "out" / "doll").rglob("*.json"))) < 3:
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = len(list((tmp_path / "out" / "doll").rglob("*.json")))
-    assert 0 < done_before < 24, "the kill should land mid-generation"
+    assert 0 < done_before < 60, "the kill should land mid-generation"
     assert not (tmp_path / "out" / "doll.json").exists()
     res = subprocess.run(_doll_cmd(tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert f"{done_before} of 24 images already done" in res.stdout + res.stderr
-    _check_outputs(tmp_path, 24)
+    assert f"{done_before} of 60 images already done" in res.stdout + res.stderr
+    _check_outputs(tmp_path, 60)
 
 
 @pytest.mark.slow
