@@ -17,6 +17,8 @@ import mlflow
 import pandas as pd
 import pytest
 
+from report_parser import parse
+
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_ROOT = Path(os.environ.get("CXR_DOLL_PIPELINE_ROOT", ROOT / "quick"))
 if not PIPELINE_ROOT.is_absolute():
@@ -31,18 +33,22 @@ def test_report_embeds_decodable_images():
     from PIL import Image
 
     html = REPORT.read_text()
-    images = re.findall(r'<img src="data:image/png;base64,([^"]+)"', html)
-    assert len(images) >= 5
-    for b64 in images:
-        with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
+    sources = parse(REPORT).images
+    assert len(sources) >= 5
+    for src in sources:
+        assert src.startswith("data:image/png;base64,"), src[:80]  # embedded, nothing fetched
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
             assert im.size[0] > 10 and im.size[1] > 10
-    assert "http://" not in html.replace("http://www.w3.org", "")  # self-contained
+    # self-contained: no external stylesheet, script or image (config text may mention URLs)
+    assert not re.search(r'<(link|script)[^>]+(href|src)="https?://', html)
 
 
 def test_report_tables_parse_and_match_the_stage_outputs():
     html = REPORT.read_text()
-    tables = pd.read_html(io.StringIO(html))
+    tables = parse(REPORT).tables
     assert len(tables) >= 4
+    for name, rows in tables.items():  # every table has a header and rows of the header's width
+        assert len(rows) >= 2 and all(len(r) == len(rows[0]) for r in rows), name
     # classifier AUROC in the report equals the classifier stage's metrics file
     for path in (PIPELINE_ROOT / "eval" / "classifiers").glob("*/metrics_test.json"):
         value = json.loads(path.read_text())["metrics"]["val_mean_auroc"]

@@ -31,8 +31,11 @@ METHODS = ("doll", "ig_single", "gradcam")
 
 
 def _resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    t = torch.as_tensor(mask[None].astype(np.float32))
-    return (torch.nn.functional.interpolate(t, size=tuple(size), mode="nearest")[0].numpy() > 0.5)
+    """Nearest-neighbour resize of a 2-D bit mask to ``size`` (identity when the size already matches)."""
+    if tuple(mask.shape) == tuple(size):
+        return mask.astype(bool)
+    t = torch.as_tensor(mask[None, None].astype(np.float32))
+    return torch.nn.functional.interpolate(t, size=tuple(size), mode="nearest")[0, 0].numpy() > 0.5
 
 
 def _scores(pred: np.ndarray, soft: np.ndarray, truth: np.ndarray, tolerance: int) -> tuple[float, float, float]:
