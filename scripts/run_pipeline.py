@@ -50,12 +50,15 @@ class Pipeline:
         self.device = device
         self.verbose = verbose
         self.log_dir = Path(self.paths["output_root"]) / "logs"
-        self.timing: dict[str, float] = {}
+        self.timing: dict[str, float] = {}   # wall seconds per stage (stages run one after the other)
+        self.steps: dict[str, float] = {}    # wall seconds per bundle command (some run concurrently)
 
-    def bundle_run(self, name: str, configs: list[str], overrides: dict[str, Any] | None = None) -> None:
-        """Run ``python -m monai.bundle run`` on ``configs`` (names under configs/) with the shared folders."""
+    def bundle_run(self, name: str, configs: list[str], overrides: dict[str, Any] | None = None,
+                   env: dict[str, str] | None = None, launcher: list[str] | None = None) -> None:
+        """Run ``python -m monai.bundle run`` on ``configs`` (names under configs/) with the shared folders
+        (``launcher`` replaces ``python``, e.g. torchrun; ``env`` replaces the environment)."""
         files = [str(ROOT / "configs" / c) for c in ["common.yaml", *configs]]
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(files)]
+        cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", "--config_file", json.dumps(files)]
         args = dict(self.paths)
         if self.device:
             args["device"] = f"$torch.device('{self.device}')"
@@ -68,9 +71,9 @@ class Pipeline:
         print(f"[pipeline] {name}: {' '.join(configs)}", flush=True)
         with open(log_path, "w") as log:
             proc = subprocess.run(cmd, cwd=ROOT, stdout=None if self.verbose else log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                  env=env or {**os.environ, "PYTHONUNBUFFERED": "1"})
         elapsed = time.time() - start
-        self.timing[name] = round(elapsed, 1)
+        self.steps[name] = round(elapsed, 1)
         if proc.returncode != 0:
             tail = "" if self.verbose else "".join(open(log_path).readlines()[-40:])
             raise SystemExit(f"[pipeline] stage {name} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
@@ -80,21 +83,50 @@ class Pipeline:
     def data(self) -> None:
         self.bundle_run("data", ["prepare_data.yaml"], self.settings["overrides"].get("data"))
 
+    @property
+    def jobs(self) -> int:
+        """Independent runs executed at once (classifiers, sweep cells), CPU threads shared out between them."""
+        return 1 if (self.device or "cpu").startswith("cuda") else int(self.settings.get("jobs", 1))
+
     def classifier(self) -> None:
+        """Stage 2: every classifier of the settings (trained, then evaluated on the test split), ``jobs`` at once."""
+        from scripts.sweep import thread_env
+
         common = self.settings["overrides"].get("classifier") or {}
-        for spec in self.settings["classifiers"]:
+        jobs = min(self.jobs, len(self.settings["classifiers"]))
+        env = thread_env(jobs)
+
+        def one(spec: dict[str, Any]) -> None:
             spec = {**common, **spec, "show_progress": False}
             name = f"{spec['classifier_arch']}_seed{spec['seed']}"
-            self.bundle_run(f"classifier_{name}", ["train_classifier.yaml"], spec)
+            self.bundle_run(f"classifier_{name}", ["train_classifier.yaml"], spec, env=env)
             self.bundle_run(f"classifier_{name}_eval", ["train_classifier.yaml", "evaluate_classifier.yaml"],
-                            {k: v for k, v in spec.items() if k in ("classifier_arch", "seed")})
+                            {k: v for k, v in spec.items() if k in ("classifier_arch", "seed")}, env=env)
+
+        if jobs > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                list(pool.map(one, self.settings["classifiers"]))  # re-raises the first failure
+        else:
+            for spec in self.settings["classifiers"]:
+                one(spec)
 
     def classifier_names(self) -> list[str]:
         return [f"{c['classifier_arch']}_seed{c['seed']}" for c in self.settings["classifiers"]]
 
     def doll(self) -> None:
+        """Stage 3: DoLL generation (sharded over ``doll_processes`` torchrun ranks on CPU, gloo), then its quality."""
+        from scripts.sweep import thread_env
+
         overrides = {"classifier_names": self.classifier_names(), **(self.settings["overrides"].get("doll") or {})}
-        self.bundle_run("doll_generate", ["generate_doll.yaml"], overrides)
+        nproc = 1 if (self.device or "cpu").startswith("cuda") else int(self.settings.get("doll_processes", 1))
+        if nproc > 1:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+            self.bundle_run("doll_generate", ["generate_doll.yaml"], {**overrides, "distributed": True},
+                            env=thread_env(nproc), launcher=launcher)
+        else:
+            self.bundle_run("doll_generate", ["generate_doll.yaml"], overrides)
         quality = {**overrides, **(self.settings["overrides"].get("doll_quality") or {})}
         self.bundle_run("doll_quality", ["generate_doll.yaml", "evaluate_doll.yaml"], quality)
 
@@ -111,10 +143,11 @@ class Pipeline:
         start = time.time()
         print(f"[pipeline] finetune: sweep {grid}", flush=True)
         result = run_sweep(**grid, data_root=self.paths["data_root"], output_root=self.paths["output_root"],
-                           models_dir=self.paths["models_dir"], device=self.device, verbose=self.verbose)
-        self.timing["finetune"] = round(time.time() - start, 1)
+                           models_dir=self.paths["models_dir"], device=self.device, verbose=self.verbose,
+                           jobs=self.jobs)
+        self.steps["finetune"] = round(time.time() - start, 1)
         print(f"[pipeline] finetune: {len(result.runs)} runs, {result.num_rows} rows -> {result.csv_path} "
-              f"in {self.timing['finetune']:.0f} s", flush=True)
+              f"in {self.steps['finetune']:.0f} s", flush=True)
 
     def export(self) -> None:
         """Stage 6: the shipped model = the SCR fine-tune of the DoLL checkpoint on all training images (seed 0),
@@ -136,7 +169,7 @@ class Pipeline:
         res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if res.returncode != 0:
             raise SystemExit(f"[pipeline] export failed:\n{res.stderr[-3000:]}")
-        self.timing["export"] = round(time.time() - start, 1)
+        self.steps["export"] = round(time.time() - start, 1)
         print(f"[pipeline] export: {src} -> {dst} and {dst.with_suffix('.ts')}", flush=True)
 
     def analysis(self) -> None:
@@ -147,6 +180,13 @@ class Pipeline:
     def report(self) -> None:
         """Stage 8 (configs/report.yaml): the HTML/Markdown/CSV report. This run's timings so far are merged into
         ``pipeline_timing.json`` first, so that the report shows them (the report's own time is added after)."""
+        self.write_timing()
+        self.bundle_run("report", ["report.yaml"], self.settings["overrides"].get("report"))
+
+    def write_timing(self) -> dict[str, Any]:
+        """Merge this run's stage and step timings into ``<output_root>/pipeline_timing.json``: ``{stage: seconds,
+        ..., "total": sum of the stages, "steps": {bundle command: seconds}}`` (stages of an earlier partial run
+        are kept)."""
         path = Path(self.paths["output_root"]) / "pipeline_timing.json"
         timing: dict[str, Any] = {}
         if path.is_file():
@@ -154,19 +194,24 @@ class Pipeline:
                 timing = json.loads(path.read_text())
             except json.JSONDecodeError:
                 timing = {}
+        steps = {**(timing.pop("steps", None) or {}), **self.steps}
+        timing.pop("total", None)
         timing.update(self.timing)
-        if self.timing:
-            timing["total"] = round(sum(v for k, v in timing.items() if k != "total"), 1)
+        timing = {k: timing[k] for k in STAGES if k in timing}
+        timing["total"] = round(sum(timing.values()), 1)
+        timing["steps"] = steps
         atomic_write_json(path, timing)
-        self.bundle_run("report", ["report.yaml"], self.settings["overrides"].get("report"))
+        return timing
 
     def run(self, stages: list[str]) -> None:
         start = time.time()
         for stage in stages:
+            t0 = time.time()
             getattr(self, stage)()
-        self.timing["total"] = round(time.time() - start, 1)
-        atomic_write_json(Path(self.paths["output_root"]) / "pipeline_timing.json", self.timing)
-        print(f"[pipeline] finished {', '.join(stages)} in {self.timing['total']:.0f} s", flush=True)
+            self.timing[stage] = round(time.time() - t0, 1)
+        timing = self.write_timing()
+        print(f"[pipeline] finished {', '.join(stages)} in {time.time() - start:.0f} s "
+              f"(pipeline_timing.json total: {timing['total']:.0f} s)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -130,11 +130,23 @@ def _bundle_cmd(configs: Sequence[str], args: Mapping[str, Any], python: str) ->
     return cmd
 
 
-def _run(cmd: list[str], log_path: Path, verbose: bool) -> tuple[int, str]:
+def thread_env(jobs: int) -> dict[str, str]:
+    """Environment of one of ``jobs`` concurrent CPU processes: the cores shared out (``OMP_NUM_THREADS``), so that
+    ``jobs`` small single-image-batch workloads run side by side instead of oversubscribing the machine. On 2 cores
+    two 1-thread processes train small networks about 1.5x faster in total than one 2-thread process (measured in
+    docs/README.md, Performance). ``jobs <= 1`` keeps the caller's environment."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if jobs > 1:
+        threads = str(max(1, len(os.sched_getaffinity(0)) // jobs))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    return env
+
+
+def _run(cmd: list[str], log_path: Path, verbose: bool, env: Mapping[str, str] | None = None) -> tuple[int, str]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=None if verbose else log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              env=dict(env or {**os.environ, "PYTHONUNBUFFERED": "1"}))
     tail = "" if verbose else "".join(open(log_path).readlines()[-30:])
     return proc.returncode, tail
 
@@ -189,6 +201,7 @@ def run_sweep(
     verbose: bool = False,
     keep_going: bool = False,
     log_mlflow: bool = True,
+    jobs: int = 1,
 ) -> SweepResult:
     """Run (or resume) the low-data grid and write its tidy per-image CSV.
 
@@ -206,6 +219,8 @@ def run_sweep(
         verbose: stream the subprocesses' output (default: ``<output_root>/segmentation/logs/<run>_{train,eval}.log``).
         keep_going: record a failed run and continue (default: raise at the first failure).
         log_mlflow: log the sweep's summary run to MLflow.
+        jobs: runs executed concurrently, the CPU threads shared out between them (:func:`thread_env`; each run
+            is still one deterministic process: same seed, same jobs, same result).
 
     Returns:
         :class:`SweepResult` (each run's status: ``skipped`` when its CSV existed, else ``done`` or ``failed``).
@@ -227,27 +242,42 @@ def run_sweep(
     sizes_run = list(dict.fromkeys(r.train_size for r in runs))
     print(f"[sweep] {len(runs)} runs: tasks={list(tasks)} inits={list(inits)} sizes={sizes_run} seeds={list(seeds)} "
           f"modes={list(modes)}", flush=True)
-    for k, run in enumerate(runs, 1):
+    env = thread_env(jobs)
+    failures: list[str] = []
+
+    def execute(k: int, run: SweepRun) -> None:
         if metrics_csv(paths["output_root"], run, split).is_file():
             run.status = "skipped"
             print(f"[sweep] {k}/{len(runs)} {run.name}: finished before, skipped", flush=True)
-            continue
+            return
+        if failures and not keep_going:
+            return
         start = time.time()
         args = {**common, **run.args()}
         for what, configs, extra in (("train", TRAIN_CONFIGS, {}), ("eval", EVAL_CONFIGS, {"eval_split": split})):
-            code, tail = _run(_bundle_cmd(configs, {**args, **extra}, python), log_dir / f"{run.name}_{what}.log",
-                              verbose)
+            log_path = log_dir / f"{run.name}_{what}.log"
+            code, tail = _run(_bundle_cmd(configs, {**args, **extra}, python), log_path, verbose, env)
             if code != 0:
                 run.status, run.error = "failed", f"{what} exited {code}"
-                message = f"[sweep] {run.name}: {what} failed (exit {code}); log {log_dir / f'{run.name}_{what}.log'}"
-                if not keep_going:
-                    raise RuntimeError(message + "\n" + tail)
-                print(message + "\n" + tail, flush=True)
+                message = f"[sweep] {run.name}: {what} failed (exit {code}); log {log_path}"
+                failures.append(message + "\n" + tail)
+                print(message + ("" if keep_going else "\n" + tail), flush=True)
                 break
         else:
             run.status = "done"
         run.seconds = round(time.time() - start, 1)
         print(f"[sweep] {k}/{len(runs)} {run.name}: {run.status} in {run.seconds:.0f} s", flush=True)
+
+    if jobs > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(lambda kr: execute(*kr), enumerate(runs, 1)))
+    else:
+        for k, run in enumerate(runs, 1):
+            execute(k, run)
+    if failures and not keep_going:
+        raise RuntimeError(failures[0])
 
     frame = collect(runs, paths["output_root"], split)
     csv_path = str(output_csv or Path(paths["output_root"]) / "segmentation" / f"sweep_{split}.csv")
@@ -314,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> SweepResult:
     parser.add_argument("--split", default="test")
     parser.add_argument("--output_csv")
     parser.add_argument("--keep_going", action="store_true", help="continue after a failed run")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="runs at once, CPU threads shared out (default: the settings' `jobs`, else 1)")
     parser.add_argument("--verbose", action="store_true", help="stream the runs' output instead of logging it")
     parser.add_argument("--dry_run", action="store_true", help="list the runs and their status, run nothing")
     args = parser.parse_args(argv)
@@ -343,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> SweepResult:
     return run_sweep(grid["tasks"], grid["inits"], grid["sizes"], grid["seeds"], grid.get("modes", ["full"]),
                      overrides=overrides, data_root=args.data_root, output_root=args.output_root,
                      models_dir=args.models_dir, device=args.device, split=args.split, output_csv=args.output_csv,
-                     verbose=args.verbose, keep_going=args.keep_going)
+                     verbose=args.verbose, keep_going=args.keep_going,
+                     jobs=int(args.jobs if args.jobs is not None else grid.get("jobs", 1)))
 
 
 if __name__ == "__main__":

@@ -230,3 +230,61 @@ def test_two_process_sharding_gives_the_single_process_datalist(tmp_path):
     assert rel(a, single) == rel(b, double)
     for ea, eb in zip(a["training"], b["training"]):            # same masks, bit for bit
         assert np.array_equal(load_bitmask(ea["label"], 14), load_bitmask(eb["label"], 14))
+
+
+# ---- quality against true lesions (configs/evaluate_doll.yaml) --------------------------------------------------
+def test_quality_scores_hand_computed_case():
+    from bundle.doll.quality import _resize_mask, _scores
+
+    truth = np.zeros((10, 10), bool)
+    truth[2:6, 2:6] = True                      # 16 px
+    pred = np.zeros((10, 10), bool)
+    pred[4:8, 4:8] = True                       # 16 px, 4 px overlap
+    soft = np.zeros((10, 10))
+    soft[9, 9] = 1.0                            # peak 3 px (diagonally) from the lesion: misses at tolerance 0 and 1
+    iou, dice, hit = _scores(pred, soft, truth, tolerance=0)
+    assert iou == pytest.approx(4 / 28) and dice == pytest.approx(8 / 32) and hit == 0.0
+    soft[:] = 0
+    soft[6, 6] = 1.0                            # one pixel diagonally outside: a hit only with a tolerance
+    assert _scores(pred, soft, truth, tolerance=0)[2] == 0.0
+    assert _scores(pred, soft, truth, tolerance=1)[2] == 0.0  # 4-connected dilation does not reach the diagonal
+    assert _scores(pred, soft, truth, tolerance=2)[2] == 1.0
+    assert _scores(pred, np.zeros((10, 10)), truth, tolerance=5)[2] == 0.0  # an empty map points nowhere
+    big = _resize_mask(np.kron(truth, np.ones((2, 2), bool)), (10, 10))  # a 20 x 20 mask back to 10 x 10
+    assert big.shape == (10, 10) and np.array_equal(big, truth)
+
+
+def test_quality_of_a_known_classifier(tmp_path):
+    """Single classifier: DoLL equals single-classifier IG, and both find the bright patch (its true lesion)."""
+    from bundle.data.io import encode_bitmask, save_png
+    from bundle.doll.quality import evaluate_quality, summarize
+
+    net = RegionClassifier(_regions())
+    gen = DoLLGenerator([net], smooth_sigma=0.5, min_component_size=4, n_steps=8)
+    items, images = [], {}
+    for i, (r, c, cls) in enumerate([(9, 9, 5), (1, 17, 2), (17, 1, 8)]):
+        x = np.zeros((32, 32), np.float32)
+        x[r: r + 6, c: c + 6] = 1.0
+        lesion = np.zeros((14, 32, 32), np.uint8)
+        lesion[cls] = x > 0
+        save_png(tmp_path / f"lesion{i}.png", encode_bitmask(lesion))
+        label = [float("nan")] * 14
+        label[cls] = 1.0
+        images[str(i)] = (x, label)
+        items.append({"image": str(i), "lesion": str(tmp_path / f"lesion{i}.png")})
+
+    def preprocess(item):
+        x, label = images[item["image"]]
+        return {"image": torch.as_tensor(x)[None], "label": torch.tensor(label)}
+
+    rows, examples = evaluate_quality(items, gen, preprocess, gradcam_layer=None, tolerance=0, batch_size=2)
+    assert len(rows) == 3 * 2 and {r["method"] for r in rows} == {"doll", "ig_single"}
+    for r in rows:
+        assert r["target"] == 1 and r["iou"] > 0.6 and r["hit"] == 1.0
+    by = {(r["image"], r["method"]): r["iou"] for r in rows}
+    for i in "012":
+        assert by[(i, "doll")] == pytest.approx(by[(i, "ig_single")])
+    table = summarize(rows)
+    overall = {r["method"]: r for r in table if r["observation"] == "all"}
+    assert overall["doll"]["n"] == 3 and overall["doll"]["iou"] == pytest.approx(np.mean([by[(i, "doll")] for i in "012"]))
+    assert [e["observation"] for e in examples] == ["Cardiomegaly", "Edema", "Atelectasis"]

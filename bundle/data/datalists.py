@@ -19,7 +19,8 @@ from .chexpert import chexpert_datalist
 from .segsets import folder_datalist, qata_datalist, scr_datalist
 from .splits import subsample
 
-__all__ = ["DATALIST_SECTIONS", "write_datalist", "read_datalist", "load_datalist_section", "build_all_datalists"]
+__all__ = ["DATALIST_SECTIONS", "write_datalist", "read_datalist", "load_datalist_section", "build_all_datalists",
+           "format_datalist_summary", "datalist_policy"]
 
 logger = logging.getLogger(__name__)
 
@@ -208,3 +209,13 @@ def format_datalist_summary(summary: Mapping[str, Any]) -> str:
         counts = ", ".join(f"{k} {info[k]}" for k in ("training", "validation", "test") if k in info)
         lines.append(f"datalist {name}: {counts} (skipped {info.get('skipped', 0)}) -> {info['path']}")
     return "\n".join(lines)
+
+
+def datalist_policy(path: PathLike) -> str:
+    """The CheXpert uncertainty policy a classification datalist was built with (from its ``summary``), as text:
+    ``"ignore"`` or e.g. ``"{'default': 'ignore', 'No Finding': 'zeros'}"``; ``"unknown"`` when not recorded."""
+    from ..utils import load_json
+
+    summary = load_json(path).get("summary") or {}
+    policy = (summary.get("train_csv") or {}).get("policy", summary.get("policy"))
+    return "unknown" if policy is None else str(policy)

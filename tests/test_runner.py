@@ -1,0 +1,58 @@
+"""The pipeline runner (scripts/run_pipeline.py) and the sweep's process settings: thread sharing between
+concurrent runs, the timing file the report reads, the settings of configs/pipeline.yaml."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scripts.run_pipeline import STAGES, Pipeline
+from scripts.sweep import thread_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_thread_env_shares_the_cores_out():
+    cores = len(os.sched_getaffinity(0))
+    env = thread_env(2)
+    assert env["OMP_NUM_THREADS"] == str(max(1, cores // 2)) == env["MKL_NUM_THREADS"]
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert thread_env(4 * cores)["OMP_NUM_THREADS"] == "1"          # never zero threads
+    one = thread_env(1)                                              # one job: the caller's settings stay
+    assert one.get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
+
+
+def test_timing_file_sums_stages_and_keeps_earlier_ones(tmp_path):
+    pipe = Pipeline(quick=True, device="cpu", root=tmp_path)
+    out = tmp_path / "eval"
+    out.mkdir(parents=True)
+    # an earlier partial run recorded the data and classifier stages
+    (out / "pipeline_timing.json").write_text(json.dumps(
+        {"data": 10.0, "classifier": 30.0, "total": 40.0, "steps": {"data": 10.0, "classifier_a": 25.0}}))
+    pipe.timing = {"classifier": 20.0, "doll": 5.5}                  # this run re-ran the classifiers, then DoLL
+    pipe.steps = {"classifier_a": 12.0, "classifier_b": 13.0, "doll_generate": 5.0}
+    timing = pipe.write_timing()
+    assert json.loads((out / "pipeline_timing.json").read_text()) == timing
+    assert [k for k in timing if k not in ("total", "steps")] == ["data", "classifier", "doll"]  # stage order
+    assert timing["classifier"] == 20.0 and timing["total"] == pytest.approx(35.5)
+    assert timing["steps"] == {"data": 10.0, "classifier_a": 12.0, "classifier_b": 13.0, "doll_generate": 5.0}
+
+
+def test_pipeline_settings_are_consistent():
+    settings = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
+    for name in ("default", "quick"):
+        s = settings[name]
+        names = [f"{c['classifier_arch']}_seed{c['seed']}" for c in s["classifiers"]]
+        assert len(set(names)) == len(names) >= 2, "DoLL boosts across at least two distinct classifiers"
+        grid = s["sweep"]
+        # the export stage ships the DoLL fine-tune on all images, seed 0: the sweep must produce it
+        assert "doll" in grid["inits"] and "all" in [str(x) for x in grid["sizes"]] and 0 in grid["seeds"]
+        assert int(s.get("jobs", 1)) >= 1 and int(s.get("doll_processes", 1)) >= 1
+    assert set(STAGES) >= {"data", "classifier", "doll", "pretrain", "finetune", "export", "analysis", "report"}
+    # the default grid holds the acceptance comparison: DoLL against scratch at 4 images over >= 3 seeds
+    d = settings["default"]["sweep"]
+    assert {"doll", "scratch"} <= set(d["inits"]) and 4 in d["sizes"] and len(d["seeds"]) >= 3
