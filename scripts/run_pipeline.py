@@ -37,6 +37,12 @@ def _fmt(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def say(message: str) -> None:
+    """One whole line to stdout (one write, so that lines of concurrent runs never interleave)."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
 class Pipeline:
     """Chains the stage configs with shared folders; each stage's output goes to ``eval/logs/<stage>.log``."""
 
@@ -68,7 +74,7 @@ class Pipeline:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         start = time.time()
-        print(f"[pipeline] {name}: {' '.join(configs)}", flush=True)
+        say(f"[pipeline] {name}: {' '.join(configs)}")
         with open(log_path, "w") as log:
             proc = subprocess.run(cmd, cwd=ROOT, stdout=None if self.verbose else log, stderr=subprocess.STDOUT,
                                   env=env or {**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -77,7 +83,7 @@ class Pipeline:
         if proc.returncode != 0:
             tail = "" if self.verbose else "".join(open(log_path).readlines()[-40:])
             raise SystemExit(f"[pipeline] stage {name} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
-        print(f"[pipeline] {name}: done in {elapsed:.0f} s", flush=True)
+        say(f"[pipeline] {name}: done in {elapsed:.0f} s")
 
     # ---- stages -------------------------------------------------------------------------------------------------
     def data(self) -> None:
@@ -137,17 +143,27 @@ class Pipeline:
 
     def finetune(self) -> None:
         """Stage 5: the low-data sweep (scripts/sweep.py; grid from configs/pipeline.yaml), train + evaluate runs."""
+        from bundle.workflows.segmentation import TASKS
         from scripts.sweep import run_sweep
 
         grid = dict(self.settings["sweep"])
+        extra = []
+        for g in grid.pop("extra", None) or []:  # e.g. the real-lungs check: only where its datalist was written
+            missing = [t for t in g["tasks"] if not (Path(self.paths["data_root"]) / "datalists"
+                                                    / TASKS[t].datalist).is_file()]
+            if missing:
+                say(f"[pipeline] finetune: no datalist for {missing} (data absent), grid {g} skipped")
+            else:
+                extra.append(g)
+        grid["extra"] = extra
         start = time.time()
-        print(f"[pipeline] finetune: sweep {grid}", flush=True)
+        say(f"[pipeline] finetune: sweep {grid}")
         result = run_sweep(**grid, data_root=self.paths["data_root"], output_root=self.paths["output_root"],
                            models_dir=self.paths["models_dir"], device=self.device, verbose=self.verbose,
                            jobs=self.jobs)
         self.steps["finetune"] = round(time.time() - start, 1)
-        print(f"[pipeline] finetune: {len(result.runs)} runs, {result.num_rows} rows -> {result.csv_path} "
-              f"in {self.steps['finetune']:.0f} s", flush=True)
+        say(f"[pipeline] finetune: {len(result.runs)} runs, {result.num_rows} rows -> {result.csv_path} "
+              f"in {self.steps['finetune']:.0f} s")
 
     def export(self) -> None:
         """Stage 6: the shipped model = the SCR fine-tune of the DoLL checkpoint on all training images (seed 0),
@@ -170,7 +186,7 @@ class Pipeline:
         if res.returncode != 0:
             raise SystemExit(f"[pipeline] export failed:\n{res.stderr[-3000:]}")
         self.steps["export"] = round(time.time() - start, 1)
-        print(f"[pipeline] export: {src} -> {dst} and {dst.with_suffix('.ts')}", flush=True)
+        say(f"[pipeline] export: {src} -> {dst} and {dst.with_suffix('.ts')}")
 
     def analysis(self) -> None:
         """Stage 7 (configs/analysis.yaml): statistics, learning curves, Grad-CAM and ensembles of the sweep; the
@@ -210,8 +226,8 @@ class Pipeline:
             getattr(self, stage)()
             self.timing[stage] = round(time.time() - t0, 1)
         timing = self.write_timing()
-        print(f"[pipeline] finished {', '.join(stages)} in {time.time() - start:.0f} s "
-              f"(pipeline_timing.json total: {timing['total']:.0f} s)", flush=True)
+        say(f"[pipeline] finished {', '.join(stages)} in {time.time() - start:.0f} s "
+              f"(pipeline_timing.json total: {timing['total']:.0f} s)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Low-data sweep of the fine-tuning stage: tasks x initialisations x training-set sizes x seeds (x modes).
 
-Each run is two ordinary bundle commands, run as subprocesses (so each can be repeated alone):
+Each run is two ordinary bundle workflows (so each can be repeated alone with these commands), executed one after
+the other in one subprocess per run (``scripts/sweep.py --cell``: the second skips the interpreter start-up):
 
     python -m monai.bundle run --config_file "['configs/common.yaml','configs/train.yaml']" \\
         --task scr --init doll --train_size 4 --seed 0 --mode full ...
@@ -122,12 +123,10 @@ def metrics_csv(output_root: str | os.PathLike, run: SweepRun, split: str = "tes
     return Path(output_root) / "segmentation" / run.name / f"metrics_{split}.csv"
 
 
-def _bundle_cmd(configs: Sequence[str], args: Mapping[str, Any], python: str) -> list[str]:
-    files = [str(ROOT / "configs" / c) for c in configs]
-    cmd = [python, "-m", "monai.bundle", "run", "--config_file", json.dumps(files)]
-    for key, value in args.items():
-        cmd += [f"--{key}", _fmt(value)]
-    return cmd
+def say(message: str) -> None:
+    """One whole line to stdout (one write, so that lines of concurrent runs never interleave)."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def thread_env(jobs: int) -> dict[str, str]:
@@ -149,6 +148,21 @@ def _run(cmd: list[str], log_path: Path, verbose: bool, env: Mapping[str, str] |
                               env=dict(env or {**os.environ, "PYTHONUNBUFFERED": "1"}))
     tail = "" if verbose else "".join(open(log_path).readlines()[-30:])
     return proc.returncode, tail
+
+
+def run_cell(steps: Sequence[Mapping[str, Any]]) -> None:
+    """Run bundle workflows one after the other in this process: ``[{"name", "configs": [file names under
+    configs/], "args": {id: value}}]``, each exactly as ``python -m monai.bundle run --config_file [...] --id value``
+    (values in the command-line form of :func:`_fmt`)."""
+    import fire.parser  # the parser `python -m monai.bundle` applies to command-line values
+
+    from monai.bundle import run
+
+    for step in steps:
+        files = [str(ROOT / "configs" / c) for c in step["configs"]]
+        args = {k: fire.parser.DefaultParseValue(_fmt(v)) for k, v in step["args"].items()}
+        say(f"[cell] {step['name']}: {' '.join(step['configs'])}")
+        run(config_file=files, **args)
 
 
 def collect(runs: Sequence[SweepRun], output_root: str | os.PathLike, split: str = "test") -> Any:
@@ -202,6 +216,7 @@ def run_sweep(
     keep_going: bool = False,
     log_mlflow: bool = True,
     jobs: int = 1,
+    extra: Sequence[Mapping[str, Any]] = (),
 ) -> SweepResult:
     """Run (or resume) the low-data grid and write its tidy per-image CSV.
 
@@ -216,9 +231,11 @@ def run_sweep(
         split: the evaluated split.
         output_csv: the tidy CSV (default ``<output_root>/segmentation/sweep_<split>.csv``).
         python: interpreter of the subprocesses.
-        verbose: stream the subprocesses' output (default: ``<output_root>/segmentation/logs/<run>_{train,eval}.log``).
+        verbose: stream the subprocesses' output (default: ``<output_root>/segmentation/logs/<run>.log``).
         keep_going: record a failed run and continue (default: raise at the first failure).
         log_mlflow: log the sweep's summary run to MLflow.
+        extra: further grids (mappings with ``tasks``, ``inits``, ``sizes``, ``seeds`` and optionally ``modes``) whose
+            runs join this sweep (same CSV, same MLflow run), e.g. a real-data check at one size.
         jobs: runs executed concurrently, the CPU threads shared out between them (:func:`thread_env`; each run
             is still one deterministic process: same seed, same jobs, same result).
 
@@ -235,38 +252,43 @@ def run_sweep(
     paths = {"data_root": str(data_root or ROOT / "data"), "output_root": str(output_root or ROOT / "eval"),
              "models_dir": str(models_dir or ROOT / "models")}
     runs = make_grid(tasks, inits, sizes, seeds, modes)
+    for grid in extra:
+        for run in make_grid(grid["tasks"], grid["inits"], grid["sizes"], grid["seeds"], grid.get("modes", modes)):
+            if run.name not in {r.name for r in runs}:
+                runs.append(run)
     common: dict[str, Any] = {**paths, "show_progress": False, **dict(overrides or {})}
     if device:
         common["device"] = f"$torch.device('{device}')"
     log_dir = Path(paths["output_root"]) / "segmentation" / "logs"
     sizes_run = list(dict.fromkeys(r.train_size for r in runs))
-    print(f"[sweep] {len(runs)} runs: tasks={list(tasks)} inits={list(inits)} sizes={sizes_run} seeds={list(seeds)} "
-          f"modes={list(modes)}", flush=True)
+    say(f"[sweep] {len(runs)} runs: tasks={list(tasks)} inits={list(inits)} sizes={sizes_run} seeds={list(seeds)} "
+        f"modes={list(modes)}" + (f" + extra grids {[dict(g) for g in extra]}" if extra else ""))
     env = thread_env(jobs)
     failures: list[str] = []
 
     def execute(k: int, run: SweepRun) -> None:
         if metrics_csv(paths["output_root"], run, split).is_file():
             run.status = "skipped"
-            print(f"[sweep] {k}/{len(runs)} {run.name}: finished before, skipped", flush=True)
+            say(f"[sweep] {k}/{len(runs)} {run.name}: finished before, skipped")
             return
         if failures and not keep_going:
             return
         start = time.time()
         args = {**common, **run.args()}
-        for what, configs, extra in (("train", TRAIN_CONFIGS, {}), ("eval", EVAL_CONFIGS, {"eval_split": split})):
-            log_path = log_dir / f"{run.name}_{what}.log"
-            code, tail = _run(_bundle_cmd(configs, {**args, **extra}, python), log_path, verbose, env)
-            if code != 0:
-                run.status, run.error = "failed", f"{what} exited {code}"
-                message = f"[sweep] {run.name}: {what} failed (exit {code}); log {log_path}"
-                failures.append(message + "\n" + tail)
-                print(message + ("" if keep_going else "\n" + tail), flush=True)
-                break
+        steps = [{"name": "train", "configs": list(TRAIN_CONFIGS), "args": args},
+                 {"name": "eval", "configs": list(EVAL_CONFIGS), "args": {**args, "eval_split": split}}]
+        log_path = log_dir / f"{run.name}.log"
+        code, tail = _run([python, str(Path(__file__).resolve()), "--cell", json.dumps(steps)], log_path, verbose,
+                          env)
+        if code != 0:
+            run.status, run.error = "failed", f"exit {code}"
+            message = f"[sweep] {run.name}: failed (exit {code}); log {log_path}"
+            failures.append(message + "\n" + tail)
+            say(message + ("" if keep_going else "\n" + tail))
         else:
             run.status = "done"
         run.seconds = round(time.time() - start, 1)
-        print(f"[sweep] {k}/{len(runs)} {run.name}: {run.status} in {run.seconds:.0f} s", flush=True)
+        say(f"[sweep] {k}/{len(runs)} {run.name}: {run.status} in {run.seconds:.0f} s")
 
     if jobs > 1:
         from concurrent.futures import ThreadPoolExecutor
@@ -290,9 +312,10 @@ def run_sweep(
     if log_mlflow and not frame.empty:
         result.mlflow_run_id = _log_sweep(result, paths["output_root"], dict(overrides or {}), split,
                                           {"tasks": list(tasks), "inits": list(inits), "sizes": [str(s) for s in sizes],
-                                           "seeds": list(seeds), "modes": list(modes)})
-    print(f"[sweep] {result.count('done')} run, {result.count('skipped')} skipped, {result.count('failed')} failed; "
-          f"{len(frame)} rows in {csv_path}", flush=True)
+                                           "seeds": list(seeds), "modes": list(modes),
+                                           "extra": [dict(g) for g in extra]})
+    say(f"[sweep] {result.count('done')} run, {result.count('skipped')} skipped, {result.count('failed')} failed; "
+          f"{len(frame)} rows in {csv_path}")
     return result
 
 
@@ -348,7 +371,11 @@ def main(argv: Sequence[str] | None = None) -> SweepResult:
                         help="runs at once, CPU threads shared out (default: the settings' `jobs`, else 1)")
     parser.add_argument("--verbose", action="store_true", help="stream the runs' output instead of logging it")
     parser.add_argument("--dry_run", action="store_true", help="list the runs and their status, run nothing")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: one run's workflows (see run_cell)
     args = parser.parse_args(argv)
+    if args.cell:
+        run_cell(json.loads(args.cell))
+        return SweepResult(runs=[], csv_path="", num_rows=0)
 
     settings = yaml.safe_load((ROOT / "configs" / "sweep.yaml").read_text())
     if args.settings not in settings:

@@ -288,3 +288,28 @@ def test_quality_of_a_known_classifier(tmp_path):
     overall = {r["method"]: r for r in table if r["observation"] == "all"}
     assert overall["doll"]["n"] == 3 and overall["doll"]["iou"] == pytest.approx(np.mean([by[(i, "doll")] for i in "012"]))
     assert [e["observation"] for e in examples] == ["Cardiomegaly", "Edema", "Atelectasis"]
+
+
+def test_gradcam_maps_match_captum_layer_gradcam():
+    """The quality stage's Grad-CAM equals captum's LayerGradCam (ReLU, bilinear upsampling), not MONAI's flipped
+    display normalisation."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    from bundle.doll.quality import gradcam_maps
+    from bundle.networks.classifiers import build_classifier
+
+    torch.manual_seed(0)
+    net = build_classifier("densenet_small", init_features=8, growth_rate=4, block_config=(2, 2)).eval()
+    x = torch.rand(2, 1, 32, 32)
+    targets = [[1, 3, 7, 9, 11], [0, 2, 5, 8, 13]]
+    maps = gradcam_maps(net, "class_layers.relu", x, targets, 14)
+    layer = LayerGradCam(net, net.class_layers.relu)
+    nonzero = 0
+    for i, row in enumerate(targets):
+        for c in row:
+            ref = layer.attribute(x[i: i + 1], target=c, relu_attributions=True)
+            ref = LayerAttribution.interpolate(ref, (32, 32), interpolate_mode="bilinear")[0, 0].detach()
+            nonzero += int(ref.abs().max() > 0)
+            torch.testing.assert_close(maps[i, c], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()) + 1e-12)
+    assert nonzero >= 3                      # the comparison is not between empty maps
+    assert maps[0, [c for c in range(14) if c not in targets[0]]].abs().sum() == 0

@@ -56,10 +56,13 @@ def _scores(pred: np.ndarray, soft: np.ndarray, truth: np.ndarray, tolerance: in
 
 def gradcam_maps(classifier: torch.nn.Module, layer: str, images: torch.Tensor,
                  targets: list[list[int]], num_classes: int) -> torch.Tensor:
-    """``(B, K, H, W)`` Grad-CAM maps (MONAI) of ``classifier`` for each image's targets (zero elsewhere)."""
+    """``(B, K, H, W)`` Grad-CAM maps (MONAI's :class:`~monai.visualize.GradCAM`) of ``classifier`` for each image's
+    targets (zero elsewhere), un-normalised: ReLU of the gradient-weighted activations of ``layer``, upsampled to
+    the image size. MONAI's default post-processing is replaced by the identity, because it *flips* magnitudes
+    (it maps (min, max) to (1, 0), a display convention): the DoLL post-processing normalises the maps itself."""
     from monai.visualize import GradCAM
 
-    cam = GradCAM(nn_module=classifier, target_layers=layer)
+    cam = GradCAM(nn_module=classifier, target_layers=layer, postprocessing=lambda x: x)
     b, _, h, w = images.shape
     out = torch.zeros((b, num_classes, h, w))
     with torch.enable_grad():
