@@ -76,3 +76,18 @@ def test_every_stage_logged_to_mlflow():
     report_exp = next(e for e in client.search_experiments() if e.name.endswith("report"))
     run = client.search_runs([report_exp.experiment_id])[0]
     assert any(a.path.endswith(".html") or a.is_dir for a in client.list_artifacts(run.info.run_id))
+
+
+def test_timings_cover_every_stage_and_the_real_data_check_ran():
+    from scripts.run_pipeline import STAGES
+
+    timing = json.loads((PIPELINE_ROOT / "eval" / "pipeline_timing.json").read_text())
+    stages = [k for k in timing if k not in ("total", "steps")]
+    assert stages == list(STAGES)                     # every stage ran, in order
+    assert timing["total"] == pytest.approx(sum(timing[s] for s in STAGES), abs=0.5)
+    sweep = pd.read_csv(PIPELINE_ROOT / "eval" / "segmentation" / "sweep_test.csv", dtype={"train_size": str})
+    assert {"doll", "scratch"} <= set(sweep["init"]) and sweep["dice"].between(0, 1).all()
+    if (PIPELINE_ROOT / "data" / "datalists" / "real_lungs.json").is_file():  # ../shared present: real radiographs
+        real = sweep[sweep["task"] == "real_lungs"]
+        assert set(real["init"]) == {"doll", "scratch"}
+        assert real.groupby("init")["dice"].mean().min() > 0.5, real.groupby("init")["dice"].mean()

@@ -56,3 +56,23 @@ def test_pipeline_settings_are_consistent():
     # the default grid holds the acceptance comparison: DoLL against scratch at 4 images over >= 3 seeds
     d = settings["default"]["sweep"]
     assert {"doll", "scratch"} <= set(d["inits"]) and 4 in d["sizes"] and len(d["seeds"]) >= 3
+
+
+def test_concurrent_processes_share_a_new_tracking_store(tmp_path):
+    """Concurrent stages (classifiers, sweep cells) open one new SQLite store at once: MLflow's schema creation and
+    experiment creation are serialised by bundle.workflows.tracking.store_lock, so every run lands."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}"
+    code = ("import sys; from bundle.workflows.tracking import log_run; "
+            "log_run(sys.argv[1], 'cxr_doll_concurrent', 'run' + sys.argv[2], metrics={'m': float(sys.argv[2])})")
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(i)], stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    errors = [p.communicate()[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("cxr_doll_concurrent").experiment_id])
+    assert sorted(r.data.metrics["m"] for r in runs) == [0.0, 1.0, 2.0, 3.0]

@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import contextlib
+import os
+from typing import Any, Iterator, Mapping, Sequence
 
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str | None) -> Iterator[None]:
+    """Serialise the creation of a local SQLite tracking store and of its experiments across processes.
+
+    Two processes that open a new ``sqlite:///`` store at once both run MLflow's schema migration and one fails
+    (alembic "Online migration expected to match one row"); two that create the same experiment at once hit a
+    unique constraint. The pipeline runs classifiers and sweep cells concurrently, so opening the store and
+    starting a run hold an exclusive ``flock`` on ``<database>.lock``. Other URIs (servers) need no lock.
+    """
+    uri = str(tracking_uri or "")
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = uri[len("sqlite:///"):]
+    os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
+    with open(db + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class TrackingHandler(MLFlowHandler):
@@ -20,14 +47,16 @@ class TrackingHandler(MLFlowHandler):
         self.enabled = enabled
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         if enabled:
-            super().__init__(**kwargs)
+            with store_lock(kwargs.get("tracking_uri")):
+                super().__init__(**kwargs)
 
     def attach(self, engine: Engine) -> None:
         if self.enabled:
             super().attach(engine)
 
     def start(self, engine: Engine) -> None:
-        super().start(engine)
+        with store_lock(self.client.tracking_uri if self.client is not None else None):
+            super().start(engine)
         if self.cur_run is not None:
             for key, value in self.tags.items():
                 self.client.set_tag(self.cur_run.info.run_id, key, value)
@@ -51,20 +80,20 @@ def log_run(tracking_uri: str, experiment_name: str, run_name: str, params: Mapp
     SQLite stores keep artifacts in ``mlruns/`` beside the database, like :class:`~monai.handlers.MLFlowHandler`.
     """
     import math
-    import os
 
     import mlflow
     from monai.utils import path_to_uri
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment_name)
-    if exp is None:
-        location = None
-        if tracking_uri.startswith("sqlite:///"):
-            location = path_to_uri(os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlruns"))
-        exp_id = client.create_experiment(experiment_name, artifact_location=location)
-    else:
-        exp_id = exp.experiment_id
+    with store_lock(tracking_uri):
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+        exp = client.get_experiment_by_name(experiment_name)
+        if exp is None:
+            location = None
+            if tracking_uri.startswith("sqlite:///"):
+                location = path_to_uri(os.path.join(os.path.dirname(tracking_uri[len("sqlite:///"):]), "mlruns"))
+            exp_id = client.create_experiment(experiment_name, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
     run = client.create_run(exp_id, run_name=run_name, tags={str(k): str(v) for k, v in (tags or {}).items()})
     rid = run.info.run_id
     for k, v in (params or {}).items():
