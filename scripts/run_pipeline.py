@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -29,18 +28,9 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from bundle.utils import atomic_write_json  # noqa: E402
+from scripts.processes import cli_value, say, thread_env  # noqa: E402
 
 STAGES = ("data", "classifier", "doll", "pretrain", "finetune", "export", "analysis", "report")
-
-
-def _fmt(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def say(message: str) -> None:
-    """One whole line to stdout (one write, so that lines of concurrent runs never interleave)."""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
 
 
 class Pipeline:
@@ -70,14 +60,14 @@ class Pipeline:
             args["device"] = f"$torch.device('{self.device}')"
         args.update(overrides or {})
         for key, value in args.items():
-            cmd += [f"--{key}", _fmt(value)]
+            cmd += [f"--{key}", cli_value(value)]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         start = time.time()
         say(f"[pipeline] {name}: {' '.join(configs)}")
         with open(log_path, "w") as log:
             proc = subprocess.run(cmd, cwd=ROOT, stdout=None if self.verbose else log, stderr=subprocess.STDOUT,
-                                  env=env or {**os.environ, "PYTHONUNBUFFERED": "1"})
+                                  env=env or thread_env(1))
         elapsed = time.time() - start
         self.steps[name] = round(elapsed, 1)
         if proc.returncode != 0:
@@ -89,15 +79,17 @@ class Pipeline:
     def data(self) -> None:
         self.bundle_run("data", ["prepare_data.yaml"], self.settings["overrides"].get("data"))
 
+    def cpu_setting(self, key: str) -> int:
+        """A process-count setting (``jobs``, ``doll_processes``; default 1) that only applies on CPU: 1 on CUDA."""
+        return 1 if (self.device or "cpu").startswith("cuda") else int(self.settings.get(key, 1))
+
     @property
     def jobs(self) -> int:
         """Independent runs executed at once (classifiers, sweep cells), CPU threads shared out between them."""
-        return 1 if (self.device or "cpu").startswith("cuda") else int(self.settings.get("jobs", 1))
+        return self.cpu_setting("jobs")
 
     def classifier(self) -> None:
         """Stage 2: every classifier of the settings (trained, then evaluated on the test split), ``jobs`` at once."""
-        from scripts.sweep import thread_env
-
         common = self.settings["overrides"].get("classifier") or {}
         jobs = min(self.jobs, len(self.settings["classifiers"]))
         env = thread_env(jobs)
@@ -123,10 +115,8 @@ class Pipeline:
 
     def doll(self) -> None:
         """Stage 3: DoLL generation (sharded over ``doll_processes`` torchrun ranks on CPU, gloo), then its quality."""
-        from scripts.sweep import thread_env
-
         overrides = {"classifier_names": self.classifier_names(), **(self.settings["overrides"].get("doll") or {})}
-        nproc = 1 if (self.device or "cpu").startswith("cuda") else int(self.settings.get("doll_processes", 1))
+        nproc = self.cpu_setting("doll_processes")
         if nproc > 1:
             launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
             self.bundle_run("doll_generate", ["generate_doll.yaml"], {**overrides, "distributed": True},
@@ -163,7 +153,7 @@ class Pipeline:
                            jobs=self.jobs)
         self.steps["finetune"] = round(time.time() - start, 1)
         say(f"[pipeline] finetune: {len(result.runs)} runs, {result.num_rows} rows -> {result.csv_path} "
-              f"in {self.steps['finetune']:.0f} s")
+            f"in {self.steps['finetune']:.0f} s")
 
     def export(self) -> None:
         """Stage 6: the shipped model = the SCR fine-tune of the DoLL checkpoint on all training images (seed 0),
@@ -227,7 +217,7 @@ class Pipeline:
             self.timing[stage] = round(time.time() - t0, 1)
         timing = self.write_timing()
         say(f"[pipeline] finished {', '.join(stages)} in {time.time() - start:.0f} s "
-              f"(pipeline_timing.json total: {timing['total']:.0f} s)")
+            f"(pipeline_timing.json total: {timing['total']:.0f} s)")
 
 
 def main(argv: list[str] | None = None) -> None:

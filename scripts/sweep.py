@@ -39,16 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bundle.workflows.segmentation import INIT_CHOICES, TASKS, parse_train_size, run_name  # noqa: E402
+from scripts.processes import cli_value, say, thread_env  # noqa: E402
 
 #: Columns of the sweep's tidy CSV, in order (the per-run CSVs of configs/evaluate.yaml have them all).
 COLUMNS = ("task", "init", "train_size", "seed", "mode", "split", "n_train", "image", "structure", "dice", "iou",
            "hd95", "pred_area", "ref_area")
 TRAIN_CONFIGS = ("common.yaml", "train.yaml")
 EVAL_CONFIGS = ("common.yaml", "train.yaml", "evaluate.yaml")
-
-
-def _fmt(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _size_label(size: int | str | None) -> str:
@@ -123,29 +120,11 @@ def metrics_csv(output_root: str | os.PathLike, run: SweepRun, split: str = "tes
     return Path(output_root) / "segmentation" / run.name / f"metrics_{split}.csv"
 
 
-def say(message: str) -> None:
-    """One whole line to stdout (one write, so that lines of concurrent runs never interleave)."""
-    sys.stdout.write(message + "\n")
-    sys.stdout.flush()
-
-
-def thread_env(jobs: int) -> dict[str, str]:
-    """Environment of one of ``jobs`` concurrent CPU processes: the cores shared out (``OMP_NUM_THREADS``), so that
-    ``jobs`` small single-image-batch workloads run side by side instead of oversubscribing the machine. On 2 cores
-    two 1-thread processes train small networks about 1.5x faster in total than one 2-thread process (measured in
-    docs/README.md, Performance). ``jobs <= 1`` keeps the caller's environment."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if jobs > 1:
-        threads = str(max(1, len(os.sched_getaffinity(0)) // jobs))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    return env
-
-
 def _run(cmd: list[str], log_path: Path, verbose: bool, env: Mapping[str, str] | None = None) -> tuple[int, str]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=None if verbose else log, stderr=subprocess.STDOUT,
-                              env=dict(env or {**os.environ, "PYTHONUNBUFFERED": "1"}))
+                              env=dict(env or thread_env(1)))
     tail = "" if verbose else "".join(open(log_path).readlines()[-30:])
     return proc.returncode, tail
 
@@ -153,14 +132,14 @@ def _run(cmd: list[str], log_path: Path, verbose: bool, env: Mapping[str, str] |
 def run_cell(steps: Sequence[Mapping[str, Any]]) -> None:
     """Run bundle workflows one after the other in this process: ``[{"name", "configs": [file names under
     configs/], "args": {id: value}}]``, each exactly as ``python -m monai.bundle run --config_file [...] --id value``
-    (values in the command-line form of :func:`_fmt`)."""
+    (values in the command-line form of :func:`~scripts.processes.cli_value`)."""
     import fire.parser  # the parser `python -m monai.bundle` applies to command-line values
 
     from monai.bundle import run
 
     for step in steps:
         files = [str(ROOT / "configs" / c) for c in step["configs"]]
-        args = {k: fire.parser.DefaultParseValue(_fmt(v)) for k, v in step["args"].items()}
+        args = {k: fire.parser.DefaultParseValue(cli_value(v)) for k, v in step["args"].items()}
         say(f"[cell] {step['name']}: {' '.join(step['configs'])}")
         run(config_file=files, **args)
 
@@ -236,8 +215,9 @@ def run_sweep(
         log_mlflow: log the sweep's summary run to MLflow.
         extra: further grids (mappings with ``tasks``, ``inits``, ``sizes``, ``seeds`` and optionally ``modes``) whose
             runs join this sweep (same CSV, same MLflow run), e.g. a real-data check at one size.
-        jobs: runs executed concurrently, the CPU threads shared out between them (:func:`thread_env`; each run
-            is still one deterministic process: same seed, same jobs, same result).
+        jobs: runs executed concurrently, the CPU threads shared out between them
+            (:func:`~scripts.processes.thread_env`; each run is still one deterministic process: same seed, same
+            jobs, same result).
 
     Returns:
         :class:`SweepResult` (each run's status: ``skipped`` when its CSV existed, else ``done`` or ``failed``).
@@ -315,7 +295,7 @@ def run_sweep(
                                            "seeds": list(seeds), "modes": list(modes),
                                            "extra": [dict(g) for g in extra]})
     say(f"[sweep] {result.count('done')} run, {result.count('skipped')} skipped, {result.count('failed')} failed; "
-          f"{len(frame)} rows in {csv_path}")
+        f"{len(frame)} rows in {csv_path}")
     return result
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from scripts.run_pipeline import STAGES, Pipeline
-from scripts.sweep import thread_env
+from scripts.processes import thread_env
 
 ROOT = Path(__file__).resolve().parent.parent
 

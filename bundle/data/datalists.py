@@ -211,11 +211,10 @@ def format_datalist_summary(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def datalist_policy(path: PathLike) -> str:
-    """The CheXpert uncertainty policy a classification datalist was built with (from its ``summary``), as text:
-    ``"ignore"`` or e.g. ``"{'default': 'ignore', 'No Finding': 'zeros'}"``; ``"unknown"`` when not recorded."""
-    from ..utils import load_json
-
-    summary = load_json(path).get("summary") or {}
+def datalist_policy(datalist: Mapping[str, Any]) -> str:
+    """The CheXpert uncertainty policy a classification datalist (its loaded content) was built with, from its
+    ``summary``, as text: ``"ignore"`` or e.g. ``"{'default': 'ignore', 'No Finding': 'zeros'}"``; ``"unknown"``
+    when not recorded."""
+    summary = datalist.get("summary") or {}
     policy = (summary.get("train_csv") or {}).get("policy", summary.get("policy"))
     return "unknown" if policy is None else str(policy)
