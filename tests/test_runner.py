@@ -76,3 +76,12 @@ def test_concurrent_processes_share_a_new_tracking_store(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("cxr_doll_concurrent").experiment_id])
     assert sorted(r.data.metrics["m"] for r in runs) == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_datalist_policy_reads_the_recorded_policy():
+    from bundle.data.datalists import datalist_policy
+
+    overrides = {"train_csv": {"policy": {"default": "ignore", "No Finding": "zeros"}}}
+    assert datalist_policy({"summary": overrides}) == "{'default': 'ignore', 'No Finding': 'zeros'}"
+    assert datalist_policy({"summary": {"train_csv": {"policy": "ones"}}}) == "ones"
+    assert datalist_policy({"training": []}) == "unknown"
