@@ -2,7 +2,9 @@
 """Run the bundle's stages in order on the built-in phantom data (the README's main job).
 
 Every stage is an ordinary ``python -m monai.bundle run`` of its config (so each can also be run alone); this script
-only chains them, passes the shared output folders, and times them. Settings: ``configs/pipeline.yaml``.
+only chains them, passes the shared output folders, and times them. Each workflow runs in a fresh process forked
+from a server that has imported MONAI once (``scripts/processes.py``), torchrun stages as commands.
+Settings: ``configs/pipeline.yaml``.
 
     python scripts/run_pipeline.py                 # default size (CPU, minutes)
     python scripts/run_pipeline.py --quick         # CI's end-to-end smoke run (outputs under <root>/quick/)
@@ -28,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from bundle.utils import atomic_write_json  # noqa: E402
-from scripts.processes import cli_value, say, thread_env  # noqa: E402
+from scripts.processes import (cli_value, process_pool, run_workflows_in_child, say, thread_env,  # noqa: E402
+                               threads_for)
 
 STAGES = ("data", "classifier", "doll", "pretrain", "finetune", "export", "analysis", "report")
 
@@ -48,32 +51,49 @@ class Pipeline:
         self.log_dir = Path(self.paths["output_root"]) / "logs"
         self.timing: dict[str, float] = {}   # wall seconds per stage (stages run one after the other)
         self.steps: dict[str, float] = {}    # wall seconds per bundle command (some run concurrently)
+        self._pool: Any = None
 
     def bundle_run(self, name: str, configs: list[str], overrides: dict[str, Any] | None = None,
-                   env: dict[str, str] | None = None, launcher: list[str] | None = None) -> None:
-        """Run ``python -m monai.bundle run`` on ``configs`` (names under configs/) with the shared folders
-        (``launcher`` replaces ``python``, e.g. torchrun; ``env`` replaces the environment)."""
-        files = [str(ROOT / "configs" / c) for c in ["common.yaml", *configs]]
-        cmd = [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", "--config_file", json.dumps(files)]
+                   threads: int | None = None, launcher: list[str] | None = None) -> None:
+        """Run the bundle workflow of ``configs`` (names under configs/, after ``common.yaml``) with the shared
+        folders, as ``python -m monai.bundle run --config_file [...] --id value ...`` would: in a fresh process of
+        the runner's pool (:func:`~scripts.processes.process_pool`) with ``threads`` CPU threads (``None``: all), or
+        with ``launcher`` (e.g. torchrun) as a command."""
         args = dict(self.paths)
         if self.device:
             args["device"] = f"$torch.device('{self.device}')"
         args.update(overrides or {})
-        for key, value in args.items():
-            cmd += [f"--{key}", cli_value(value)]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         start = time.time()
         say(f"[pipeline] {name}: {' '.join(configs)}")
-        with open(log_path, "w") as log:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=None if self.verbose else log, stderr=subprocess.STDOUT,
-                                  env=env or thread_env(1))
+        if launcher:
+            files = [str(ROOT / "configs" / c) for c in ["common.yaml", *configs]]
+            cmd = [*launcher, "-m", "monai.bundle", "run", "--config_file", json.dumps(files)]
+            for key, value in args.items():
+                cmd += [f"--{key}", cli_value(value)]
+            with open(log_path, "w") as log:
+                env = {**thread_env(1), **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                                           if threads else {})}
+                code = subprocess.run(cmd, cwd=ROOT, stdout=None if self.verbose else log, stderr=subprocess.STDOUT,
+                                      env=env).returncode
+        else:
+            step = {"name": name, "configs": ["common.yaml", *configs], "args": args}
+            code = self.pool.submit(run_workflows_in_child, [step], None if self.verbose else str(log_path),
+                                    threads).result()
         elapsed = time.time() - start
         self.steps[name] = round(elapsed, 1)
-        if proc.returncode != 0:
+        if code != 0:
             tail = "" if self.verbose else "".join(open(log_path).readlines()[-40:])
-            raise SystemExit(f"[pipeline] stage {name} failed (exit {proc.returncode}); log: {log_path}\n{tail}")
+            raise SystemExit(f"[pipeline] stage {name} failed (exit {code}); log: {log_path}\n{tail}")
         say(f"[pipeline] {name}: done in {elapsed:.0f} s")
+
+    @property
+    def pool(self) -> Any:
+        """The runner's process pool (``jobs`` workers; created on first use, shut down at the end of :meth:`run`)."""
+        if self._pool is None:
+            self._pool = process_pool(self.jobs)
+        return self._pool
 
     # ---- stages -------------------------------------------------------------------------------------------------
     def data(self) -> None:
@@ -92,14 +112,14 @@ class Pipeline:
         """Stage 2: every classifier of the settings (trained, then evaluated on the test split), ``jobs`` at once."""
         common = self.settings["overrides"].get("classifier") or {}
         jobs = min(self.jobs, len(self.settings["classifiers"]))
-        env = thread_env(jobs)
+        threads = threads_for(jobs)
 
         def one(spec: dict[str, Any]) -> None:
             spec = {**common, **spec, "show_progress": False}
             name = f"{spec['classifier_arch']}_seed{spec['seed']}"
-            self.bundle_run(f"classifier_{name}", ["train_classifier.yaml"], spec, env=env)
+            self.bundle_run(f"classifier_{name}", ["train_classifier.yaml"], spec, threads=threads)
             self.bundle_run(f"classifier_{name}_eval", ["train_classifier.yaml", "evaluate_classifier.yaml"],
-                            {k: v for k, v in spec.items() if k in ("classifier_arch", "seed")}, env=env)
+                            {k: v for k, v in spec.items() if k in ("classifier_arch", "seed")}, threads=threads)
 
         if jobs > 1:
             from concurrent.futures import ThreadPoolExecutor
@@ -120,7 +140,7 @@ class Pipeline:
         if nproc > 1:
             launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
             self.bundle_run("doll_generate", ["generate_doll.yaml"], {**overrides, "distributed": True},
-                            env=thread_env(nproc), launcher=launcher)
+                            threads=threads_for(nproc), launcher=launcher)
         else:
             self.bundle_run("doll_generate", ["generate_doll.yaml"], overrides)
         quality = {**overrides, **(self.settings["overrides"].get("doll_quality") or {})}
@@ -177,6 +197,8 @@ class Pipeline:
             raise SystemExit(f"[pipeline] export failed:\n{res.stderr[-3000:]}")
         self.steps["export"] = round(time.time() - start, 1)
         say(f"[pipeline] export: {src} -> {dst} and {dst.with_suffix('.ts')}")
+        if dst.parent.resolve() == (ROOT / "models").resolve():   # the shipped weights: their publication record
+            write_large_files(ROOT / "large_files.yml", [dst, dst.with_suffix(".ts")], ROOT)
 
     def analysis(self) -> None:
         """Stage 7 (configs/analysis.yaml): statistics, learning curves, Grad-CAM and ensembles of the sweep; the
@@ -211,13 +233,32 @@ class Pipeline:
 
     def run(self, stages: list[str]) -> None:
         start = time.time()
-        for stage in stages:
-            t0 = time.time()
-            getattr(self, stage)()
-            self.timing[stage] = round(time.time() - t0, 1)
+        try:
+            for stage in stages:
+                t0 = time.time()
+                getattr(self, stage)()
+                self.timing[stage] = round(time.time() - t0, 1)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
         timing = self.write_timing()
         say(f"[pipeline] finished {', '.join(stages)} in {time.time() - start:.0f} s "
             f"(pipeline_timing.json total: {timing['total']:.0f} s)")
+
+
+def write_large_files(path: Path, files: list[Path], root: Path) -> None:
+    """The Model Zoo's ``large_files.yml`` for ``files`` (paths relative to ``root``, MD5 hashes): the record that
+    ``python -m monai.bundle download_large_files`` checks when the weights are published outside the repository.
+    ``url`` stays empty while the files are in the repository; fill it in where they are hosted."""
+    import hashlib
+
+    from bundle.utils import atomic_write_text
+
+    entries = [{"path": f.relative_to(root).as_posix(), "url": "",
+                "hash_val": hashlib.md5(f.read_bytes()).hexdigest(), "hash_type": "md5"} for f in files]
+    header = ("# Weights of this bundle (written by the pipeline's export stage). They are in the repository; for the\n"
+              "# Model Zoo, host them and fill in `url`: `python -m monai.bundle download_large_files` checks hash_val.\n")
+    atomic_write_text(path, header + yaml.safe_dump({"large_files": entries}, sort_keys=False))
 
 
 def main(argv: list[str] | None = None) -> None:

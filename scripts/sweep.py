@@ -2,7 +2,8 @@
 """Low-data sweep of the fine-tuning stage: tasks x initialisations x training-set sizes x seeds (x modes).
 
 Each run is two ordinary bundle workflows (so each can be repeated alone with these commands), executed one after
-the other in one subprocess per run (``scripts/sweep.py --cell``: the second skips the interpreter start-up):
+the other in one fresh process per run, forked from a server process that has imported MONAI once (so no run pays
+the interpreter and import start-up; :func:`scripts.processes.process_pool`):
 
     python -m monai.bundle run --config_file "['configs/common.yaml','configs/train.yaml']" \\
         --task scr --init doll --train_size 4 --seed 0 --mode full ...
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bundle.workflows.segmentation import INIT_CHOICES, TASKS, parse_train_size, run_name  # noqa: E402
-from scripts.processes import cli_value, say, thread_env  # noqa: E402
+from scripts.processes import process_pool, run_workflows_in_child, say, threads_for  # noqa: E402
 
 #: Columns of the sweep's tidy CSV, in order (the per-run CSVs of configs/evaluate.yaml have them all).
 COLUMNS = ("task", "init", "train_size", "seed", "mode", "split", "n_train", "image", "structure", "dice", "iou",
@@ -120,30 +120,6 @@ def metrics_csv(output_root: str | os.PathLike, run: SweepRun, split: str = "tes
     return Path(output_root) / "segmentation" / run.name / f"metrics_{split}.csv"
 
 
-def _run(cmd: list[str], log_path: Path, verbose: bool, env: Mapping[str, str] | None = None) -> tuple[int, str]:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=None if verbose else log, stderr=subprocess.STDOUT,
-                              env=dict(env or thread_env(1)))
-    tail = "" if verbose else "".join(open(log_path).readlines()[-30:])
-    return proc.returncode, tail
-
-
-def run_cell(steps: Sequence[Mapping[str, Any]]) -> None:
-    """Run bundle workflows one after the other in this process: ``[{"name", "configs": [file names under
-    configs/], "args": {id: value}}]``, each exactly as ``python -m monai.bundle run --config_file [...] --id value``
-    (values in the command-line form of :func:`~scripts.processes.cli_value`)."""
-    import fire.parser  # the parser `python -m monai.bundle` applies to command-line values
-
-    from monai.bundle import run
-
-    for step in steps:
-        files = [str(ROOT / "configs" / c) for c in step["configs"]]
-        args = {k: fire.parser.DefaultParseValue(cli_value(v)) for k, v in step["args"].items()}
-        say(f"[cell] {step['name']}: {' '.join(step['configs'])}")
-        run(config_file=files, **args)
-
-
 def collect(runs: Sequence[SweepRun], output_root: str | os.PathLike, split: str = "test") -> Any:
     """Concatenate the per-run CSVs of the finished ``runs`` into one tidy ``pandas.DataFrame`` (:data:`COLUMNS`
     first, then any other columns)."""
@@ -190,7 +166,6 @@ def run_sweep(
     device: str | None = None,
     split: str = "test",
     output_csv: str | os.PathLike | None = None,
-    python: str = sys.executable,
     verbose: bool = False,
     keep_going: bool = False,
     log_mlflow: bool = True,
@@ -209,8 +184,7 @@ def run_sweep(
         device: torch device of every run (default: the config's).
         split: the evaluated split.
         output_csv: the tidy CSV (default ``<output_root>/segmentation/sweep_<split>.csv``).
-        python: interpreter of the subprocesses.
-        verbose: stream the subprocesses' output (default: ``<output_root>/segmentation/logs/<run>.log``).
+        verbose: stream the runs' output (default: ``<output_root>/segmentation/logs/<run>.log``).
         keep_going: record a failed run and continue (default: raise at the first failure).
         log_mlflow: log the sweep's summary run to MLflow.
         extra: further grids (mappings with ``tasks``, ``inits``, ``sizes``, ``seeds`` and optionally ``modes``) whose
@@ -243,7 +217,7 @@ def run_sweep(
     sizes_run = list(dict.fromkeys(r.train_size for r in runs))
     say(f"[sweep] {len(runs)} runs: tasks={list(tasks)} inits={list(inits)} sizes={sizes_run} seeds={list(seeds)} "
         f"modes={list(modes)}" + (f" + extra grids {[dict(g) for g in extra]}" if extra else ""))
-    env = thread_env(jobs)
+    threads = threads_for(jobs)
     failures: list[str] = []
 
     def execute(k: int, run: SweepRun) -> None:
@@ -258,8 +232,9 @@ def run_sweep(
         steps = [{"name": "train", "configs": list(TRAIN_CONFIGS), "args": args},
                  {"name": "eval", "configs": list(EVAL_CONFIGS), "args": {**args, "eval_split": split}}]
         log_path = log_dir / f"{run.name}.log"
-        code, tail = _run([python, str(Path(__file__).resolve()), "--cell", json.dumps(steps)], log_path, verbose,
-                          env)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        code = pool.submit(run_workflows_in_child, steps, None if verbose else str(log_path), threads).result()
+        tail = "" if verbose else "".join(log_path.read_text(errors="replace").splitlines(True)[-30:])
         if code != 0:
             run.status, run.error = "failed", f"exit {code}"
             message = f"[sweep] {run.name}: failed (exit {code}); log {log_path}"
@@ -270,14 +245,11 @@ def run_sweep(
         run.seconds = round(time.time() - start, 1)
         say(f"[sweep] {k}/{len(runs)} {run.name}: {run.status} in {run.seconds:.0f} s")
 
-    if jobs > 1:
-        from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            list(pool.map(lambda kr: execute(*kr), enumerate(runs, 1)))
-    else:
-        for k, run in enumerate(runs, 1):
-            execute(k, run)
+    # one thread per concurrent run submits it to the process pool and waits (the pool forks a fresh process each)
+    with process_pool(jobs) as pool, ThreadPoolExecutor(max_workers=max(1, jobs)) as threads_pool:
+        list(threads_pool.map(lambda kr: execute(*kr), enumerate(runs, 1)))
     if failures and not keep_going:
         raise RuntimeError(failures[0])
 
@@ -351,12 +323,7 @@ def main(argv: Sequence[str] | None = None) -> SweepResult:
                         help="runs at once, CPU threads shared out (default: the settings' `jobs`, else 1)")
     parser.add_argument("--verbose", action="store_true", help="stream the runs' output instead of logging it")
     parser.add_argument("--dry_run", action="store_true", help="list the runs and their status, run nothing")
-    parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: one run's workflows (see run_cell)
     args = parser.parse_args(argv)
-    if args.cell:
-        run_cell(json.loads(args.cell))
-        return SweepResult(runs=[], csv_path="", num_rows=0)
-
     settings = yaml.safe_load((ROOT / "configs" / "sweep.yaml").read_text())
     if args.settings not in settings:
         parser.error(f"unknown settings {args.settings!r}; configs/sweep.yaml has {', '.join(settings)}")

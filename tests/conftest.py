@@ -14,6 +14,13 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Under pytest-xdist (`-n auto`, pyproject.toml) the cores are shared out between the workers, as the pipeline runner
+# does between concurrent runs: each worker and the bundle commands it starts get cores // workers threads (set
+# before torch is imported, so that OpenMP never starts more threads than there are cores).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.update(OMP_NUM_THREADS=_threads, MKL_NUM_THREADS=_threads)
+
 
 def _find_shared_dir() -> Path | None:
     """``$CXR_DOLL_SHARED``, ``<repo>/../shared`` or ``/work/shared``, whichever exists first."""

@@ -160,3 +160,16 @@ def test_torchscript_export_matches_eager(tmp_path):
     x = torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(scripted(x), eager(x), atol=1e-5)
+
+
+def test_large_files_record_matches_the_shipped_weights():
+    """large_files.yml (the Model Zoo's record of hosted weights) names the shipped files with their hashes:
+    MONAI's download_large_files verifies existing files against hash_val (it raises on a mismatch) and downloads
+    nothing."""
+    import yaml
+    from monai.bundle import download_large_files
+
+    record = yaml.safe_load((ROOT / "large_files.yml").read_text())["large_files"]
+    assert {e["path"] for e in record} == {"models/model.pt", "models/model.ts"}
+    assert all(e["hash_type"] == "md5" and len(e["hash_val"]) == 32 for e in record)
+    download_large_files(bundle_path=str(ROOT))   # HashCheckError if a hash is stale

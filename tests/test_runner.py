@@ -85,3 +85,30 @@ def test_datalist_policy_reads_the_recorded_policy():
     assert datalist_policy({"summary": overrides}) == "{'default': 'ignore', 'No Finding': 'zeros'}"
     assert datalist_policy({"summary": {"train_csv": {"policy": "ones"}}}) == "ones"
     assert datalist_policy({"training": []}) == "unknown"
+
+
+def test_pooled_workflow_runs_like_a_bundle_process(tmp_path):
+    """A workflow run in the runners' process pool (forked from a server that imported MONAI once) gets its own
+    log (native output included), the requested threads and the exit status a `monai.bundle run` process would."""
+    from scripts.processes import process_pool, run_workflows_in_child
+
+    config = tmp_path / "probe.yaml"
+    config.write_text(
+        "imports: ['$import torch']\n"
+        "out: ''\n"
+        "run:\n"
+        "  - \"$print('probe says hello', flush=True)\"\n"
+        "  - \"$open(@out, 'w').write(str(torch.get_num_threads()) + ' ' + str(torch.zeros(3).sum().item()))\"\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("run:\n  - \"$1 / 0\"\n")
+    out = tmp_path / "out.txt"
+    with process_pool(2) as pool:
+        ok = pool.submit(run_workflows_in_child, [{"name": "probe", "configs": [str(config)],
+                                                   "args": {"out": str(out)}}], str(tmp_path / "ok.log"), 1)
+        bad = pool.submit(run_workflows_in_child, [{"name": "broken", "configs": [str(broken)], "args": {}}],
+                          str(tmp_path / "bad.log"), 1)
+        assert ok.result() == 0 and bad.result() == 1
+    assert out.read_text() == "1 0.0"                                     # one thread, as asked
+    assert "probe says hello" in (tmp_path / "ok.log").read_text()
+    assert "ZeroDivisionError" in (tmp_path / "bad.log").read_text()      # the traceback is in the run's log
+    assert "probe says hello" not in (tmp_path / "bad.log").read_text()
