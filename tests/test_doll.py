@@ -190,6 +190,11 @@ def _check_outputs(root: Path, n: int) -> dict:
     return datalist
 
 
+def _finished_records(doll_dir: Path) -> int:
+    """Finished DoLL records (a killed writer may leave a temporary ``.<name>.<random>.part.json`` beside them)."""
+    return sum(1 for p in doll_dir.rglob("*.json") if ".part" not in p.name)
+
+
 @pytest.mark.slow
 def test_generation_resumes_after_kill(tmp_path):
     _make_dataset(tmp_path, n=60)
@@ -197,11 +202,11 @@ def test_generation_resumes_after_kill(tmp_path):
     proc = subprocess.Popen(_doll_cmd(tmp_path), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list((tmp_path / "out" / "doll").rglob("*.json"))) < 3:
+    while time.time() < deadline and _finished_records(tmp_path / "out" / "doll") < 3:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list((tmp_path / "out" / "doll").rglob("*.json")))
+    done_before = _finished_records(tmp_path / "out" / "doll")
     assert 0 < done_before < 60, "the kill should land mid-generation"
     assert not (tmp_path / "out" / "doll.json").exists()
     res = subprocess.run(_doll_cmd(tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True)
