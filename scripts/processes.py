@@ -29,10 +29,21 @@ def thread_env(jobs: int) -> dict[str, str]:
     ``jobs`` small workloads run side by side instead of oversubscribing the machine. On 2 cores two 1-thread
     processes train small networks about 1.5x faster in total than one 2-thread process (docs/README.md,
     Performance). ``jobs <= 1`` keeps the caller's thread settings."""
+    return env_with_threads(threads_for(jobs))
+
+
+def threads_for(jobs: int) -> int | None:
+    """CPU threads of each of ``jobs`` concurrent processes (the cores shared out, at least 1); ``None`` for one
+    job (the caller's setting stays)."""
+    return max(1, len(os.sched_getaffinity(0)) // jobs) if jobs > 1 else None
+
+
+def env_with_threads(threads: int | None) -> dict[str, str]:
+    """This process's environment for a child process, unbuffered, with ``threads`` OpenMP/MKL threads (``None``:
+    the current setting)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if jobs > 1:
-        threads = str(max(1, len(os.sched_getaffinity(0)) // jobs))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
 
 
@@ -103,8 +114,3 @@ def run_workflows_in_child(steps: Any, log_path: str | None, threads: int | None
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-
-
-def threads_for(jobs: int) -> int | None:
-    """CPU threads of each of ``jobs`` concurrent pooled processes (:func:`thread_env`); ``None`` for one job."""
-    return int(thread_env(jobs)["OMP_NUM_THREADS"]) if jobs > 1 else None

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from bundle.utils import atomic_write_json  # noqa: E402
-from scripts.processes import (cli_value, process_pool, run_workflows_in_child, say, thread_env,  # noqa: E402
-                               threads_for)
+from scripts.processes import (cli_value, env_with_threads, process_pool, run_workflows_in_child,  # noqa: E402
+                               say, threads_for)
 
 STAGES = ("data", "classifier", "doll", "pretrain", "finetune", "export", "analysis", "report")
 
@@ -73,10 +73,8 @@ class Pipeline:
             for key, value in args.items():
                 cmd += [f"--{key}", cli_value(value)]
             with open(log_path, "w") as log:
-                env = {**thread_env(1), **({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-                                           if threads else {})}
                 code = subprocess.run(cmd, cwd=ROOT, stdout=None if self.verbose else log, stderr=subprocess.STDOUT,
-                                      env=env).returncode
+                                      env=env_with_threads(threads)).returncode
         else:
             step = {"name": name, "configs": ["common.yaml", *configs], "args": args}
             code = self.pool.submit(run_workflows_in_child, [step], None if self.verbose else str(log_path),
