@@ -103,7 +103,7 @@ def run_workflows_in_child(steps: Any, log_path: str | None, threads: int | None
     if threads:
         import torch
 
-        os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        os.environ.update(env_with_threads(threads))
         torch.set_num_threads(threads)
     try:
         run_workflows(steps)

@@ -18,8 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # does between concurrent runs: each worker and the bundle commands it starts get cores // workers threads (set
 # before torch is imported, so that OpenMP never starts more threads than there are cores).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    _threads = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-    os.environ.update(OMP_NUM_THREADS=_threads, MKL_NUM_THREADS=_threads)
+    from scripts.processes import env_with_threads, threads_for
+
+    os.environ.update(env_with_threads(threads_for(int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 def _find_shared_dir() -> Path | None:
