@@ -138,6 +138,16 @@ def collect(runs: Sequence[SweepRun], output_root: str | os.PathLike, split: str
     return frame[[c for c in COLUMNS if c in frame.columns] + extra]
 
 
+def collect_curves(runs: Sequence[SweepRun], output_root: str | os.PathLike) -> Any:
+    """Concatenate the validation curves (``<output_root>/segmentation/<run>/val_curve.csv``, written during
+    training by :class:`bundle.workflows.handlers.ValidationCurveWriter`) of ``runs`` into one ``DataFrame``."""
+    import pandas as pd
+
+    frames = [pd.read_csv(p, dtype={"train_size": str}) for p in
+              (Path(output_root) / "segmentation" / run.name / "val_curve.csv" for run in runs) if p.is_file()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def summarise(frame: Any) -> Any:
     """Mean Dice per (task, init, train_size) and per seed: the per-image mean over structures, averaged over the
     images of each seed, then mean and standard deviation over seeds (``n_seeds`` says how many)."""
@@ -256,6 +266,9 @@ def run_sweep(
     frame = collect(runs, paths["output_root"], split)
     csv_path = str(output_csv or Path(paths["output_root"]) / "segmentation" / f"sweep_{split}.csv")
     atomic_write_text(csv_path, frame.to_csv(index=False))
+    curves = collect_curves(runs, paths["output_root"])
+    if not curves.empty:
+        atomic_write_text(str(Path(csv_path).with_name("sweep_val_curves.csv")), curves.to_csv(index=False))
     table = summarise(frame)
     if not table.empty:
         with pd.option_context("display.width", 120, "display.max_rows", 200):
