@@ -572,8 +572,8 @@ def _learning_section(analysis_dir: str, status: Mapping[str, str], labels: Mapp
                 w = worst.loc[worst["worst"].idxmin()]
                 sec.blocks.append(Text(
                     f"Every structure learned on every seed of every init (no test Dice below 0.05); the lowest "
-                    f"seed is {w['structure']} of {_label(w['init'], labels)} on {w['task']} with "
-                    f"{size_phrase(w['train_size'])}: {fmt_num(w['worst'])} (seed {w['worst_seed']}).",
+                    f"seed score is {fmt_num(w['worst'])} (seed {w['worst_seed']}), {w['structure']} of "
+                    f"{_label(w['init'], labels)} on {w['task']} with {size_phrase(w['train_size'])}.",
                     conclusion=True))
     dist = os.path.join(analysis_dir, "dice_distributions.png")
     if os.path.isfile(dist):
@@ -600,8 +600,8 @@ def _efficiency_section(analysis_dir: str, status: Mapping[str, str], labels: Ma
             continue
         parts = [f"{_label(r['init'], labels)} {fmt_num(r['steps_to_95_mean'], 0)} steps (best validation Dice "
                  f"{fmt_num(r['best_mean'], 3)})" for r in g.to_dict("records")]
-        sec.blocks.append(Text(f"Steps to 95% of the final validation Dice on {task} with {size_phrase(size)}: "
-                               + "; ".join(parts) + ".", conclusion=True))
+        sec.blocks.append(Text(f"Training efficiency on {task} with {size_phrase(size)} (optimizer steps to 95% of "
+                               "the final validation Dice, seed mean): " + "; ".join(parts) + ".", conclusion=True))
     return sec
 
 
