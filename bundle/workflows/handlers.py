@@ -44,7 +44,7 @@ class ProgressBar:
 class EpochSummary:
     """Log one line per epoch with the engine's metrics (what a CI log or a non-terminal run shows)."""
 
-    def __init__(self, name: str = "train", total_epochs: int | None = None):
+    def __init__(self, name: str = "train"):
         self.name = name
 
     def attach(self, engine: Engine) -> None:
