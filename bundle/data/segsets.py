@@ -28,7 +28,8 @@ import pandas as pd
 
 from ..constants import SCR_STRUCTURES
 from ..utils import BundleInputError, PathLike
-from .io import IMAGE_SUFFIXES, _check_exists, _kind, load_mask, load_radiograph
+from .io import (IMAGE_SUFFIXES, _check_exists, _kind, jsrt_img_shape, load_mask, load_radiograph,
+                 size_mismatch_problem)
 from .splits import split_datalist
 
 __all__ = [
@@ -115,6 +116,8 @@ def read_image_size(path: PathLike) -> tuple[int, int]:
 
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)
             return int(ds.Rows), int(ds.Columns)
+        if kind == "jsrt":
+            return jsrt_img_shape(path)
         import nibabel as nib
 
         shape = nib.load(str(path)).shape
@@ -129,8 +132,10 @@ def check_pair(
     image: PathLike, label: PathLike | Sequence[PathLike] | None = None, require_nonempty: bool = False,
     decode_images: bool = False,
 ) -> None:
-    """Validate one item: the image is readable and every mask in ``label`` is readable, of the image's size, and
-    (with ``require_nonempty``) non-empty.
+    """Validate one item: the image is readable and every mask in ``label`` is readable, of the image's size or of
+    another size with the image's aspect ratio (the image is then resampled to the masks' grid when loaded:
+    :class:`~bundle.data.transforms.LoadMaskd`), the masks of one item of one size, and (with
+    ``require_nonempty``) non-empty.
 
     Args:
         image: the image file; its size comes from the header unless ``decode_images`` (then the whole file is
@@ -147,11 +152,16 @@ def check_pair(
         size = read_image_size(image)
     if label is None:
         return
+    first: tuple[tuple[int, ...], PathLike] | None = None
     for mask_path in [label] if isinstance(label, (str, os.PathLike)) else list(label):
         mask = load_mask(mask_path, required_nonempty=require_nonempty)
-        if tuple(mask.shape) != tuple(size):
-            raise BundleInputError(mask_path, f"mask size {tuple(mask.shape)} differs from image size "
-                                              f"{tuple(size)} of {image} (sizes are (H, W))")
+        problem = size_mismatch_problem(size, mask.shape)
+        if problem:
+            raise BundleInputError(mask_path, f"{problem} (image {image})")
+        if first is not None and tuple(mask.shape) != first[0]:
+            raise BundleInputError(mask_path, f"mask size {tuple(mask.shape)} differs from the size {first[0]} of "
+                                              f"the item's other mask {first[1]} (sizes are (H, W))")
+        first = first or (tuple(mask.shape), mask_path)
 
 
 class _Skipper:
