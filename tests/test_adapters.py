@@ -84,7 +84,8 @@ def make_qata(root: Path, write_image: Callable, n_train: int = 8, n_test: int =
     for subset, n in (("Train Set", n_train), ("Test Set", n_test)):
         base = root / "QaTa-COV19" / subset
         for i in range(n):
-            name = f"covid_{subset[:2].lower()}{i}" if i % 2 else f"sub-S{i // 2:04d}_ses-E{i}_run-1"
+            subject = i // 2 + (0 if subset == "Train Set" else 100)  # no subject in both sets (see the moving test)
+            name = f"covid_{subset[:2].lower()}{i}" if i % 2 else f"sub-S{subject:04d}_ses-E{i}_run-1"
             write_image(base / "Images" / f"{name}.png", np.full((16, 16), 10 * i, np.uint8))
             write_image(base / "Ground-truths" / f"mask_{name}.png", _mask())
     return root
