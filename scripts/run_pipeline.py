@@ -44,6 +44,10 @@ class Pipeline:
                  data: Path | None = None):
         settings = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
         self.settings = settings["quick" if quick else "default"]
+        if quick and data is not None:  # CI's size for the data path: `quick_data` replaces entries of `quick`
+            extra = settings.get("quick_data") or {}
+            overrides = {**self.settings.get("overrides", {}), **extra.get("overrides", {})}
+            self.settings = {**self.settings, **extra, "overrides": overrides}
         self.quick = quick
         self.data_file = data
         self.data_spec: dict[str, Any] = {}
