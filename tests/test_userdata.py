@@ -25,7 +25,7 @@ from bundle.data.segsets import (covid_qu_ex_datalist, covid_qu_ex_items, qata_d
 from bundle.data.transforms import LoadMaskd, LoadRadiographd
 from bundle.data.userdata import load_data_spec, phantom_params, prepare_data
 from bundle.utils import BundleInputError
-from data_formats import (make_all, make_chexpert_small, make_covid_qu_ex, make_jsrt_scr, make_qata_v2,
+from data_formats import (make_chexpert_small, make_covid_qu_ex, make_jsrt_scr, make_qata_v2,
                           qata_names)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -311,35 +311,3 @@ def test_finetune_on_jsrt_img_scr_gif(tmp_path):
     # Dice is measured on the SCR masks' grid (32 px here: the 64 px .IMG is brought to it)
     masks = list((csvs[0].parent / "masks_test").glob("*.png"))
     assert masks and all(load_mask(m).shape == (32, 32) for m in masks)
-
-
-# ------------------------------------------------------------------------------------------ end to end (--data)
-@pytest.mark.slow
-def test_pipeline_runs_to_the_report_with_real_format_data(tmp_path):
-    """``scripts/run_pipeline.py --quick --data`` on JSRT .IMG/SCR GIF + QaTa-COV19-v2 + CheXpert-v1.0-small trees
-    (what ``bash scripts/main.sh --quick --data`` execs); then a malformed file stops it with the file named."""
-    data_file = make_all(tmp_path / "user")
-    root = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "scripts" / "run_pipeline.py"), "--quick", "--data", str(data_file),
-           "--root", str(root)]
-    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
-    html = (root / "eval" / "report" / "report.html").read_text()
-    assert "Data sources" in html and "real data: chexpert (CheXpert" in html and "scr (JSRT/SCR" in html
-    assert "phantom data: none" in html
-    assert not (root / "data" / "phantom").exists()  # no phantom drawn: the data file gives all three
-    sweep = (root / "eval" / "segmentation" / "sweep_test.csv").read_text()
-    assert "infection" in sweep and "scr" in sweep
-    # a malformed file: the run stops at the data stage naming it; the datalists already there are untouched
-    before = _files(root / "data" / "datalists")
-    bad = next((tmp_path / "user" / "jsrt_scr" / "All247images").glob("*.IMG"))
-    bad.write_bytes(bad.read_bytes()[:1000])
-    res = subprocess.run([*cmd, "--stages", "data"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert res.returncode != 0 and f"{bad.name}: not a JSRT .IMG file" in res.stdout + res.stderr
-    assert _files(root / "data" / "datalists") == before
-    # a data file naming a missing folder stops before any stage runs
-    (tmp_path / "bad.yaml").write_text("qata: /nonexistent/qata\n")
-    res = subprocess.run([*cmd[:3], "--data", str(tmp_path / "bad.yaml"), "--root", str(tmp_path / "run2")], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0 and "/nonexistent/qata: folder not found" in res.stderr
-    assert not (tmp_path / "run2").exists()
