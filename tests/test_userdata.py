@@ -269,6 +269,9 @@ def test_prepare_data_real_and_phantom_and_nothing_written_half(tmp_path):
     with pytest.raises(BundleInputError, match=r"left lung/JPCLN002\.gif: (not a readable|unreadable)"):
         prepare_data(phantom_dir, datalist_dir, SMALL_PHANTOM, DATALISTS, data_spec=data_file)
     assert _files(datalist_dir) == before
+    with pytest.raises(BundleInputError, match=r"left lung/JPCLN002\.gif"):  # checked before any phantom is drawn
+        prepare_data(tmp_path / "phantom2", tmp_path / "datalists2", SMALL_PHANTOM, DATALISTS, data_spec=data_file)
+    assert not (tmp_path / "phantom2").exists() and not (tmp_path / "datalists2").exists()
     # a missing QaTa mask (the last dataset built): same
     shutil.copy(dirs["masks"] / "fold1" / "masks" / "left lung" / "JPCLN001.gif", bad)
     gt = trees / "qata" / "QaTa-COV19-v2" / "Test Set" / "Ground-truths"

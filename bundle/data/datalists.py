@@ -127,6 +127,9 @@ def build_all_datalists(
     required: Sequence[str] = ("chexpert", "scr", "qata"),
     real: Mapping[str, Mapping[str, Any]] | None = None,
     decode_real_images: bool = True,
+    only: Sequence[str] | None = None,
+    prebuilt: Mapping[str, Any] | None = None,
+    write: bool = True,
 ) -> dict[str, Any]:
     """Write ``chexpert.json``, ``scr.json``, ``qata.json`` (and ``real_lungs.json``) into ``datalist_dir``.
 
@@ -156,6 +159,11 @@ def build_all_datalists(
         real: the user's datasets (see above); ``None``: none.
         decode_real_images: decode every image of the user's segmentation datasets while checking (catches
             truncated files; the phantom's are only checked through their header).
+        only: build only these datalists (the others are left out of the summary).
+        prebuilt: the ``"built"`` entry of an earlier call's summary with ``write=False`` (datalists already built
+            and checked: reused as they are, e.g. the real ones checked before drawing phantoms).
+        write: write the datalists and ``summary.json`` (``False``: only build and check; the summary then has a
+            ``"built"`` entry for ``prebuilt``).
 
     Returns:
         ``{dataset: {"path": datalist file, "training": n, "validation": n, "test": n, "skipped": n, "source", ...}}``.
@@ -184,7 +192,14 @@ def build_all_datalists(
     seg_kwargs: dict[str, Any] = dict(check_files=check_files, on_error=on_error)
     built: dict[str, tuple[dict[str, list[dict[str, Any]]], dict[str, Any], dict[str, Any]]] = {}
     summary: dict[str, Any] = {}
+    pre = dict((prebuilt or {}).get("built", {}))
     for name in DATALIST_FILES:
+        if only is not None and name not in only:
+            continue
+        if name in pre:
+            built[name] = pre[name]
+            summary[name] = (prebuilt or {})[name]
+            continue
         if not present[name]:
             if name in required:
                 raise BundleInputError(roots[name], f"{name} dataset layout not found (see docs/DEVELOPMENT.md)")
@@ -242,6 +257,8 @@ def build_all_datalists(
                          "patient_grouping": s.get("patient_grouping") or (s.get("train_set") or {}).get(
                              "patient_grouping"),
                          "patients_moved": s.get("patients_moved", 0)}
+    if not write:
+        return {**summary, "built": built}
     for name, (datalist, s, meta) in built.items():  # all good: write
         big = sum(len(v) for v in datalist.values()) > 20000
         path = write_datalist(datalist_dir / DATALIST_FILES[name], datalist, indent=None if big else 1,

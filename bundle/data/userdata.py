@@ -176,9 +176,10 @@ def prepare_data(
 ) -> dict[str, Any]:
     """The data stage: check the user's data file, draw the phantoms still needed, build and write every datalist.
 
-    Order: the data file is checked first (:func:`load_data_spec`); phantoms are drawn only for the datasets the
-    file does not give (:func:`phantom_params`; nothing when it gives all three); then every datalist, real and
-    phantom, is built and validated in memory, and written only when all are good
+    Order: the data file is checked first (:func:`load_data_spec`), then the user's datasets are read and every
+    file checked (in memory); phantoms are drawn only for the datasets the file does not give
+    (:func:`phantom_params`; nothing when it gives all three); then the phantom datalists are built, and all are
+    written only when all are good
     (:func:`bundle.data.datalists.build_all_datalists`): a missing or malformed file stops the stage with the file
     named and no datalist written half. The sources (real or phantom, per datalist) are in ``summary.json``, the
     printed summary and, with ``tracking_uri``, an MLflow run (params ``source_<datalist>``).
@@ -192,16 +193,21 @@ def prepare_data(
     spec = load_data_spec(data_spec)
     if spec:
         logger.info("data file: %s", {k: v for k, v in spec.items()})
-    params = phantom_params(phantom, spec)
-    phantom_summary = None
-    if params is not None:
-        phantom_summary = generate_phantom_datasets(phantom_dir, seed=seed, **params)
     if "folder" in spec:
         real_lungs_dir = None  # replaced by the user's folder
     elif real_lungs_dir is not None and not os.path.isdir(real_lungs_dir):
         real_lungs_dir = None
-    summary = build_all_datalists(phantom_dir, datalist_dir, real_lungs_dir=real_lungs_dir, seed=seed, real=spec,
-                                  **dict(datalists))
+    kwargs = dict(real_lungs_dir=real_lungs_dir, seed=seed, real=spec, **dict(datalists))
+    given = sorted({DATA_KEYS[k][0] for k in spec})
+    checked = None
+    if given:  # the user's datasets first: a bad file stops the stage before any phantom is drawn
+        checked = build_all_datalists(phantom_dir, datalist_dir, only=given, write=False,
+                                      **{**kwargs, "required": ()})
+    params = phantom_params(phantom, spec)
+    phantom_summary = None
+    if params is not None:
+        phantom_summary = generate_phantom_datasets(phantom_dir, seed=seed, **params)
+    summary = build_all_datalists(phantom_dir, datalist_dir, prebuilt=checked, **kwargs)
     if tracking_uri:
         from ..workflows.tracking import log_run
 
