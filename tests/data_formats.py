@@ -137,7 +137,7 @@ def make_covid_qu_ex(root: Path, per_class: int = 2, side: int = 32) -> Path:
     return top
 
 
-def make_chexpert_small(root: Path, n_train: int = 24, n_valid: int = 8, side: int = 64,
+def make_chexpert_small(root: Path, n_train: int = 16, n_valid: int = 8, side: int = 64,
                         dirname: str = "CheXpert-v1.0-small") -> Path:
     """``<dirname>/train.csv``, ``valid.csv`` (the 19 columns) and ``train|valid/patientNNNNN/study1/
     view1_frontal.jpg`` (8-bit JPEG); every observation has both classes in ``valid.csv``. Returns the dataset
