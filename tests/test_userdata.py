@@ -154,6 +154,17 @@ def test_qata_v2_tree_and_patients_across_its_sets(tmp_path):
                 assert not {it["patient"] for it in datalist[a]} & {it["patient"] for it in datalist[b]}
 
 
+def test_patient_ids_from_names():
+    from bundle.data.segsets import patient_from_name, patient_grouping_note
+
+    assert patient_from_name("sub-S09345_ses-E16849_run-1_bp-chest_vp-ap_cr") == "sub-S09345"
+    assert patient_from_name("person1493_virus_2593") == "person1493"
+    assert patient_from_name("NORMAL2-IM-1427-0001") == patient_from_name("IM-1427-0002") == "IM-1427"
+    assert patient_from_name("covid_12") is None and patient_from_name("Non_COVID (3)") is None
+    assert patient_grouping_note(["covid_1", "covid_2"]).startswith("the 2 image names carry no patient id")
+    assert patient_grouping_note(["person1_virus_1", "covid_2"]).startswith("1 of 2 image names carry a patient id")
+
+
 def test_reconcile_splits_rule():
     secs = {"training": [{"patient": "p", "image": "1"}, {"patient": "q", "image": "2"}],
             "validation": [], "test": [{"patient": "p", "image": "3"}]}
