@@ -461,8 +461,8 @@ def test_folder_bad_csv_and_missing_files(tmp_path, write_image):
     items, summary = folder_items(root, on_error="skip")
     assert len(items) == 2 and summary["skipped"] == 1
     (root / "cases.csv").unlink()  # no CSV: pairs by file name, one patient per image
-    items, _ = folder_items(root)
-    assert len(items) == 9 and len(_patients(items)) == 9
+    items, summary = folder_items(root)
+    assert len(items) == 9 and len(_patients(items)) == 9 and "split by image" in summary["patient_grouping"]
 
 
 @pytest.mark.shared_data

@@ -716,7 +716,11 @@ def folder_items(
                                             f"mask of case {case!r} not found (image {images[case]})"))
             continue
         items.append({"image": images[case], "label": masks[case], "patient": str(patient) or case})
-    return _finish(items, skipper, check_files, require_nonempty, decode_images, on_error, f"folder {root}")
+    grouping = (f"patients from {cases_csv}'s '{patient_column}' column: no patient in two splits"
+                if csv_path is not None and csv_path.is_file() else
+                f"no {cases_csv}: the images carry no patient id, each is its own patient (split by image)")
+    return _finish(items, skipper, check_files, require_nonempty, decode_images, on_error, f"folder {root}",
+                   patient_grouping=grouping)
 
 
 def folder_datalist(
