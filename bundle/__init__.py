@@ -17,7 +17,7 @@ from .utils import BUNDLE_ROOT, BundleInputError
 __version__ = "0.1.0"
 
 _SUBMODULES = ("constants", "utils", "data", "explain", "doll", "networks", "metrics", "stats", "reporting",
-               "tracking", "workflows")
+               "workflows")
 
 
 def __getattr__(name: str) -> Any:

@@ -63,6 +63,8 @@ class SweepRun:
     train_size: str
     seed: int
     mode: str = "full"
+    #: bundle overrides of this run alone (an extra grid's ``overrides``, e.g. its own ``image_size``)
+    overrides: dict[str, Any] = field(default_factory=dict)
     status: str = "pending"
     seconds: float = 0.0
     error: str = ""
@@ -138,6 +140,16 @@ def collect(runs: Sequence[SweepRun], output_root: str | os.PathLike, split: str
     return frame[[c for c in COLUMNS if c in frame.columns] + extra]
 
 
+def collect_curves(runs: Sequence[SweepRun], output_root: str | os.PathLike) -> Any:
+    """Concatenate the validation curves (``<output_root>/segmentation/<run>/val_curve.csv``, written during
+    training by :class:`bundle.workflows.handlers.ValidationCurveWriter`) of ``runs`` into one ``DataFrame``."""
+    import pandas as pd
+
+    frames = [pd.read_csv(p, dtype={"train_size": str}) for p in
+              (Path(output_root) / "segmentation" / run.name / "val_curve.csv" for run in runs) if p.is_file()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def summarise(frame: Any) -> Any:
     """Mean Dice per (task, init, train_size) and per seed: the per-image mean over structures, averaged over the
     images of each seed, then mean and standard deviation over seeds (``n_seeds`` says how many)."""
@@ -187,8 +199,9 @@ def run_sweep(
         verbose: stream the runs' output (default: ``<output_root>/segmentation/logs/<run>.log``).
         keep_going: record a failed run and continue (default: raise at the first failure).
         log_mlflow: log the sweep's summary run to MLflow.
-        extra: further grids (mappings with ``tasks``, ``inits``, ``sizes``, ``seeds`` and optionally ``modes``) whose
-            runs join this sweep (same CSV, same MLflow run), e.g. a real-data check at one size.
+        extra: further grids (mappings with ``tasks``, ``inits``, ``sizes``, ``seeds`` and optionally ``modes`` and
+            ``overrides``, bundle overrides of that grid's runs on top of ``overrides``) whose runs join this sweep
+            (same CSV, same MLflow run), e.g. a real-data check at its own image size.
         jobs: runs executed concurrently, the CPU threads shared out between them
             (:func:`~scripts.processes.thread_env`; each run is still one deterministic process: same seed, same
             jobs, same result).
@@ -208,6 +221,7 @@ def run_sweep(
     runs = make_grid(tasks, inits, sizes, seeds, modes)
     for grid in extra:
         for run in make_grid(grid["tasks"], grid["inits"], grid["sizes"], grid["seeds"], grid.get("modes", modes)):
+            run.overrides = dict(grid.get("overrides") or {})
             if run.name not in {r.name for r in runs}:
                 runs.append(run)
     common: dict[str, Any] = {**paths, "show_progress": False, **dict(overrides or {})}
@@ -228,7 +242,7 @@ def run_sweep(
         if failures and not keep_going:
             return
         start = time.time()
-        args = {**common, **run.args()}
+        args = {**common, **run.overrides, **run.args()}
         steps = [{"name": "train", "configs": list(TRAIN_CONFIGS), "args": args},
                  {"name": "eval", "configs": list(EVAL_CONFIGS), "args": {**args, "eval_split": split}}]
         log_path = log_dir / f"{run.name}.log"
@@ -256,6 +270,9 @@ def run_sweep(
     frame = collect(runs, paths["output_root"], split)
     csv_path = str(output_csv or Path(paths["output_root"]) / "segmentation" / f"sweep_{split}.csv")
     atomic_write_text(csv_path, frame.to_csv(index=False))
+    curves = collect_curves(runs, paths["output_root"])
+    if not curves.empty:
+        atomic_write_text(str(Path(csv_path).with_name("sweep_val_curves.csv")), curves.to_csv(index=False))
     table = summarise(frame)
     if not table.empty:
         with pd.option_context("display.width", 120, "display.max_rows", 200):
@@ -350,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> SweepResult:
                      overrides=overrides, data_root=args.data_root, output_root=args.output_root,
                      models_dir=args.models_dir, device=args.device, split=args.split, output_csv=args.output_csv,
                      verbose=args.verbose, keep_going=args.keep_going,
-                     jobs=int(args.jobs if args.jobs is not None else grid.get("jobs", 1)))
+                     jobs=int(args.jobs if args.jobs is not None else grid.get("jobs", 1)),
+                     extra=[] if args.tasks else list(grid.get("extra") or []))
 
 
 if __name__ == "__main__":

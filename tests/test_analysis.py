@@ -56,6 +56,20 @@ def make_sweep_csv(path: Path, effect: dict[int, float], seed: int = 0) -> pd.Da
     return frame
 
 
+def make_val_curves_csv(path: Path) -> pd.DataFrame:
+    """Validation curves with a known efficiency: DoLL reaches its plateau (0.9) in 45 steps, scratch in 90."""
+    rows = []
+    for size in SIZES:
+        for s in SEEDS:
+            for init, rate in (("doll", 0.3), ("scratch", 0.15)):
+                for epoch in range(1, 11):
+                    rows.append({"task": "scr", "init": init, "train_size": str(size), "seed": s, "mode": "full",
+                                 "epoch": epoch, "steps": 15 * epoch, "val_mean_dice": min(0.9, rate * epoch)})
+    frame = pd.DataFrame(rows)
+    frame.to_csv(path, index=False)
+    return frame
+
+
 def _disc(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
     yy, xx = np.mgrid[:h, :w]
     return ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(np.uint8)
@@ -187,6 +201,7 @@ def effect_env(tmp_path_factory, mlflow_uri) -> dict[str, Any]:
     """Synthetic inputs with a known effect, and the analysis run on them through configs/analysis.yaml."""
     root = tmp_path_factory.mktemp("effect")
     sweep = make_sweep_csv(root / "eval" / "segmentation" / "sweep_test.csv", EFFECT)
+    make_val_curves_csv(root / "eval" / "segmentation" / "sweep_val_curves.csv")
     items = make_test_set(root / "data")
     ckpts = {"doll_seed0": make_checkpoint(root / "models" / "segmentation" / "scr_doll_n4_seed0" / "model.pt", 1),
              "scratch_seed0": make_checkpoint(root / "models" / "segmentation" / "scr_scratch_n4_seed0" / "model.pt",
@@ -205,8 +220,21 @@ def effect_env(tmp_path_factory, mlflow_uri) -> dict[str, Any]:
 # tests
 # --------------------------------------------------------------------------------------------------------------------
 def test_every_section_ran(effect_env):
-    assert effect_env["status"] == {"statistics": "done", "learning_curves": "done", "gradcam": "done",
-                                    "ensembles": "done"}
+    assert effect_env["status"] == {"statistics": "done", "learning_curves": "done", "efficiency": "done",
+                                    "gradcam": "done", "ensembles": "done"}
+
+
+def test_training_efficiency_and_seed_tables(effect_env):
+    eff = pd.read_csv(effect_env["out"] / "efficiency.csv").set_index(["init", "train_size"])
+    # doll: 0.3/epoch reaches 0.855 (95% of 0.9) at epoch 3 = 45 steps; scratch: 0.15/epoch at epoch 6 = 90 steps
+    assert (eff.xs("doll")["steps_to_95_mean"] == 45).all() and (eff.xs("scratch")["steps_to_95_mean"] == 90).all()
+    assert eff["best_mean"].tolist() == pytest.approx([0.9] * len(eff))
+    seeds = pd.read_csv(effect_env["out"] / "seeds.csv")
+    assert not seeds["collapsed"].any()  # every synthetic Dice is far above 0.05
+    worst = seeds[(seeds["structure"] == "clavicles") & (seeds["init"] == "scratch") & (seeds["train_size"] == 2)]
+    frame = effect_env["sweep"]
+    by_seed = frame[(frame["structure"] == "clavicles") & (frame["init"] == "scratch") & (frame["train_size"] == "2")]
+    assert worst["worst"].iloc[0] == pytest.approx(by_seed.groupby("seed")["dice"].mean().min())
 
 
 def test_statistics_match_the_known_effect(effect_env):

@@ -165,7 +165,7 @@ def test_images_are_embedded_and_decodable(report_env):
 
     html = report_env["html"]
     expected = {"phantom_montage", "doll_panel", "classifier_auroc", "learning_curves", "dice_distributions",
-                "gradcam_panel", "ensemble_panel", "timing"}
+                "gradcam_panel", "ensemble_panel", "timing", "training_efficiency"}
     assert len(html.images) == len(expected)
     for src in html.images:
         assert src.startswith("data:image/png;base64,")
@@ -207,7 +207,7 @@ def test_report_mlflow_run_has_the_figures(report_env, mlflow_uri):  # noqa: F81
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.html", "report.md", "learning_curves.png", "gradcam_panel.png", "ensemble_panel.png",
             "timing.png", "statistics.csv"} <= artifacts
-    assert run.data.metrics["n_figures"] == 8
+    assert run.data.metrics["n_figures"] == 9
 
 
 def test_null_dataset_says_no_significant_difference(null_env):
@@ -230,11 +230,12 @@ def test_report_without_any_input(tmp_path):
     res = build_report(tmp_path / "report", analysis_dir=tmp_path / "analysis", doll_quality_dir=tmp_path / "dq")
     html = parse(Path(res["html"]))
     assert {k for k, v in html.sections.items() if v.startswith("not run")} == {
-        "phantom", "doll", "classifiers", "learning_curves", "statistics", "gradcam", "ensembles", "throughput"}
+        "phantom", "doll", "classifiers", "learning_curves", "efficiency", "statistics", "gradcam", "ensembles",
+        "throughput"}
     assert html.sections["reproducibility"] == "done"
     assert "analysis stage not run" in html.sections["statistics"]
     assert html.images == []
-    assert (tmp_path / "report" / "report.md").read_text().count("*not run") == 8
+    assert (tmp_path / "report" / "report.md").read_text().count("*not run") == 9
 
 
 def test_sentence_when_the_reference_wins():

@@ -233,6 +233,110 @@ def learning_curves(df: pd.DataFrame, confidence: float = 0.95, n_boot: int = 10
     return out
 
 
+#: A structure whose mean test Dice on one seed is below this is "collapsed": a defect of the recipe, flagged in red.
+COLLAPSE_DICE = 0.05
+
+
+def seed_table(df: pd.DataFrame, collapse_below: float = COLLAPSE_DICE) -> pd.DataFrame:
+    """Per ``task, structure, init, train_size``: the seeds' mean test Dice and the **worst seed** beside it.
+
+    Each seed's score is its mean over the test images (``structure="all"``: over images and structures). A cell
+    where any seed's score of a structure is below ``collapse_below`` is ``collapsed``: the network never learned
+    that structure on that seed, a defect of the recipe and not a data point to average.
+
+    Returns:
+        DataFrame ``task, structure, init, train_size, n_seeds, mean, worst, worst_seed, best, collapsed,
+        collapsed_seeds``.
+    """
+    import pandas as pd
+
+    per_seed = pd.concat([
+        df.groupby(["task", "structure", "init", "train_size", "seed"], sort=False)["dice"].mean().reset_index(),
+        df.assign(structure="all").groupby(["task", "structure", "init", "train_size", "seed", "image"], sort=False)
+        ["dice"].mean().groupby(["task", "structure", "init", "train_size", "seed"], sort=False).mean()
+        .reset_index()], ignore_index=True)
+    rows = []
+    for (task, structure, init, size), g in per_seed.groupby(["task", "structure", "init", "train_size"],
+                                                              sort=False):
+        worst = g.loc[g["dice"].idxmin()]
+        low = sorted(int(s) for s in g.loc[g["dice"] < collapse_below, "seed"])
+        rows.append({"task": task, "structure": structure, "init": init, "train_size": size,
+                     "n_seeds": int(len(g)), "mean": float(g["dice"].mean()), "worst": float(worst["dice"]),
+                     "worst_seed": int(worst["seed"]), "best": float(g["dice"].max()),
+                     "collapsed": bool(low) and structure != "all", "collapsed_seeds": ",".join(map(str, low))})
+    out = pd.DataFrame(rows, columns=["task", "structure", "init", "train_size", "n_seeds", "mean", "worst",
+                                      "worst_seed", "best", "collapsed", "collapsed_seeds"])
+    out["_all"] = (out["structure"] != "all").astype(int)
+    return _sort_sizes(out, ["task", "_all", "structure", "train_size", "init"]).drop(columns="_all")
+
+
+def load_val_curves(path: PathLike) -> pd.DataFrame:
+    """Read the sweep's validation curves (``sweep_val_curves.csv``: one row per validation of every run, with
+    ``task, init, train_size, seed, epoch, steps, val_mean_dice`` and the per-structure ``val_dice_*``).
+
+    Raises:
+        BundleInputError: missing file or columns.
+    """
+    import pandas as pd
+
+    if not os.path.isfile(path):
+        raise BundleInputError(path, "validation curves not found (written by scripts/sweep.py)")
+    df = pd.read_csv(path, dtype={"task": str, "init": str, "train_size": str})
+    missing = [c for c in ("task", "init", "train_size", "seed", "steps", "val_mean_dice") if c not in df.columns]
+    if missing:
+        raise BundleInputError(path, f"validation curves lack columns {missing}")
+    if "mode" in df.columns:
+        mode = df["mode"].fillna("full").astype(str)
+        df["init"] = np.where(mode == "full", df["init"], df["init"] + ":" + mode)
+    df["train_size"] = pd.Series([normalise_size(v) for v in df["train_size"]], index=df.index, dtype=object)
+    return df
+
+
+def efficiency_table(curves: pd.DataFrame, fraction: float = 0.95, metric: str = "val_mean_dice") -> pd.DataFrame:
+    """Training efficiency per ``task, init, train_size``: how many optimizer steps each run needs to reach
+    ``fraction`` of its own best validation Dice, and where it ends.
+
+    Per run (seed): ``best`` = the highest validation Dice, ``steps_to_<pct>`` = the first validation at which the
+    Dice reaches ``fraction * best``, ``steps_run`` = the last validation (the plateau rule or the cap ended the
+    run there). Over seeds: mean of each, and the worst (largest) ``steps_to_<pct>``.
+
+    Returns:
+        DataFrame ``task, init, train_size, n_seeds, best_mean, best_worst, steps_to_<pct>_mean,
+        steps_to_<pct>_max, steps_run_mean``.
+    """
+    import pandas as pd
+
+    pct = int(round(100 * fraction))
+    runs = []
+    for (task, init, size, seed), g in curves.groupby(["task", "init", "train_size", "seed"], sort=False):
+        g = g.sort_values("steps")
+        best = float(g[metric].max())
+        reached = g.loc[g[metric] >= fraction * best, "steps"]
+        runs.append({"task": task, "init": init, "train_size": size, "seed": seed, "best": best,
+                     "steps_to": int(reached.iloc[0]), "steps_run": int(g["steps"].max())})
+    per_run = pd.DataFrame(runs, columns=["task", "init", "train_size", "seed", "best", "steps_to", "steps_run"])
+    out = per_run.groupby(["task", "init", "train_size"], sort=False).agg(
+        n_seeds=("seed", "count"), best_mean=("best", "mean"), best_worst=("best", "min"),
+        **{f"steps_to_{pct}_mean": ("steps_to", "mean"), f"steps_to_{pct}_max": ("steps_to", "max")},
+        steps_run_mean=("steps_run", "mean")).reset_index()
+    return _sort_sizes(out, ["task", "train_size", "init"])
+
+
+def mean_val_curves(curves: pd.DataFrame, metric: str = "val_mean_dice") -> pd.DataFrame:
+    """Validation Dice against optimizer steps per ``task, init, train_size``, averaged over seeds (a run that
+    stopped earlier carries its last value forward, so the mean is over every seed at every step)."""
+    import pandas as pd
+
+    rows = []
+    for (task, init, size), g in curves.groupby(["task", "init", "train_size"], sort=False):
+        wide = g.pivot_table(index="steps", columns="seed", values=metric, aggfunc="last").sort_index().ffill()
+        for steps, vals in wide.iterrows():
+            rows.append({"task": task, "init": init, "train_size": size, "steps": int(steps),
+                         "mean": float(vals.mean()), "worst": float(vals.min()), "n_seeds": int(vals.count())})
+    return _sort_sizes(pd.DataFrame(rows, columns=["task", "init", "train_size", "steps", "mean", "worst",
+                                                   "n_seeds"]), ["task", "train_size", "init", "steps"])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # models, test images and inference
 # --------------------------------------------------------------------------------------------------------------------
@@ -683,6 +787,7 @@ def run_analysis(
     tracking_uri: str | None = None,
     experiment: str = "cxr_doll_analysis",
     seed: int = 0,
+    val_curves_csv: PathLike | None = None,
 ) -> dict[str, Any]:
     """Run the whole analysis (see the module docstring) and write it into ``out_dir``.
 
@@ -704,11 +809,12 @@ def run_analysis(
         tracking_uri: MLflow store (``None``: no MLflow run).
         experiment: MLflow experiment.
         seed: bootstrap seed.
+        val_curves_csv: the sweep's validation curves (training efficiency; ``None`` or missing: section not run).
 
     Returns:
         ``{"status": {section: "done" | "not run: ..."}, "files": [...], "summary": {...}, "run_id": ...}``.
     """
-    from .plots import plot_dice_distributions, plot_learning_curves
+    from .plots import plot_dice_distributions, plot_learning_curves, plot_training_efficiency
 
     out = os.fspath(out_dir)
     os.makedirs(out, exist_ok=True)
@@ -755,7 +861,27 @@ def run_analysis(
                                              seed=seed))
         for r in curves[curves["structure"] == "all"].to_dict("records"):
             metrics[_metric_key("curve", r["task"], r["init"], f"n{r['train_size']}", "dice")] = r["mean"]
+        seeds = seed_table(df)
+        write_csv("seeds.csv", seeds)
+        summary["collapsed"] = [f"{r['task']}/{r['structure']}/{r['init']}/n{r['train_size']} seeds "
+                                f"{r['collapsed_seeds']}" for r in seeds[seeds["collapsed"]].to_dict("records")]
+        metrics["n_collapsed"] = float(len(summary["collapsed"]))
         status["learning_curves"] = "done"
+
+    # ---- training efficiency ---------------------------------------------------------------------------------
+    if not val_curves_csv or not os.path.isfile(val_curves_csv):
+        status["efficiency"] = f"not run: no validation curves at {val_curves_csv}"
+    else:
+        vc = load_val_curves(val_curves_csv)
+        eff = efficiency_table(vc)
+        write_csv("efficiency.csv", eff)
+        mean_curves = mean_val_curves(vc)
+        write_csv("val_curves_mean.csv", mean_curves)
+        files.append(plot_training_efficiency(mean_curves, os.path.join(out, "training_efficiency.png"),
+                                              init_labels))
+        for r in eff.to_dict("records"):
+            metrics[_metric_key("steps95", r["task"], r["init"], f"n{r['train_size']}")] = r["steps_to_95_mean"]
+        status["efficiency"] = "done"
 
     # ---- Grad-CAM --------------------------------------------------------------------------------------------
     cams = dict(gradcam_checkpoints or {})

@@ -108,6 +108,43 @@ def plot_learning_curves(curves: Any, path: PathLike, labels: Mapping[str, str] 
     return save_figure(fig, path)
 
 
+def plot_training_efficiency(curves: Any, path: PathLike, labels: Mapping[str, str] | None = None) -> str:
+    """Training efficiency: validation Dice against optimizer steps per init (seed mean solid, worst seed dashed),
+    one panel per task and training-set size.
+
+    Args:
+        curves: table ``task, init, train_size, steps, mean, worst`` (:func:`bundle.reporting.analysis.
+            mean_val_curves`).
+        path: output PNG.
+        labels: display names of the inits.
+    """
+    labels = dict(labels or {})
+    panels = sorted({(str(t), str(s)) for t, s in zip(curves["task"], curves["train_size"])},
+                    key=lambda ts: (ts[0], size_key(ts[1]))) or [("", "")]
+    ncols = min(4, len(panels))
+    nrows = int(np.ceil(len(panels) / ncols))
+    fig, axes = new_figure(4.2 * ncols, 3.3 * nrows, nrows, ncols)
+    inits = sorted(curves["init"].astype(str).unique())
+    for k, (task, size) in enumerate(panels):
+        ax = axes[k // ncols][k % ncols]
+        sub = curves[(curves["task"].astype(str) == task) & (curves["train_size"].astype(str) == size)]
+        for j, init in enumerate(inits):
+            g = sub[sub["init"].astype(str) == init].sort_values("steps")
+            if g.empty:
+                continue
+            ax.plot(g["steps"], g["mean"], color=_colour(j), label=labels.get(init, init))
+            ax.plot(g["steps"], g["worst"], color=_colour(j), linestyle="--", linewidth=0.8)
+        ax.set_title(f"{task}, {size} labelled images" if task else "")
+        ax.set_xlabel("optimizer steps")
+        ax.set_ylabel("validation Dice")
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    for k in range(len(panels), nrows * ncols):
+        axes[k // ncols][k % ncols].set_visible(False)
+    return save_figure(fig, path)
+
+
 def plot_dice_distributions(scores: Any, path: PathLike, labels: Mapping[str, str] | None = None,
                             value_col: str = "dice", seed: int = 0) -> str:
     """Box plots with jittered points of per-image scores, grouped by training-set size, one box per init, one

@@ -201,6 +201,11 @@ class Table:
     frame: Any
     caption: str = ""
     formats: dict[str, Callable[[Any], str]] = field(default_factory=dict)
+    #: a boolean column: rows where it is true are defects, shown in red (HTML) and marked DEFECT (Markdown)
+    highlight: str | None = None
+
+    def flagged(self, rec: Any) -> bool:
+        return bool(self.highlight) and bool(getattr(rec, self.highlight, False))
 
     def cell(self, col: str, value: Any) -> str:
         if col in self.formats:
@@ -256,7 +261,7 @@ h1{border-bottom:2px solid #444}h2{border-bottom:1px solid #bbb;margin-top:2em}
 table{border-collapse:collapse;margin:0.8em 0;font-size:0.85em}th,td{border:1px solid #ccc;padding:3px 7px}
 th{background:#eee}td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:1em 0}img{max-width:100%;border:1px solid #ddd}figcaption{font-size:0.85em;color:#555}
-.notrun{color:#a00;font-style:italic}.conclusions li{margin:0.3em 0}pre{background:#f6f6f6;padding:0.6em;
+.notrun{color:#a00;font-style:italic}tr.defect td{color:#b00;font-weight:600;background:#fee}.conclusions li{margin:0.3em 0}pre{background:#f6f6f6;padding:0.6em;
 overflow-x:auto;font-size:0.8em}caption{caption-side:top;text-align:left;font-weight:600;padding:0.2em 0}
 """
 
@@ -332,7 +337,8 @@ class Report:
                 for c, v in zip(cols, rec):
                     cls = ' class="num"' if _is_num(v) else ""
                     cells.append(f"<td{cls}>{e(b.cell(c, v))}</td>")
-                rows.append("<tr>" + "".join(cells) + "</tr>")
+                flag = ' class="defect"' if b.flagged(rec) else ""
+                rows.append(f"<tr{flag}>" + "".join(cells) + "</tr>")
             rows.append("</tbody></table>")
             return "\n".join(rows)
         if isinstance(b, FigureBlock):
@@ -366,7 +372,8 @@ class Report:
             out = [f"**{b.caption}**", ""] if b.caption else []
             out += ["| " + " | ".join(esc(c) for c in cols) + " |", "|" + "|".join(
                 "---:" if b.frame[c].map(_is_num).all() and len(b.frame) else "---" for c in b.frame.columns) + "|"]
-            out += ["| " + " | ".join(esc(b.cell(c, v)) for c, v in zip(cols, rec)) + " |"
+            out += ["| " + ("**DEFECT** " if b.flagged(rec) else "") + " | ".join(esc(b.cell(c, v)) for c, v in
+                                                                               zip(cols, rec)) + " |"
                     for rec in b.frame.itertuples(index=False)]
             return out
         if isinstance(b, FigureBlock):
@@ -578,10 +585,54 @@ def _learning_section(analysis_dir: str, status: Mapping[str, str], labels: Mapp
             f"{fmt_num(first['ci_high'])}] with {size_phrase(first['train_size'])}"
             + (f", {fmt_num(last['mean'])} [{fmt_num(last['ci_low'])}, {fmt_num(last['ci_high'])}] with "
                f"{size_phrase(last['train_size'])}." if len(g) > 1 else ".")))
+    seeds = _read_csv(os.path.join(analysis_dir, "seeds.csv"), dtype={"train_size": str, "collapsed_seeds": str})
+    if seeds is not None:
+        seeds = _sort_by_size(seeds, ["task", "structure", "init", "train_size"])
+        sec.blocks.append(Table("seeds", seeds, "Test Dice per structure: mean over seeds and the worst seed (a "
+                                "structure below 0.05 on any seed is a defect of the recipe, in red)",
+                                highlight="collapsed"))
+        bad = seeds[seeds["collapsed"].astype(bool)]
+        if len(bad):
+            sec.blocks.append(Text("DEFECT: " + "; ".join(
+                f"{r['structure']} of {_label(r['init'], labels)} on {r['task']} with {size_phrase(r['train_size'])}"
+                f" collapsed (Dice < 0.05) on seed(s) {r['collapsed_seeds']}" for r in bad.to_dict("records"))
+                + ".", conclusion=True))
+        else:
+            worst = seeds[seeds["structure"] != "all"]
+            if len(worst):
+                w = worst.loc[worst["worst"].idxmin()]
+                sec.blocks.append(Text(
+                    f"Every structure learned on every seed of every init (no test Dice below 0.05); the lowest "
+                    f"seed score is {fmt_num(w['worst'])} (seed {w['worst_seed']}), {w['structure']} of "
+                    f"{_label(w['init'], labels)} on {w['task']} with {size_phrase(w['train_size'])}.",
+                    conclusion=True))
     dist = os.path.join(analysis_dir, "dice_distributions.png")
     if os.path.isfile(dist):
         sec.blocks.append(FigureBlock("dice_distributions", dist, "Per-image Dice (mean over structures) per seed: "
                                                                    "box plots with the points"))
+    return sec
+
+
+def _efficiency_section(analysis_dir: str, status: Mapping[str, str], labels: Mapping[str, str]) -> Section:
+    sec = Section("efficiency", "Training efficiency: validation Dice against optimizer steps")
+    eff = _read_csv(os.path.join(analysis_dir, "efficiency.csv"), dtype={"train_size": str})
+    if eff is None:
+        return sec.not_run(status.get("efficiency", "no analysis/efficiency.csv"))
+    fig = os.path.join(analysis_dir, "training_efficiency.png")
+    if os.path.isfile(fig):
+        sec.blocks.append(FigureBlock("training_efficiency", fig, "Validation Dice (mean over structures) against "
+                                      "optimizer steps: seed mean (solid) and worst seed (dashed) per init"))
+    eff = _sort_by_size(eff, ["task", "train_size", "init"])
+    sec.blocks.append(Table("efficiency", eff, "Steps each run needs to reach 95% of its own best validation Dice "
+                            "(mean and worst seed), the best validation Dice, and the steps run (plateau rule or cap)",
+                            {c: (lambda v: fmt_num(v, 0)) for c in eff.columns if c.startswith("steps")}))
+    for (task, size), g in eff.groupby(["task", "train_size"], sort=False):
+        if len(g) < 2:
+            continue
+        parts = [f"{_label(r['init'], labels)} {fmt_num(r['steps_to_95_mean'], 0)} steps (best validation Dice "
+                 f"{fmt_num(r['best_mean'], 3)})" for r in g.to_dict("records")]
+        sec.blocks.append(Text(f"Training efficiency on {task} with {size_phrase(size)} (optimizer steps to 95% of "
+                               "the final validation Dice, seed mean): " + "; ".join(parts) + ".", conclusion=True))
     return sec
 
 
@@ -797,7 +848,7 @@ def build_report(
     status = dict(status) if isinstance(status, Mapping) else {}
     if adir and not os.path.isdir(adir):
         status = {k: f"analysis stage not run (no {adir})" for k in
-                  ("learning_curves", "statistics", "gradcam", "ensembles")}
+                  ("learning_curves", "efficiency", "statistics", "gradcam", "ensembles")}
 
     report = Report(title)
     stats_section, _ = _statistics_section(adir, status, labels, alpha)
@@ -807,6 +858,7 @@ def build_report(
         _doll_section(os.fspath(doll_quality_dir) if doll_quality_dir else None),
         _classifier_section(list(classifier_metrics), fig_dir),
         _learning_section(adir, status, labels),
+        _efficiency_section(adir, status, labels),
         stats_section,
         _gradcam_section(adir, status, labels),
         _ensemble_section(adir, status),

@@ -44,7 +44,7 @@ class ProgressBar:
 class EpochSummary:
     """Log one line per epoch with the engine's metrics (what a CI log or a non-terminal run shows)."""
 
-    def __init__(self, name: str = "train", total_epochs: int | None = None):
+    def __init__(self, name: str = "train"):
         self.name = name
 
     def attach(self, engine: Engine) -> None:
@@ -71,3 +71,43 @@ class MetricsWriter:
 
         metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
         atomic_write_json(self.path, {**self.extra, "metrics": metrics})
+
+
+class ValidationCurveWriter:
+    """Write the validation curve of a training run as a tidy CSV: one row per validation with the trainer's epoch,
+    the optimizer steps taken (``epoch * steps_per_epoch``) and every scalar metric of the evaluator.
+
+    Attach it to the evaluator (a ``validate#handlers`` entry). The file is rewritten atomically after each
+    validation; on a resumed run the rows of the epochs already done are kept (rows of later epochs, from a run
+    that was killed after writing them, are replaced). It is what the report's training-efficiency figure reads
+    (validation Dice against optimizer steps per init).
+
+    Args:
+        path: the CSV file.
+        steps_per_epoch: optimizer steps of one trainer epoch (``epoch_length``).
+        tags: constant columns added to every row (e.g. task, init, train_size, seed).
+    """
+
+    def __init__(self, path: str, steps_per_epoch: int, tags: dict[str, Any] | None = None):
+        self.path = path
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.tags = dict(tags or {})
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        import os
+
+        import pandas as pd
+
+        from ..utils import atomic_write_text
+
+        epoch = int(engine.state.epoch)  # the evaluator runs with the trainer's epoch (MONAI ValidationHandler)
+        row = {**self.tags, "epoch": epoch, "steps": epoch * self.steps_per_epoch,
+               **{k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}}
+        frame = pd.DataFrame([row])
+        if os.path.isfile(self.path):
+            old = pd.read_csv(self.path, dtype={"train_size": str})
+            frame = pd.concat([old[old["epoch"] < epoch], frame], ignore_index=True)
+        atomic_write_text(self.path, frame.to_csv(index=False))

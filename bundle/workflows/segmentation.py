@@ -269,6 +269,10 @@ class FinetuneInit:
         reset_head: never load the head (``doll``/``external``).
         strict_shapes: ``doll``: a shape mismatch outside the head is an error (another configuration).
         min_fraction: fail when fewer than this fraction of the non-head tensors load (``doll``/``external``).
+        output_bias_prior: start the (new) head's output logits at ``logit(prior)`` (one fraction, or one per
+            structure; :func:`bundle.networks.segmentation.set_output_bias`), so that no sigmoid channel of a small
+            structure is driven to all-negative in the first steps; ``None`` keeps MONAI's initialisation. Only
+            applied to a head that was not loaded (``reset_head`` or ``scratch``).
         report_path: JSON file for the report (``None``: not written).
         device: where the network goes.
 
@@ -286,8 +290,8 @@ class FinetuneInit:
     def __init__(self, network: nn.Module, init: str = "scratch", checkpoint: PathLike | None = None,
                  mode: str = "full", warmup_epochs: int = 0, encoder_lr: float | None = None,
                  adapter_reduction: int = 4, reset_head: bool = True, strict_shapes: bool = True,
-                 min_fraction: float = 0.5, report_path: PathLike | None = None,
-                 device: str | torch.device | None = None):
+                 min_fraction: float = 0.5, output_bias_prior: float | Sequence[float] | None = None,
+                 report_path: PathLike | None = None, device: str | torch.device | None = None):
         from ..networks.finetune import prepare_finetune
         from ..networks.segmentation import head_module_names
         from ..networks.transfer import load_encoder_from_classifier, load_external, load_pretrained
@@ -319,6 +323,11 @@ class FinetuneInit:
                 self.report = load_external(network, self.checkpoint, exclude=head, min_fraction=min_fraction)
         else:
             logger.info("init=scratch: random initialisation of %s", type(network).__name__)
+        self.output_bias = None
+        if output_bias_prior is not None and (reset_head or name == "scratch"):
+            from ..networks.segmentation import set_output_bias
+
+            self.output_bias = set_output_bias(network, output_bias_prior)
         if device is not None:
             network = network.to(device)
         self.setup = prepare_finetune(network, self.mode, warmup_epochs=int(warmup_epochs), encoder_lr=encoder_lr,
@@ -344,6 +353,8 @@ class FinetuneInit:
         out: dict[str, Any] = {"init": self.init, "init_checkpoint": self.checkpoint or "",
                                "finetune_mode": self.mode, "trainable_params": self.summary.trainable,
                                "frozen_params": self.summary.frozen}
+        if self.output_bias is not None:
+            out["output_bias"] = ",".join(f"{b:.3f}" for b in self.output_bias)
         if self.report is not None:
             scalars = self.report.scalars()
             out.update({k: (int(v) if float(v).is_integer() else round(v, 4)) for k, v in scalars.items()})
@@ -672,11 +683,48 @@ class ResumableTraining(ResumableCheckpoint):
     epoch 0 (ignite restarts a "done" state). Here the configured values are kept: a run resumed with a larger
     ``max_epochs`` continues after the last saved epoch; a run that already reached ``max_epochs`` does nothing
     (logged; the trainer's ``epoch_length`` is set to 0, which MONAI's ``Workflow.run`` skips).
+
+    A run ended early by a plateau rule (:class:`monai.handlers.EarlyStopHandler` terminating the trainer) is
+    complete too: the epoch at which it stopped is saved with ``last.pt`` (``"stopped"``), and a re-run of it does
+    nothing, as for a run that reached ``max_epochs``.
     """
+
+    class _Stopped:
+        """The epoch at which the trainer was terminated (``None``: not terminated); saved in ``last.pt``."""
+
+        def __init__(self) -> None:
+            self.epoch: int | None = None
+
+        def state_dict(self) -> dict[str, int | None]:
+            return {"epoch": self.epoch}
+
+        def load_state_dict(self, state: Mapping[str, int | None]) -> None:
+            self.epoch = state.get("epoch")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stopped = self._Stopped()
+
+    def _objects(self, engine: Engine) -> dict[str, Any]:
+        return {**super()._objects(engine), "stopped": self.stopped}
+
+    def attach(self, engine: Engine) -> None:
+        # before the parent's COMPLETED save, so the saved state knows the run was stopped
+        engine.add_event_handler(Events.TERMINATE, self._terminated)
+        super().attach(engine)
+
+    def _terminated(self, engine: Engine) -> None:
+        self.stopped.epoch = int(engine.state.epoch)
+        logger.info(f"training stopped at epoch {engine.state.epoch} (validation plateau)")
 
     def load(self, engine: Engine) -> None:
         max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
         super().load(engine)
+        if self.stopped.epoch is not None:
+            logger.info(f"training already complete ({self.last_path}: stopped at epoch {self.stopped.epoch} on a "
+                        "validation plateau); nothing to do")
+            engine.state.epoch_length = 0
+            return
         if epoch_length is not None and engine.state.epoch_length != epoch_length:
             # an epoch of another length: continue counting whole epochs from the saved epoch
             engine.state.iteration = engine.state.epoch * int(epoch_length)
