@@ -32,8 +32,8 @@ pytestmark = pytest.mark.skipif(not REPORT.exists(), reason=f"no --data pipeline
 
 def test_report_states_which_data_were_real():
     html = REPORT.read_text()
-    assert "Data sources" in html and "real data: chexpert (CheXpert" in html
-    assert "scr (JSRT/SCR" in html and "qata (QaTa-COV19" in html and "phantom data: none" in html
+    assert "Data sources" in html and "real data: chexpert = CheXpert (" in html
+    assert "scr = JSRT/SCR (" in html and "qata = QaTa-COV19 (" in html and "phantom data: none" in html
     assert "The datasets of the data file (--data) replaced their phantoms: chexpert, scr, qata" in html
 
 

@@ -182,7 +182,7 @@ def test_report_states_which_data_were_real(report_env):
     assert sources.loc["scr", "source"] == "real" and sources.loc["chexpert", "source"] == "phantom"
     assert sources.loc["real_lungs", "source"] == "absent" and sources.loc["scr", "given as"] == "jsrt_scr"
     text = (report_env["report"] / "report.md").read_text()
-    assert "real data: scr (JSRT/SCR (/data/All247images)). phantom data: chexpert." in text
+    assert "real data: scr = JSRT/SCR (/data/All247images). phantom data: chexpert." in text
     assert "replaced their phantoms: scr." in text
 
 

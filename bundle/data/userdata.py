@@ -155,7 +155,7 @@ def data_sources(summary: Mapping[str, Any]) -> dict[str, str]:
 def describe_sources(summary: Mapping[str, Any]) -> str:
     """One sentence for logs and reports: which datalists hold real data and which phantom data."""
     src = data_sources(summary)
-    real = [f"{k} ({v[len('real: '):]})" for k, v in src.items() if v.startswith("real")]
+    real = [f"{k} = {v[len('real: '):]}" for k, v in src.items() if v.startswith("real")]
     phantom = [k for k, v in src.items() if v == "phantom"]
     parts = []
     parts.append("real data: " + ("; ".join(real) if real else "none"))
