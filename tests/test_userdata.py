@@ -321,3 +321,21 @@ def test_finetune_on_jsrt_img_scr_gif(tmp_path):
     # Dice is measured on the SCR masks' grid (32 px here: the 64 px .IMG is brought to it)
     masks = list((csvs[0].parent / "masks_test").glob("*.png"))
     assert masks and all(load_mask(m).shape == (32, 32) for m in masks)
+
+
+def test_runner_checks_the_data_file_before_any_stage(tmp_path):
+    from scripts.run_pipeline import ROOT as RUNNER_ROOT
+    from scripts.run_pipeline import Pipeline
+
+    (tmp_path / "bad.yaml").write_text("jsrt_scr: {images: /nonexistent/All247images, masks: /nonexistent}\n")
+    with pytest.raises(SystemExit, match=r"--data: /nonexistent/All247images: folder not found"):
+        Pipeline(True, None, tmp_path / "run", data=tmp_path / "bad.yaml")
+    assert not (tmp_path / "run").exists()
+    make_qata_v2(tmp_path / "user", n_train=2, n_test=1)
+    (tmp_path / "good.yaml").write_text("qata: user\n")
+    p = Pipeline(True, None, None, data=tmp_path / "good.yaml")
+    assert p.data_spec == {"qata": {"root": str((tmp_path / "user").resolve())}}
+    assert p.paths["data_root"] == str(RUNNER_ROOT / "quick" / "real" / "data")  # never the phantom run's folders
+    assert p.settings["sweep"]["sizes"] == ["all"] and "infection" in p.settings["real_data_sweep"]  # quick_data
+    assert Pipeline(False, None, None, data=tmp_path / "good.yaml").paths["data_root"] == str(RUNNER_ROOT / "real" /
+                                                                                            "data")
