@@ -9,6 +9,7 @@ Settings: ``configs/pipeline.yaml``.
     python scripts/run_pipeline.py                 # default size (CPU, minutes)
     python scripts/run_pipeline.py --quick         # CI's end-to-end smoke run (outputs under <root>/quick/)
     python scripts/run_pipeline.py --stages data,classifier
+    python scripts/run_pipeline.py --data data.yaml  # the user's datasets replace their phantoms (outputs: <root>/real/)
 
 Outputs: ``data/`` (phantoms, datalists), ``models/`` (checkpoints), ``eval/`` (metrics, MLflow store ``mlruns.db``,
 logs in ``eval/logs/<stage>.log``, timings in ``eval/pipeline_timing.json``).
@@ -39,11 +40,28 @@ STAGES = ("data", "classifier", "doll", "pretrain", "finetune", "export", "analy
 class Pipeline:
     """Chains the stage configs with shared folders; each stage's output goes to ``eval/logs/<stage>.log``."""
 
-    def __init__(self, quick: bool, device: str | None, root: Path | None = None, verbose: bool = False):
+    def __init__(self, quick: bool, device: str | None, root: Path | None = None, verbose: bool = False,
+                 data: Path | None = None):
         settings = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
         self.settings = settings["quick" if quick else "default"]
+        if quick and data is not None:  # CI's size for the data path: `quick_data` replaces entries of `quick`
+            extra = settings.get("quick_data") or {}
+            overrides = {**self.settings.get("overrides", {}), **extra.get("overrides", {})}
+            self.settings = {**self.settings, **extra, "overrides": overrides}
         self.quick = quick
+        self.data_file = data
+        self.data_spec: dict[str, Any] = {}
+        if data is not None:  # checked before anything runs or is written: the error names the file
+            from bundle.data.userdata import load_data_spec
+            from bundle.utils import BundleInputError
+
+            try:
+                self.data_spec = load_data_spec(data)
+            except BundleInputError as e:
+                raise SystemExit(f"[pipeline] --data: {e}") from None
         base = root or (ROOT / "quick" if quick else ROOT)
+        if data is not None and root is None:
+            base = base / "real"  # the user's data never mix with the phantom run's outputs
         self.paths = {"data_root": str(base / "data"), "output_root": str(base / "eval"),
                       "models_dir": str(base / "models")}
         self.device = device
@@ -95,7 +113,28 @@ class Pipeline:
 
     # ---- stages -------------------------------------------------------------------------------------------------
     def data(self) -> None:
-        self.bundle_run("data", ["prepare_data.yaml"], self.settings["overrides"].get("data"))
+        """Stage 1 (configs/prepare_data.yaml): phantoms where the data file gives no dataset, then every datalist."""
+        overrides = dict(self.settings["overrides"].get("data") or {})
+        if self.data_file is not None:
+            overrides["data_spec"] = str(Path(self.data_file).absolute())
+        self.bundle_run("data", ["prepare_data.yaml"], overrides)
+
+    def datalist_info(self, name: str) -> dict[str, Any]:
+        """The data stage's ``summary.json`` entry of datalist ``name`` (``{}`` before the data stage ran)."""
+        path = Path(self.paths["data_root"]) / "datalists" / "summary.json"
+        try:
+            return dict(json.loads(path.read_text()).get(name) or {})
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def doll_overrides(self) -> dict[str, Any]:
+        """DoLL stage ids that depend on the data: with real CheXpert, ``image_root`` (the folder its CSV paths are
+        relative to, where the DoLL records mirror the image tree)."""
+        if self.datalist_info("chexpert").get("source") != "real":
+            return {}
+        content = json.loads((Path(self.paths["data_root"]) / "datalists" / "chexpert.json").read_text())
+        root = ((content.get("summary") or {}).get("train_csv") or {}).get("data_root")
+        return {"image_root": root} if root else {}
 
     def cpu_setting(self, key: str) -> int:
         """A process-count setting (``jobs``, ``doll_processes``; default 1) that only applies on CPU: 1 on CUDA."""
@@ -133,7 +172,8 @@ class Pipeline:
 
     def doll(self) -> None:
         """Stage 3: DoLL generation (sharded over ``doll_processes`` torchrun ranks on CPU, gloo), then its quality."""
-        overrides = {"classifier_names": self.classifier_names(), **(self.settings["overrides"].get("doll") or {})}
+        overrides = {"classifier_names": self.classifier_names(), **self.doll_overrides(),
+                     **(self.settings["overrides"].get("doll") or {})}
         nproc = self.cpu_setting("doll_processes")
         if nproc > 1:
             launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -141,6 +181,9 @@ class Pipeline:
                             threads=threads_for(nproc), launcher=launcher)
         else:
             self.bundle_run("doll_generate", ["generate_doll.yaml"], overrides)
+        if self.datalist_info("chexpert").get("source") == "real":  # real CheXpert has no true lesion masks
+            say("[pipeline] doll_quality: skipped (real CheXpert: no true lesion masks to score DoLL against)")
+            return
         quality = {**overrides, **(self.settings["overrides"].get("doll_quality") or {})}
         self.bundle_run("doll_quality", ["generate_doll.yaml", "evaluate_doll.yaml"], quality)
 
@@ -151,7 +194,7 @@ class Pipeline:
 
     def finetune(self) -> None:
         """Stage 5: the low-data sweep (scripts/sweep.py; grid from configs/pipeline.yaml), train + evaluate runs."""
-        from bundle.workflows.segmentation import TASKS
+        from bundle.workflows.segmentation import TASKS, task_spec
         from scripts.sweep import run_sweep
 
         grid = dict(self.settings["sweep"])
@@ -162,6 +205,11 @@ class Pipeline:
             if missing:
                 say(f"[pipeline] finetune: no datalist for {missing} (data absent), grid {g} skipped")
             else:
+                extra.append(g)
+        for task, g in (self.settings.get("real_data_sweep") or {}).items():  # real datasets of the data file
+            if self.datalist_info(task_spec(task).datalist[:-len(".json")]).get("given_as") and \
+                    task not in grid.get("tasks", []) and all(task not in e["tasks"] for e in extra):
+                say(f"[pipeline] finetune: the data file gives the {task} task's data: grid {g} added")
                 extra.append(g)
         grid["extra"] = extra
         start = time.time()
@@ -266,12 +314,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="torch device for every stage (default: cuda if available)")
     parser.add_argument("--root", default=None, help="folder for data/, eval/, models/ (default: the bundle root)")
     parser.add_argument("--verbose", action="store_true", help="stream the stages' output instead of logging it")
+    parser.add_argument("--data", default=None, metavar="FILE.yaml",
+                        help="the user's datasets (chexpert, jsrt_scr, qata or covid_qu_ex, folder; see docs/README.md):"
+                             " each one replaces its phantom; outputs under <root>/real/ unless --root is given")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
     unknown = set(stages) - set(STAGES)
     if unknown:
         parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
-    Pipeline(args.quick, args.device, Path(args.root) if args.root else None, args.verbose).run(stages)
+    Pipeline(args.quick, args.device, Path(args.root) if args.root else None, args.verbose,
+             Path(args.data) if args.data else None).run(stages)
 
 
 if __name__ == "__main__":

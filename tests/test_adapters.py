@@ -84,7 +84,8 @@ def make_qata(root: Path, write_image: Callable, n_train: int = 8, n_test: int =
     for subset, n in (("Train Set", n_train), ("Test Set", n_test)):
         base = root / "QaTa-COV19" / subset
         for i in range(n):
-            name = f"covid_{subset[:2].lower()}{i}" if i % 2 else f"sub-S{i // 2:04d}_ses-E{i}_run-1"
+            subject = i // 2 + (0 if subset == "Train Set" else 100)  # no subject in both sets (see the moving test)
+            name = f"covid_{subset[:2].lower()}{i}" if i % 2 else f"sub-S{subject:04d}_ses-E{i}_run-1"
             write_image(base / "Images" / f"{name}.png", np.full((16, 16), 10 * i, np.uint8))
             write_image(base / "Ground-truths" / f"mask_{name}.png", _mask())
     return root
@@ -460,8 +461,8 @@ def test_folder_bad_csv_and_missing_files(tmp_path, write_image):
     items, summary = folder_items(root, on_error="skip")
     assert len(items) == 2 and summary["skipped"] == 1
     (root / "cases.csv").unlink()  # no CSV: pairs by file name, one patient per image
-    items, _ = folder_items(root)
-    assert len(items) == 9 and len(_patients(items)) == 9
+    items, summary = folder_items(root)
+    assert len(items) == 9 and len(_patients(items)) == 9 and "split by image" in summary["patient_grouping"]
 
 
 @pytest.mark.shared_data

@@ -61,6 +61,16 @@ def write_side_inputs(eval_dir: Path) -> dict[str, Any]:
     (eval_dir / "pipeline_timing.json").write_text(json.dumps(timing))
     (eval_dir / "bench").mkdir(exist_ok=True)
     (eval_dir / "bench" / "ig.json").write_text(json.dumps({"images_per_s": 3.25, "speedup": {"batched": 4.5}}))
+    # the data stage's summary (data/datalists/summary.json beside eval/): real SCR from a data file, phantom rest
+    data_summary = {
+        "chexpert": {"status": "written", "path": "x", "training": 9, "validation": 1, "test": 3, "source": "phantom",
+                     "dataset": "CheXpert", "root": "/p", "given_as": None},
+        "scr": {"status": "written", "path": "y", "training": 148, "validation": 50, "test": 49, "source": "real",
+                "dataset": "JSRT/SCR", "root": "/data/All247images", "given_as": "jsrt_scr",
+                "patient_grouping": "JSRT case names carry no patient id"},
+        "real_lungs": {"status": "absent", "root": None, "source": None}}
+    (eval_dir.parent / "data" / "datalists").mkdir(parents=True, exist_ok=True)
+    (eval_dir.parent / "data" / "datalists" / "summary.json").write_text(json.dumps(data_summary))
     return {"doll": summary, "classifiers": classifiers, "timing": timing}
 
 
@@ -164,6 +174,16 @@ def test_images_are_embedded_and_decodable(report_env):
     assert {p.stem for p in (report_env["report"] / "figures").glob("*.png")} == expected
     text = (report_env["report"] / "report.html").read_text()
     assert "src=\"http" not in text and "src='http" not in text  # nothing outside the file
+
+
+def test_report_states_which_data_were_real(report_env):
+    html = report_env["html"]
+    sources = table(html, "data_sources").set_index("datalist")
+    assert sources.loc["scr", "source"] == "real" and sources.loc["chexpert", "source"] == "phantom"
+    assert sources.loc["real_lungs", "source"] == "absent" and sources.loc["scr", "given as"] == "jsrt_scr"
+    text = (report_env["report"] / "report.md").read_text()
+    assert "real data: scr = JSRT/SCR (/data/All247images). phantom data: chexpert." in text
+    assert "replaced their phantoms: scr." in text
 
 
 def test_configs_and_versions_included(report_env):

@@ -1,4 +1,5 @@
-"""Data: image IO, MONAI transforms, the seeded phantom generator and the dataset adapters.
+"""Data: image IO, MONAI transforms, the seeded phantom generator, the dataset adapters and the user's data file
+(``userdata``: ``--data``).
 
 Sub-modules are imported lazily (``bundle.data.phantom`` works after a bare ``import bundle``) so that importing
 this package stays cheap: nothing heavy (torch, pandas) is imported here.

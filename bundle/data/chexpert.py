@@ -38,7 +38,7 @@ from ..utils import BundleInputError, PathLike
 from .splits import split_datalist
 
 __all__ = [
-    "CHEXPERT_DIRNAME", "UNCERTAINTY_POLICIES", "read_chexpert_csv", "resolve_policies", "apply_uncertainty_policy",
+    "CHEXPERT_DIRNAME", "CHEXPERT_DIRNAMES", "UNCERTAINTY_POLICIES", "read_chexpert_csv", "resolve_policies", "apply_uncertainty_policy",
     "parse_patient_ids", "chexpert_items", "find_chexpert_dir", "chexpert_datalist",
 ]
 
@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 #: Folder of the (downsampled) CheXpert release; its parent is the ``data_root`` the CSV paths are relative to.
 CHEXPERT_DIRNAME = "CheXpert-v1.0-small"
+#: Dataset folders searched under a data root, in order: the downsampled release, then the full-size one.
+CHEXPERT_DIRNAMES: tuple[str, ...] = ("CheXpert-v1.0-small", "CheXpert-v1.0")
 #: Suffix of the folder holding the phantom's true lesion masks, beside the dataset folder.
 LESIONS_SUFFIX = "-lesions"
 UNCERTAINTY_POLICIES: tuple[str, ...] = ("ones", "zeros", "ignore")
@@ -274,6 +276,7 @@ def chexpert_items(
     check_files: bool = False,
     on_error: str = "raise",
     lesion_dirname: str | None = None,
+    dataset_dirname: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Classification datalist items from one CheXpert CSV.
 
@@ -288,6 +291,10 @@ def chexpert_items(
         on_error: ``"raise"`` or ``"skip"`` (log, count and drop bad rows and missing files).
         lesion_dirname: folder (under ``data_root``) of the true lesion masks; default ``<dataset folder>-lesions``.
             A ``lesion`` key is added to the items whose mask file exists.
+        dataset_dirname: the name of the dataset folder under ``data_root`` as it is on disk. ``Path`` values whose
+            first component is another name (``CheXpert-v1.0-small/...`` in the CSV, folder renamed, or
+            ``CheXpert-v1.0/...`` of the full-size release read from a copy named otherwise) are re-rooted on it
+            when no folder of the CSV's name exists under ``data_root``.
 
     Returns:
         ``(items, summary)``; items are ``{"image", "label", "label_mask", "patient"[, "lesion"]}`` with absolute
@@ -303,6 +310,17 @@ def chexpert_items(
     if frontal_only:
         df = df[(df["Frontal/Lateral"] == "Frontal").to_numpy()]
     summary["lateral_dropped"] = int(n_valid - len(df))
+
+    if dataset_dirname is not None and len(df):
+        first = df["Path"].astype("str").str.split("/", n=1).str[0]
+        prefixes = set(first.unique().tolist())
+        stale = [p for p in prefixes if p != dataset_dirname and not os.path.isdir(os.path.join(root, p))]
+        if stale:
+            logger.info("%s: Path prefix %s re-rooted on the folder %s", csv_path, stale, dataset_dirname)
+            df = df.copy()
+            rest = df["Path"].astype("str").str.split("/", n=1).str[1]
+            df["Path"] = np.where(first.isin(stale).to_numpy(), dataset_dirname + "/" + rest, df["Path"])
+        summary["path_prefixes"] = sorted(prefixes)
 
     skipped_other = 0
     patients = parse_patient_ids(df["Path"])
@@ -356,17 +374,21 @@ def chexpert_items(
     return items, summary
 
 
-def find_chexpert_dir(root: PathLike, dirname: str = CHEXPERT_DIRNAME) -> Path:
-    """The CheXpert dataset folder under ``root``: ``root/<dirname>`` or ``root`` itself when it holds ``train.csv``.
+def find_chexpert_dir(root: PathLike, dirname: str | Sequence[str] = CHEXPERT_DIRNAMES) -> Path:
+    """The CheXpert dataset folder under ``root``: ``root/<dirname>`` (the first of :data:`CHEXPERT_DIRNAMES`, the
+    downsampled ``CheXpert-v1.0-small`` and the full-size ``CheXpert-v1.0``, that holds a ``train.csv``) or ``root``
+    itself when it holds ``train.csv``.
 
     Raises:
-        BundleInputError: when neither holds a ``train.csv``.
+        BundleInputError: when none holds a ``train.csv``.
     """
     root = Path(root)
-    for cand in (root / dirname, root):
+    names = [dirname] if isinstance(dirname, str) else list(dirname)
+    for cand in [*(root / n for n in names), root]:
         if (cand / "train.csv").is_file():
             return cand
-    raise BundleInputError(root / dirname / "train.csv", f"CheXpert layout not found under {root} (no train.csv)")
+    raise BundleInputError(root / names[0] / "train.csv", f"CheXpert layout not found under {root} (no train.csv in "
+                                                          f"{' or '.join(names)} or in the folder itself)")
 
 
 def chexpert_datalist(
@@ -378,12 +400,13 @@ def chexpert_datalist(
     frontal_only: bool = True,
     check_files: bool = False,
     on_error: str = "raise",
-    dirname: str = CHEXPERT_DIRNAME,
+    dirname: str | Sequence[str] = CHEXPERT_DIRNAMES,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """The CheXpert datalist: ``train.csv`` split by patient into training/validation, ``valid.csv`` as test.
 
     Args:
-        root: the data root (folder containing ``CheXpert-v1.0-small``) or the dataset folder itself.
+        root: the data root (folder containing ``CheXpert-v1.0-small`` or the full-size ``CheXpert-v1.0``) or the
+            dataset folder itself (any name: the CSV's ``Path`` prefix is re-rooted on it).
         val_fraction: fraction of ``train.csv``'s images (whole patients) held out for validation.
         seed: seed of the patient split.
         Other arguments: see :func:`chexpert_items`.
@@ -394,7 +417,8 @@ def chexpert_datalist(
     ds_dir = find_chexpert_dir(root, dirname)
     data_root = ds_dir.parent
     kwargs: dict[str, Any] = dict(data_root=data_root, policy=policy, policy_overrides=policy_overrides,
-                                  frontal_only=frontal_only, check_files=check_files, on_error=on_error)
+                                  frontal_only=frontal_only, check_files=check_files, on_error=on_error,
+                                  dataset_dirname=ds_dir.name)
     train, s_train = chexpert_items(ds_dir / "train.csv", **kwargs)
     test: list[dict[str, Any]] = []
     s_test: dict[str, Any] | None = None

@@ -16,7 +16,7 @@ from typing import Any
 from ..constants import OBSERVATIONS, SCR_STRUCTURES
 from ..utils import BundleInputError, PathLike, atomic_write_json, load_json
 from .chexpert import chexpert_datalist
-from .segsets import folder_datalist, qata_datalist, scr_datalist
+from .segsets import COVID_QU_EX_CLASSES, covid_qu_ex_datalist, folder_datalist, qata_datalist, scr_datalist
 from .splits import subsample
 
 __all__ = ["DATALIST_SECTIONS", "write_datalist", "read_datalist", "load_datalist_section", "build_all_datalists",
@@ -103,6 +103,12 @@ def _exists(root: PathLike | None, marker: str) -> bool:
     return root is not None and (Path(root) / marker).exists()
 
 
+#: Where each datalist's data come from in the user's data file (:mod:`bundle.data.userdata`): datalist -> the keys
+#: that replace its phantom.
+REAL_KEYS: dict[str, tuple[str, ...]] = {"chexpert": ("chexpert",), "scr": ("jsrt_scr",),
+                                         "qata": ("qata", "covid_qu_ex"), "real_lungs": ("folder",)}
+
+
 def build_all_datalists(
     phantom_dir: PathLike,
     datalist_dir: PathLike,
@@ -119,12 +125,23 @@ def build_all_datalists(
     scr_root: PathLike | None = None,
     qata_root: PathLike | None = None,
     required: Sequence[str] = ("chexpert", "scr", "qata"),
+    real: Mapping[str, Mapping[str, Any]] | None = None,
+    decode_real_images: bool = True,
+    only: Sequence[str] | None = None,
+    prebuilt: Mapping[str, Any] | None = None,
+    write: bool = True,
 ) -> dict[str, Any]:
     """Write ``chexpert.json``, ``scr.json``, ``qata.json`` (and ``real_lungs.json``) into ``datalist_dir``.
 
     Each dataset is read from ``phantom_dir`` unless its own root is given (``chexpert_root``, ``scr_root``,
-    ``qata_root``: e.g. the real datasets). ``real_lungs.json`` is written when ``real_lungs_dir`` holds a plain
-    folder (``images/``, ``masks/``, ``cases.csv``). A ``summary.json`` with the counts is written beside them.
+    ``qata_root``) or the user's data file gives it (``real``: the normalised spec of
+    :func:`bundle.data.userdata.load_data_spec`: ``chexpert``, ``jsrt_scr``, ``qata`` or ``covid_qu_ex`` (the
+    infection datalist ``qata.json``), ``folder`` (``real_lungs.json``)). ``real_lungs.json`` is otherwise written
+    when ``real_lungs_dir`` holds a plain folder (``images/``, ``masks/``, ``cases.csv``). A ``summary.json`` with
+    the counts and each datalist's ``source`` (``phantom`` or ``real``) is written beside them.
+
+    Every datalist is built and validated in memory first; the files are written only when all are good, so a
+    missing or malformed file stops the stage with the file named and no datalist (or summary) written half.
 
     Args:
         phantom_dir: default root of the three layouts (the phantom generator's output).
@@ -134,36 +151,65 @@ def build_all_datalists(
         policy, policy_overrides: CheXpert uncertainty policy (see :mod:`bundle.data.chexpert`).
         chexpert_val_fraction: validation fraction of CheXpert's ``train.csv`` (``valid.csv`` is the test set).
         qata_val_fraction: validation fraction of QaTa's ``Train Set`` (``Test Set`` is the test set).
-        seg_fractions: training/validation/test fractions of SCR and of the real lungs folder.
-        check_files: validate files (image exists; masks readable, of the image's size, non-empty for SCR and
-            the real lungs).
+        seg_fractions: training/validation/test fractions of SCR and of the plain folder.
+        check_files: validate files (image exists; masks readable, of the image's size or aspect ratio, non-empty
+            for SCR and the plain folder).
         on_error: ``"raise"`` or ``"skip"`` (bad items logged, counted in the summary, dropped).
         required: datasets whose absence is an error (the others are skipped with a warning when absent).
+        real: the user's datasets (see above); ``None``: none.
+        decode_real_images: decode every image of the user's segmentation datasets while checking (catches
+            truncated files; the phantom's are only checked through their header).
+        only: build only these datalists (the others are left out of the summary).
+        prebuilt: the ``"built"`` entry of an earlier call's summary with ``write=False`` (datalists already built
+            and checked: reused as they are, e.g. the real ones checked before drawing phantoms).
+        write: write the datalists and ``summary.json`` (``False``: only build and check; the summary then has a
+            ``"built"`` entry for ``prebuilt``).
 
     Returns:
-        ``{dataset: {"path": datalist file, "training": n, "validation": n, "test": n, "skipped": n, ...}}``.
+        ``{dataset: {"path": datalist file, "training": n, "validation": n, "test": n, "skipped": n, "source", ...}}``.
     """
     datalist_dir = Path(datalist_dir)
+    real = dict(real or {})
     unknown = [r for r in required if r not in DATALIST_FILES]
     if unknown:
         raise ValueError(f"unknown datasets in `required`: {unknown}; expected some of {list(DATALIST_FILES)}")
-    roots = {"chexpert": chexpert_root or phantom_dir, "scr": scr_root or phantom_dir,
-             "qata": qata_root or phantom_dir, "real_lungs": real_lungs_dir}
+    roots: dict[str, Any] = {"chexpert": chexpert_root or phantom_dir, "scr": scr_root or phantom_dir,
+                             "qata": qata_root or phantom_dir, "real_lungs": real_lungs_dir}
+    given: dict[str, str] = {}  # datalist -> key of the user's data file that replaces its phantom
+    for name, keys in REAL_KEYS.items():
+        for key in keys:
+            if key in real:
+                given[name] = key
+                roots[name] = real[key].get("root") or real[key].get("images")
     present = {
-        "chexpert": _exists(roots["chexpert"], "CheXpert-v1.0-small/train.csv") or _exists(roots["chexpert"],
-                                                                                             "train.csv"),
+        "chexpert": _exists(roots["chexpert"], "CheXpert-v1.0-small/train.csv") or _exists(
+            roots["chexpert"], "CheXpert-v1.0/train.csv") or _exists(roots["chexpert"], "train.csv"),
         "scr": _exists(roots["scr"], "JSRT/images"),
         "qata": _exists(roots["qata"], "QaTa-COV19/Train Set") or _exists(roots["qata"], "Train Set"),
         "real_lungs": _exists(roots["real_lungs"], "images") and _exists(roots["real_lungs"], "masks"),
     }
+    present.update({name: True for name in given})  # the user's datasets: their adapters report what is missing
+    seg_kwargs: dict[str, Any] = dict(check_files=check_files, on_error=on_error)
+    built: dict[str, tuple[dict[str, list[dict[str, Any]]], dict[str, Any], dict[str, Any]]] = {}
     summary: dict[str, Any] = {}
+    pre = dict((prebuilt or {}).get("built", {}))
     for name in DATALIST_FILES:
+        if only is not None and name not in only:
+            continue
+        if name in pre:
+            built[name] = pre[name]
+            summary[name] = (prebuilt or {})[name]
+            continue
         if not present[name]:
             if name in required:
                 raise BundleInputError(roots[name], f"{name} dataset layout not found (see docs/DEVELOPMENT.md)")
             logger.info("datalists: %s not found under %s, skipped", name, roots[name])
-            summary[name] = {"status": "absent", "root": None if roots[name] is None else str(roots[name])}
+            summary[name] = {"status": "absent", "root": None if roots[name] is None else str(roots[name]),
+                             "source": None}
             continue
+        key = given.get(name)
+        spec = dict(real.get(key, {})) if key else {}
+        decode = bool(decode_real_images and key)
         root = roots[name]
         if name == "chexpert":
             datalist, s = chexpert_datalist(root, policy=policy, policy_overrides=policy_overrides,
@@ -172,26 +218,51 @@ def build_all_datalists(
             meta = {"name": "CheXpert", "labels": list(OBSERVATIONS),
                     "description": "CheXpert classification: train.csv split by patient, valid.csv as test"}
         elif name == "scr":
-            datalist, s = scr_datalist(root, fractions=seg_fractions, seed=seed, check_files=check_files,
-                                       require_nonempty=True, on_error=on_error)
+            if key:
+                datalist, s = scr_datalist(spec.get("root"), images_dir=spec.get("images"),
+                                           masks_dir=spec.get("masks"), fractions=seg_fractions, seed=seed,
+                                           require_nonempty=True, decode_images=decode, **seg_kwargs)
+            else:
+                datalist, s = scr_datalist(root, fractions=seg_fractions, seed=seed, require_nonempty=True,
+                                           **seg_kwargs)
             meta = {"name": "JSRT/SCR", "labels": list(SCR_STRUCTURES),
                     "description": "JSRT radiographs, SCR masks (one file per structure), split by patient"}
+        elif name == "qata" and key == "covid_qu_ex":
+            datalist, s = covid_qu_ex_datalist(root, classes=spec.get("classes") or COVID_QU_EX_CLASSES,
+                                               decode_images=decode, **seg_kwargs)
+            meta = {"name": "COVID-QU-Ex", "labels": ["infection"],
+                    "description": "COVID-QU-Ex infection masks, the dataset's own Train/Val/Test split"}
         elif name == "qata":
-            datalist, s = qata_datalist(root, val_fraction=qata_val_fraction, seed=seed, check_files=check_files,
-                                        on_error=on_error)
+            datalist, s = qata_datalist(root, val_fraction=qata_val_fraction, seed=seed, decode_images=decode,
+                                        **seg_kwargs)
             meta = {"name": "QaTa-COV19", "labels": ["infection"],
                     "description": "QaTa-COV19 infection masks: Train Set split by patient, Test Set as test"}
         else:
-            datalist, s = folder_datalist(root, fractions=seg_fractions, seed=seed, check_files=check_files,
-                                          require_nonempty=True, on_error=on_error)
-            meta = {"name": "real-cxr-lungs", "labels": ["lungs"],
-                    "description": "real radiographs with lung masks (plain folder), split by patient"}
+            folder_kwargs = {k: spec[k] for k in ("images_subdir", "masks_subdir", "cases_csv") if k in spec}
+            datalist, s = folder_datalist(root, fractions=seg_fractions, seed=seed, require_nonempty=True,
+                                          decode_images=decode, **folder_kwargs, **seg_kwargs)
+            meta = {"name": "plain folder" if key else "real-cxr-lungs", "labels": ["lungs"],
+                    "description": "radiographs with one mask each (plain folder), split by patient"}
+        if not sum(len(v) for v in datalist.values()):
+            raise BundleInputError(root, f"{meta['name']}: no usable image (every item skipped or none found)")
         s["root"] = os.path.abspath(root)
+        source = "real" if key or name == "real_lungs" else "phantom"
+        s["source"] = source
+        meta["source"] = source
+        built[name] = (datalist, s, meta)
+        summary[name] = {"status": "written", "path": str((datalist_dir / DATALIST_FILES[name]).absolute()),
+                         **{k: len(datalist[k]) for k in DATALIST_SECTIONS},
+                         "skipped": int(s.get("skipped", 0)), "root": s["root"], "source": source,
+                         "dataset": meta["name"], "given_as": key,
+                         "patient_grouping": s.get("patient_grouping") or (s.get("train_set") or {}).get(
+                             "patient_grouping"),
+                         "patients_moved": s.get("patients_moved", 0)}
+    if not write:
+        return {**summary, "built": built}
+    for name, (datalist, s, meta) in built.items():  # all good: write
         big = sum(len(v) for v in datalist.values()) > 20000
         path = write_datalist(datalist_dir / DATALIST_FILES[name], datalist, indent=None if big else 1,
                               summary=s, **meta)
-        summary[name] = {"status": "written", "path": path, **{k: len(datalist[k]) for k in DATALIST_SECTIONS},
-                         "skipped": int(s.get("skipped", 0)), "root": s["root"]}
         logger.info("datalists: wrote %s (%s)", path, {k: len(datalist[k]) for k in DATALIST_SECTIONS})
     atomic_write_json(datalist_dir / "summary.json", summary)
     return summary
@@ -207,7 +278,12 @@ def format_datalist_summary(summary: Mapping[str, Any]) -> str:
             lines.append(f"datalist {name}: {info['status']}")
             continue
         counts = ", ".join(f"{k} {info[k]}" for k in ("training", "validation", "test") if k in info)
-        lines.append(f"datalist {name}: {counts} (skipped {info.get('skipped', 0)}) -> {info['path']}")
+        source = info.get("source")
+        src = f" [{source}: {info.get('dataset', name)} from {info.get('root')}]" if source == "real" else (
+            " [phantom]" if source == "phantom" else "")
+        lines.append(f"datalist {name}: {counts} (skipped {info.get('skipped', 0)}) -> {info['path']}{src}")
+        if source == "real" and info.get("patient_grouping"):
+            lines.append(f"  patients: {info['patient_grouping']}")
     return "\n".join(lines)
 
 

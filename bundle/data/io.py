@@ -9,6 +9,12 @@ DICOM: the modality LUT (``RescaleSlope``/``RescaleIntercept``) is applied and v
 stored bit depth, then ``MONOCHROME1`` is inverted, so one radiograph stored as MONOCHROME1 and as MONOCHROME2
 loads to the same array. VOI LUT / windowing is not applied (a percentile intensity scaling follows in the
 pre-processing of every stage).
+
+JSRT ``.IMG`` (the original JSRT release): no header, one 16-bit **big-endian** unsigned word per pixel holding a
+12-bit value (0..4095), 2048 x 2048 pixels (any square size is accepted: the side is the square root of half the
+file size). Values grow toward black (film density), so they are inverted, ``4095 - v``, as common converters do,
+and scaled by 4095: bone is bright as in every other format here. A ``.img`` file with an Analyze ``.hdr`` beside it
+is read as Analyze/NIfTI instead.
 """
 
 from __future__ import annotations
@@ -24,7 +30,13 @@ from ..utils import BundleInputError, PathLike, atomic_save
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
-IMAGE_SUFFIXES = PIL_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES
+#: JSRT's raw format (headerless 12-bit big-endian, see the module docstring).
+JSRT_SUFFIXES = (".img",)
+IMAGE_SUFFIXES = PIL_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES + JSRT_SUFFIXES
+#: JSRT ``.IMG`` value range: 12 bits.
+JSRT_MAX_VALUE = 4095
+#: Side of the original JSRT ``.IMG`` files.
+JSRT_SIDE = 2048
 
 
 def _kind(path: Path) -> str:
@@ -35,6 +47,8 @@ def _kind(path: Path) -> str:
         return "dicom"
     if name.endswith(PIL_SUFFIXES):
         return "pil"
+    if name.endswith(JSRT_SUFFIXES):
+        return "nifti" if path.with_suffix(".hdr").exists() or path.with_suffix(".HDR").exists() else "jsrt"
     # DICOM files often have no suffix: look for the "DICM" magic at byte 128.
     try:
         with open(path, "rb") as f:
@@ -96,6 +110,34 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     return arr, {"format": "nifti", "affine": np.asarray(img.affine), "max_value": None}
 
 
+def jsrt_img_shape(path: PathLike) -> tuple[int, int]:
+    """``(H, W)`` of a JSRT ``.IMG`` file from its size alone (square, 2 bytes per pixel).
+
+    Raises:
+        BundleInputError: the size is not ``2 * side**2`` bytes (truncated or not a JSRT ``.IMG``).
+    """
+    path = Path(path)
+    _check_exists(path)
+    nbytes = path.stat().st_size
+    side = int(round((nbytes / 2) ** 0.5))
+    if nbytes % 2 or side < 2 or 2 * side * side != nbytes:
+        raise BundleInputError(path, f"not a JSRT .IMG file: {nbytes} bytes is not 2 x side^2 (a headerless square of "
+                                     f"16-bit words; the original {JSRT_SIDE} x {JSRT_SIDE} is "
+                                     f"{2 * JSRT_SIDE * JSRT_SIDE} bytes): truncated or another format")
+    return side, side
+
+
+def _read_jsrt(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    h, w = jsrt_img_shape(path)
+    raw = np.fromfile(path, dtype=">u2").reshape(h, w)
+    top = int(raw.max())
+    if top > JSRT_MAX_VALUE:
+        raise BundleInputError(path, f"value {top} above {JSRT_MAX_VALUE}: not 12-bit big-endian JSRT data "
+                                     f"(a little-endian or 16-bit conversion?)")
+    arr = (JSRT_MAX_VALUE - raw.astype(np.int32)).astype(np.uint16)  # film density -> attenuation (bone bright)
+    return arr, {"format": "jsrt", "max_value": float(JSRT_MAX_VALUE)}
+
+
 def _read_dicom(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     import pydicom
     from pydicom.pixels import apply_modality_lut
@@ -132,7 +174,7 @@ def read_array(path: PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     path = Path(path)
     _check_exists(path)
     kind = _kind(path)
-    reader = {"pil": _read_pil, "nifti": _read_nifti, "dicom": _read_dicom}[kind]
+    reader = {"pil": _read_pil, "nifti": _read_nifti, "dicom": _read_dicom, "jsrt": _read_jsrt}[kind]
     arr, meta = reader(path)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
@@ -232,6 +274,54 @@ def save_nifti(path: PathLike, arr: np.ndarray, affine: np.ndarray | None = None
     atomic_save(path, lambda tmp: nib.save(img, tmp))
 
 
+def write_jsrt_img(path: PathLike, values: np.ndarray) -> None:
+    """Write ``values`` (square ``(H, W)`` integers in ``0..4095``, JSRT's film density: high = dark) as a JSRT
+    ``.IMG`` file (headerless 16-bit big-endian), atomically. The inverse of the reader up to the inversion."""
+    values = np.asarray(values)
+    if values.ndim != 2 or values.shape[0] != values.shape[1]:
+        raise ValueError(f"a JSRT .IMG is a square 2-D array, got shape {values.shape}")
+    if values.min() < 0 or values.max() > JSRT_MAX_VALUE:
+        raise ValueError(f"JSRT values are 12-bit (0..{JSRT_MAX_VALUE})")
+    from ..utils import atomic_write_bytes
+
+    atomic_write_bytes(path, values.astype(">u2").tobytes())
+
+
+#: Largest relative difference of aspect ratio (H/W) between an image and its masks that resampling to the masks'
+#: grid accepts (rounding of a downsampled copy); beyond it the pair is not the same picture and is rejected.
+MAX_ASPECT_DIFFERENCE = 0.02
+
+
+def size_mismatch_problem(image_size: Sequence[int], mask_size: Sequence[int]) -> str | None:
+    """``None`` when a mask of ``mask_size`` can label an image of ``image_size`` (same size, or the same aspect ratio
+    within :data:`MAX_ASPECT_DIFFERENCE`: the image is then resampled to the mask's grid), else the problem as text."""
+    (ih, iw), (mh, mw) = (int(image_size[0]), int(image_size[1])), (int(mask_size[0]), int(mask_size[1]))
+    if (ih, iw) == (mh, mw):
+        return None
+    ratio_image, ratio_mask = ih / max(iw, 1), mh / max(mw, 1)
+    if abs(ratio_image - ratio_mask) <= MAX_ASPECT_DIFFERENCE * ratio_mask:
+        return None
+    return (f"mask size {(mh, mw)} differs from image size {(ih, iw)} (sizes are (H, W)) with another aspect ratio "
+            f"(H/W {ratio_mask:.3f} vs {ratio_image:.3f}): not the same picture, cannot be matched by resampling")
+
+
+def resample_image(arr: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resample a 2-D float image to ``size`` ``(H, W)``: area averaging when shrinking (each output pixel is the
+    mean of the input pixels it covers: no aliasing), bilinear when growing. The grid of the matched image-mask pairs
+    (an image of another size than its masks is brought to the masks' grid, see ``docs/DEVELOPMENT.md``)."""
+    import torch
+
+    size = (int(size[0]), int(size[1]))
+    if tuple(arr.shape[-2:]) == size:
+        return arr
+    t = torch.as_tensor(np.ascontiguousarray(arr), dtype=torch.float32)[None, None]
+    if size[0] <= arr.shape[-2] and size[1] <= arr.shape[-1]:
+        out = torch.nn.functional.adaptive_avg_pool2d(t, size)
+    else:
+        out = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
+    return out[0, 0].numpy()
+
+
 def list_images(folder: PathLike, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
     """Sorted image files in ``folder`` (by suffix; DICOM files without suffix are not listed)."""
     folder = Path(folder)
@@ -246,5 +336,6 @@ def _as_key_list(keys: Any) -> list[Hashable]:
 
 __all__ = [
     "IMAGE_SUFFIXES", "read_array", "load_radiograph", "load_mask", "decode_bitmask", "encode_bitmask",
-    "load_bitmask", "save_png", "save_nifti", "list_images",
+    "load_bitmask", "save_png", "save_nifti", "list_images", "jsrt_img_shape", "write_jsrt_img", "resample_image",
+    "JSRT_SIDE", "JSRT_MAX_VALUE", "size_mismatch_problem", "MAX_ASPECT_DIFFERENCE",
 ]

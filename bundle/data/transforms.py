@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from ..utils import BundleInputError
-from .io import load_bitmask, load_mask, load_radiograph
+from .io import load_bitmask, load_mask, load_radiograph, resample_image, size_mismatch_problem
 
 
 def _meta_tensor(arr: np.ndarray, meta: Mapping[str, Any], dtype: torch.dtype) -> MetaTensor:
@@ -88,13 +88,24 @@ class LoadRadiographd(MapTransform):
 
 
 class LoadMaskd(MapTransform):
-    """Dictionary version of :class:`LoadMask`; with ``image_key`` it also checks that image and mask sizes agree."""
+    """Dictionary version of :class:`LoadMask`; with ``image_key`` it also matches the image to the mask's grid.
+
+    An image of the mask's size is left as it is. An image of another size with the same aspect ratio (within
+    :data:`~bundle.data.io.MAX_ASPECT_DIFFERENCE`; e.g. a JSRT ``.IMG`` at 2048 x 2048 with its SCR masks at
+    1024 x 1024) is resampled to the **mask's grid** (area averaging when shrinking, bilinear when growing;
+    :func:`~bundle.data.io.resample_image`), so labels are never interpolated and metrics are computed on the grid
+    the reference was drawn on. Another aspect ratio is an error naming the mask.
+
+    Args:
+        match_image: resample the image as above (``False``: any size difference is an error).
+    """
 
     def __init__(self, keys: KeysCollection, image_key: str | None = "image", num_bitmask_channels: int | None = None,
                  union_groups: Sequence[Sequence[int]] | None = None, required_nonempty: bool = False,
-                 dtype: torch.dtype = torch.float32, allow_missing_keys: bool = False):
+                 dtype: torch.dtype = torch.float32, allow_missing_keys: bool = False, match_image: bool = True):
         super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
+        self.match_image = match_image
         self.loader = LoadMask(num_bitmask_channels, union_groups, required_nonempty, dtype)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -103,9 +114,16 @@ class LoadMaskd(MapTransform):
             src = d[key]
             d[key] = self.loader(src)
             image = d.get(self.image_key) if self.image_key else None
-            if isinstance(image, torch.Tensor) and tuple(image.shape[-2:]) != tuple(d[key].shape[-2:]):
-                name = src if isinstance(src, str) else src[0]
-                raise BundleInputError(
-                    name, f"mask size {tuple(d[key].shape[-2:])} differs from image size {tuple(image.shape[-2:])} "
-                    f"({image.meta.get('filename_or_obj', '') if hasattr(image, 'meta') else ''})")
+            if not isinstance(image, torch.Tensor) or tuple(image.shape[-2:]) == tuple(d[key].shape[-2:]):
+                continue
+            name = src if isinstance(src, str) else src[0]
+            image_name = image.meta.get("filename_or_obj", "") if hasattr(image, "meta") else ""
+            size = tuple(int(s) for s in d[key].shape[-2:])
+            problem = size_mismatch_problem(image.shape[-2:], size)
+            if problem or not self.match_image:
+                raise BundleInputError(name, (problem or f"mask size {size} differs from image size "
+                                              f"{tuple(image.shape[-2:])}") + f" ({image_name})")
+            arr = np.stack([resample_image(c, size) for c in image.detach().cpu().numpy()])
+            meta = dict(image.meta) if hasattr(image, "meta") else {}
+            d[self.image_key] = _meta_tensor(arr, {**meta, "spatial_shape": size}, image.dtype)
         return d

@@ -655,7 +655,7 @@ def ensemble_analysis(
     """
     import pandas as pd
 
-    from ..data.io import load_radiograph
+    from ..data.io import load_radiograph, resample_image
     from ..metrics.ensembles import ensemble_masks, ensemble_rows, synergy_rows
     from ..workflows.segmentation import task_spec
     from .figures import save_grid
@@ -683,7 +683,9 @@ def ensemble_analysis(
         rows += ensemble_rows(preds, ref, image_id, spec.structures, methods, task=task)
         syn += synergy_rows(preds, ref, image_id, spec.structures, task=task)
         if k == min(panel_image, len(items) - 1):
-            shown = {"image": load_radiograph(item["image"])[0], "ref": ref, "preds": preds, "id": image_id,
+            # shown on the reference's grid (an image of another size than its masks, e.g. JSRT .IMG 2048 with SCR
+            # 1024, is resampled to it as in the evaluation: bundle.data.transforms.LoadMaskd)
+            shown = {"image": resample_image(load_radiograph(item["image"])[0], ref.shape[-2:]), "ref": ref, "preds": preds, "id": image_id,
                      "ens": ensemble_masks(list(preds.values()), methods=methods)}
     table, syn_table = pd.DataFrame(rows), pd.DataFrame(syn)
     mean_all = table.groupby(["task", "image", "method", "models"], sort=False)["dice"].mean().reset_index()

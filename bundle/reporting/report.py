@@ -446,6 +446,37 @@ def _p_formats() -> dict[str, Callable[[Any], str]]:
             "rank_biserial": lambda v: fmt_num(v, 3), "cohens_dz": lambda v: fmt_num(v, 3)}
 
 
+def _data_section(summary_path: PathLike) -> Section:
+    """Which data each datalist holds (the data stage's ``datalists/summary.json``): real (the user's data file, or
+    the real lungs folder) or phantom, with the root, the split sizes and how patients were identified."""
+    sec = Section("data", "Data sources")
+    summary = _read_json(summary_path)
+    if not isinstance(summary, Mapping):
+        return sec.not_run(f"no data summary at {summary_path}")
+    from ..data.userdata import describe_sources
+
+    rows = []
+    for name, info in summary.items():
+        if not isinstance(info, Mapping):
+            continue
+        written = info.get("status") == "written"
+        rows.append({"datalist": name, "source": info.get("source") or "absent" if written else "absent",
+                     "dataset": info.get("dataset", "") if written else "",
+                     "given as": info.get("given_as") or "", "root": info.get("root") or "",
+                     "training": info.get("training", ""), "validation": info.get("validation", ""),
+                     "test": info.get("test", ""), "patients": info.get("patient_grouping") or ""})
+    import pandas as pd
+
+    user = [r["datalist"] for r in rows if r["given as"]]
+    sec.blocks.append(Text("Data of this run: " + describe_sources(summary) + (
+        " The datasets of the data file (--data) replaced their phantoms: " + ", ".join(user) + "." if user else
+        " No data file was given: every dataset but the real lungs folder is the synthetic phantom."),
+        conclusion=True))
+    sec.blocks.append(Table("data_sources", pd.DataFrame(rows), "Datalists: source (real or phantom), root, split "
+                                                                  "sizes and patient identity"))
+    return sec
+
+
 def _phantom_section(montage: PathLike | None) -> Section:
     sec = Section("phantom", "Phantom data")
     if not montage or not os.path.isfile(montage):
@@ -780,6 +811,7 @@ def build_report(
     title: str = "cxr_doll_segmentation: pipeline report",
     tracking_uri: str | None = None,
     experiment: str = "cxr_doll_report",
+    data_summary: PathLike | None = None,
 ) -> dict[str, Any]:
     """Build the report (see the module docstring) from the stages' outputs.
 
@@ -798,6 +830,8 @@ def build_report(
         title: report title.
         tracking_uri: MLflow store (``None``: no MLflow run).
         experiment: MLflow experiment.
+        data_summary: the data stage's ``datalists/summary.json``: a first section states which data were real
+            (``None``: no such section).
 
     Returns:
         ``{"html", "markdown", "conclusions": [statements], "status": {section: status}, "files": [...],
@@ -819,6 +853,7 @@ def build_report(
     report = Report(title)
     stats_section, _ = _statistics_section(adir, status, labels, alpha)
     body = [
+        *([_data_section(data_summary)] if data_summary is not None else []),
         _phantom_section(montage),
         _doll_section(os.fspath(doll_quality_dir) if doll_quality_dir else None),
         _classifier_section(list(classifier_metrics), fig_dir),

@@ -1,0 +1,87 @@
+"""Checks of a finished ``--data`` pipeline run (CI: after ``python tests/data_formats.py quick/real-formats`` and
+``bash scripts/main.sh --quick --data quick/real-formats/data.yaml``, with CXR_DOLL_PIPELINE_ROOT=quick): the run on
+the tests' trees in the real formats (JSRT ``.IMG`` + SCR GIF at half size, QaTa-COV19-v2, CheXpert-v1.0-small)
+reached the report, the report and MLflow say the data were real, no phantom was drawn; and a malformed or missing
+file stops the data stage with the file named and no datalist written. Skipped when no such run is there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from data_formats import make_all
+
+ROOT = Path(__file__).resolve().parent.parent
+PIPELINE_ROOT = Path(os.environ.get("CXR_DOLL_PIPELINE_ROOT", ROOT / "quick"))
+if not PIPELINE_ROOT.is_absolute():
+    PIPELINE_ROOT = ROOT / PIPELINE_ROOT
+RUN = PIPELINE_ROOT / "real"  # where `--quick --data` writes
+REPORT = RUN / "eval" / "report" / "report.html"
+
+pytestmark = pytest.mark.skipif(not REPORT.exists(), reason=f"no --data pipeline output at {RUN} (run `python "
+                                "tests/data_formats.py quick/real-formats && bash scripts/main.sh --quick --data "
+                                "quick/real-formats/data.yaml` first)")
+
+
+def test_report_states_which_data_were_real():
+    html = REPORT.read_text()
+    assert "Data sources" in html and "real data: chexpert = CheXpert (" in html
+    assert "scr = JSRT/SCR (" in html and "qata = QaTa-COV19 (" in html and "phantom data: none" in html
+    assert "The datasets of the data file (--data) replaced their phantoms: chexpert, scr, qata" in html
+
+
+def test_datalists_are_the_real_files_and_no_phantom_was_drawn():
+    datalists = RUN / "data" / "datalists"
+    summary = json.loads((datalists / "summary.json").read_text())
+    for name, key in (("chexpert", "chexpert"), ("scr", "jsrt_scr"), ("qata", "qata")):
+        assert summary[name]["source"] == "real" and summary[name]["given_as"] == key
+    scr = json.loads((datalists / "scr.json").read_text())
+    items = scr["training"] + scr["validation"] + scr["test"]
+    assert items and all(it["image"].endswith(".IMG") for it in items)
+    assert all(p.endswith(".gif") and "/scratch/fold" in p for it in items for p in it["label"])
+    assert "no patient id" in summary["scr"]["patient_grouping"]
+    assert not (RUN / "data" / "phantom").exists()
+
+
+def test_every_real_task_was_trained_and_evaluated():
+    sweep = pd.read_csv(RUN / "eval" / "segmentation" / "sweep_test.csv")
+    assert {"scr", "infection"} <= set(sweep["task"])
+    scr = sweep[sweep["task"] == "scr"]
+    assert set(scr["structure"]) == {"lungs", "heart", "clavicles"} and scr["dice"].notna().all()
+
+
+def test_mlflow_records_the_sources():
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{RUN / 'eval' / 'mlruns.db'}")
+    runs = mlflow.search_runs(experiment_names=["cxr_doll_data"])
+    assert len(runs) >= 1
+    last = runs.iloc[0]
+    assert last["params.source_scr"].startswith("real: JSRT/SCR") and last["tags.real_data"] == "True"
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "run_pipeline.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_malformed_or_missing_files_stop_with_the_file_named(tmp_path):
+    data_file = make_all(tmp_path / "user", chexpert=False)
+    bad = sorted((tmp_path / "user" / "jsrt_scr" / "All247images").glob("*.IMG"))[3]
+    bad.write_bytes(bad.read_bytes()[:1000])  # truncated .IMG
+    res = _run(["--quick", "--data", str(data_file), "--root", str(tmp_path / "run"), "--stages", "data"], tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and f"{bad}: not a JSRT .IMG file: 1000 bytes" in out
+    assert not list((tmp_path / "run" / "data").rglob("*.json"))  # no datalist, no summary
+    # a data file naming a folder that is not there: stops before any stage, nothing created
+    (tmp_path / "bad.yaml").write_text("jsrt_scr: {images: /nonexistent/All247images, masks: /nonexistent}\n")
+    res = _run(["--quick", "--data", str(tmp_path / "bad.yaml"), "--root", str(tmp_path / "run2")], tmp_path)
+    assert res.returncode != 0 and "/nonexistent/All247images: folder not found (given as jsrt_scr.images" in res.stderr
+    assert not (tmp_path / "run2").exists()
