@@ -151,7 +151,7 @@ def _read_dicom(path: Path, voi_lut: bool = True) -> tuple[np.ndarray, dict[str,
     try:
         ds = pydicom.dcmread(str(path))
     except InvalidDicomError as e:
-        raise BundleInputError(path, f"not a DICOM file ({e})") from None
+        raise BundleInputError(path, f"unreadable: not a DICOM file ({e})") from None
     except Exception as e:  # truncated headers raise several types
         raise BundleInputError(path, f"unreadable DICOM header ({type(e).__name__}: {e})") from None
     if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
