@@ -100,3 +100,42 @@ def resolve(path: PathLike, root: PathLike | None = None) -> str:
     """``path`` made absolute against ``root`` (default: the bundle root) when it is relative."""
     p = Path(os.path.expanduser(str(path)))
     return str(p if p.is_absolute() else Path(root or BUNDLE_ROOT) / p)
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file.
+
+    Every checkpoint a user can hand to the bundle (classifier weights for DoLL generation and the analysis,
+    ``last.pt`` on resume, fine-tuning inits) goes through here: only tensors and plain Python values (dicts,
+    lists, numbers, strings) are unpickled, so a file that would run code on load is refused before anything of
+    it executes. The bundle's own checkpoints hold nothing else.
+
+    Raises:
+        BundleInputError: missing file; a file that needs pickled code (refused); a truncated, empty or foreign file.
+    """
+    import pickle
+
+    import torch
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BundleInputError(path, "checkpoint file not found")
+    if os.path.getsize(path) == 0:
+        raise BundleInputError(path, "checkpoint file is empty (0 bytes)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # not a pickle that imports anything: a foreign or corrupt file
+            raise BundleInputError(path, f"cannot read checkpoint: truncated, corrupt or not a PyTorch file "
+                                         f"(UnpicklingError: {str(e).strip().splitlines()[0]})") from None
+        first = str(e).strip().splitlines()
+        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first
+                      else "")
+        raise BundleInputError(path, "refused: the checkpoint holds pickled Python objects beyond tensors and plain "
+                                     "values, which could run code when loaded; it was not loaded (weights_only=True). "
+                                     "If you trust its origin, re-save only its state_dict with torch.save"
+                                     f" ({detail})") from None
+    except Exception as e:  # noqa: BLE001 - zip/unpickling errors of truncated or foreign files, named with the file
+        raise BundleInputError(path, f"cannot read checkpoint: truncated, corrupt or not a PyTorch file "
+                                     f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+                               ) from None

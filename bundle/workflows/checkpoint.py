@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 from ignite.engine import Engine, Events
 
-from ..utils import atomic_save
+from ..utils import atomic_save, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ResumableCheckpoint:
             engine.add_event_handler(Events.COMPLETED, self.save)
 
     def load(self, engine: Engine) -> None:
-        ckpt = torch.load(self.last_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(self.last_path, map_location="cpu")  # weights_only=True: tensors and plain values
         for name, obj in self._objects(engine).items():
             if name in ckpt:
                 obj.load_state_dict(ckpt[name])
@@ -93,8 +93,11 @@ class ResumableCheckpoint:
 
 
 def read_state_dict(path: str, map_location: str = "cpu") -> Mapping[str, torch.Tensor]:
-    """Network weights from a checkpoint file: a bare ``state_dict`` or a dict with ``network``/``model`` in it."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    """Network weights from a checkpoint file: a bare ``state_dict`` or a dict with ``network``/``model`` in it.
+
+    Loaded with ``weights_only=True`` (:func:`bundle.utils.load_checkpoint`): a file that needs pickled code is
+    refused with a :class:`~bundle.utils.BundleInputError` naming it, before anything in it runs."""
+    ckpt = load_checkpoint(path, map_location=map_location)
     if isinstance(ckpt, Mapping):
         for key in ("network", "model", "state_dict", "net"):
             if key in ckpt and isinstance(ckpt[key], Mapping):
