@@ -240,6 +240,9 @@ def load_radiograph(path: PathLike, voi_lut: bool = True) -> tuple[np.ndarray, d
     """Load a radiograph as float32 ``(H, W)`` in ``[0, 1]`` (see the module docstring for the conventions)."""
     arr, meta = read_array(path, voi_lut=voi_lut)
     arr = _to_gray(np.asarray(arr, dtype=np.float64))
+    if not np.isfinite(arr).all():  # before any scaling: NaN/inf would otherwise turn the range into NaN or zeros
+        bad = int((~np.isfinite(arr)).sum())
+        raise BundleInputError(path, f"image contains NaN or infinite values ({bad} pixels)")
     max_value = meta.get("max_value")
     if max_value is None:  # NIfTI: no declared range, use the data range
         lo, hi = float(arr.min()), float(arr.max())
