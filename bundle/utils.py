@@ -139,3 +139,47 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
         raise BundleInputError(path, f"cannot read checkpoint: truncated, corrupt or not a PyTorch file "
                                      f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
                                ) from None
+
+
+_FOLDER_LOCKS: dict[str, Any] = {}
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds the lock of an output folder (two runs writing one folder)."""
+
+
+def hold_folder_lock(folder: PathLike, wait: bool = False, name: str = ".lock") -> str:
+    """Hold an exclusive ``flock`` on ``<folder>/<name>`` until this process ends, so that two runs never write one
+    output folder at once. ``wait=False``: a second run refuses at once (:class:`FolderBusyError` naming the
+    folder and the holder's pid); ``wait=True``: it waits for the first to finish, then goes on (and, the stages
+    being resumable, finds the work done). The operating system drops the lock when the process ends in any way
+    (kill -9 included), so a crash never leaves a stale lock. Idempotent within a process. Returns the lock path."""
+    import fcntl
+
+    path = os.path.join(os.path.abspath(os.fspath(folder)), name)
+    if path in _FOLDER_LOCKS:
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise FolderBusyError(f"{os.path.dirname(path)}: another run is writing this folder (lock {path} held by "
+                              f"pid {holder}); wait for it to finish or choose another output folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _FOLDER_LOCKS[path] = handle  # kept open (the lock lives as long as the file description)
+    return path
+
+
+def release_folder_lock(folder: PathLike, name: str = ".lock") -> None:
+    """Release a lock taken by :func:`hold_folder_lock` in this process (a no-op when not held)."""
+    path = os.path.join(os.path.abspath(os.fspath(folder)), name)
+    handle = _FOLDER_LOCKS.pop(path, None)
+    if handle is not None:
+        handle.close()

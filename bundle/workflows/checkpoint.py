@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 from ignite.engine import Engine, Events
 
-from ..utils import atomic_save, load_checkpoint
+from ..utils import atomic_save, hold_folder_lock, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class ResumableCheckpoint:
         return objs
 
     def attach(self, engine: Engine) -> None:
+        if self.enabled:  # one writer per checkpoint folder: a second run on it refuses (bundle.utils)
+            hold_folder_lock(self.ckpt_dir)
         if self.resume and os.path.exists(self.last_path):
             self.load(engine)
         if self.enabled:

@@ -35,6 +35,30 @@ def store_lock(tracking_uri: str | None) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def check_tracking_uri(tracking_uri: str | None, timeout: float = 5.0) -> None:
+    """Fail at once, with a clear message, when a tracking *server* (``http(s)://host:port``) does not answer.
+
+    Documented choice (docs/reliability.md): a stage refuses to start rather than train for minutes and then fail
+    on its first log call, or train without a record. Local stores (``sqlite:///``, ``file:``, paths) need no check.
+    """
+    from urllib.parse import urlparse
+
+    uri = str(tracking_uri or "")
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    import socket
+
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise RuntimeError(f"MLflow tracking server {uri} is unreachable ({e.strerror or e}); start it, or pass "
+                           f"--tracking_uri sqlite:///<folder>/mlruns.db to track locally. Stopped before any "
+                           f"work (nothing lost).") from None
+
+
 class TrackingHandler(MLFlowHandler):
     """MONAI's :class:`~monai.handlers.MLFlowHandler` plus run ``tags`` and an ``enabled`` switch.
 
@@ -47,6 +71,7 @@ class TrackingHandler(MLFlowHandler):
         self.enabled = enabled
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         if enabled:
+            check_tracking_uri(kwargs.get("tracking_uri"))
             with store_lock(kwargs.get("tracking_uri")):
                 super().__init__(**kwargs)
 
@@ -84,6 +109,7 @@ def log_run(tracking_uri: str, experiment_name: str, run_name: str, params: Mapp
     import mlflow
     from monai.utils import path_to_uri
 
+    check_tracking_uri(tracking_uri)
     with store_lock(tracking_uri):
         client = mlflow.MlflowClient(tracking_uri=tracking_uri)
         exp = client.get_experiment_by_name(experiment_name)
