@@ -186,13 +186,17 @@ class Pipeline:
             raise SystemExit(f"[pipeline] export: {src} missing (the sweep must include init doll, size all, seed 0)")
         dst = Path(self.paths["models_dir"]) / "model.pt"
         atomic_save(dst, lambda tmp: shutil.copyfile(src, tmp))
-        cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath",
-               str(dst.with_suffix(".ts")), "--ckpt_file", str(dst), "--meta_file", str(ROOT / "configs" / "metadata.json"),
-               "--config_file", str(ROOT / "configs" / "inference.yaml")]
         start = time.time()
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise SystemExit(f"[pipeline] export failed:\n{res.stderr[-3000:]}")
+
+        def export(tmp: str) -> None:  # TorchScript to a temporary file, renamed when whole (a kill leaves no half file)
+            cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", tmp,
+                   "--ckpt_file", str(dst), "--meta_file", str(ROOT / "configs" / "metadata.json"),
+                   "--config_file", str(ROOT / "configs" / "inference.yaml")]
+            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise SystemExit(f"[pipeline] export failed:\n{res.stderr[-3000:]}")
+
+        atomic_save(dst.with_suffix(".ts"), export)
         self.steps["export"] = round(time.time() - start, 1)
         say(f"[pipeline] export: {src} -> {dst} and {dst.with_suffix('.ts')}")
         if dst.parent.resolve() == (ROOT / "models").resolve():   # the shipped weights: their publication record
