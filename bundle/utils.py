@@ -46,6 +46,13 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, permissions: say which file, and that nothing was replaced
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        if e.errno is None or str(path) in str(e):
+            raise
+        raise OSError(e.errno, f"{path}: could not be written ({e.strerror or e}); the previous version, if any, "
+                               f"is left as it was") from e
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)

@@ -48,14 +48,14 @@ COMMON = {"image_size": [64, 64], "device": "$torch.device('cpu')"}
 STEPS: dict[str, list[dict[str, Any]]] = {
     "data": [{"name": "data", "configs": ["common.yaml", "prepare_data.yaml"], "args": DATA}],
     "classifier": [{"name": "classifier", "configs": ["common.yaml", "train_classifier.yaml"],
-                    "args": {"classifier_arch": "densenet_small", "seed": 0, "max_epochs": 4, "batch_size": 8,
+                    "args": {"classifier_arch": "densenet_small", "seed": 0, "max_epochs": 12, "batch_size": 8,
                              "show_progress": False}}],
     "doll": [{"name": "doll", "configs": ["common.yaml", "generate_doll.yaml"],
               "args": {"classifier_names": [CLASSIFIER], "doll#n_steps": 4, "batch_size": 2}}],
     "pretrain": [{"name": "pretrain", "configs": ["common.yaml", "pretrain.yaml"],
-                  "args": {"max_epochs": 3, "batch_size": 4, "show_progress": False}}],
+                  "args": {"max_epochs": 10, "batch_size": 4, "show_progress": False}}],
     "finetune": [{"name": "finetune", "configs": ["common.yaml", "train.yaml"],
-                  "args": {"task": "scr", "init": "doll", "train_size": "all", "seed": 0, "num_iterations": 24,
+                  "args": {"task": "scr", "init": "doll", "train_size": "all", "seed": 0, "num_iterations": 60,
                            "epoch_length": 6, "batch_size": 2, "show_progress": False}}],
 }
 # what each stage writes (relative to the run root) and is compared with the reference
@@ -100,6 +100,23 @@ def _resume_evidence(log: str) -> str:
                 i = text.find(key)
                 return text[max(0, i - 60):i + 60].split(" - INFO - ")[-1]
     return "nothing found done"
+
+
+def _progress(root: Path, stage: str) -> str:
+    """How far a killed stage had got: its checkpoint's epoch, DoLL records, phantom images, or export files."""
+    from bundle.utils import load_checkpoint
+
+    if stage in ("classifier", "pretrain", "finetune"):
+        lasts = [f for rel in OUTPUTS[stage] for f in _files(root, rel) if f.name == "last.pt"]
+        if not lasts:
+            return "no checkpoint yet"
+        t = load_checkpoint(lasts[0])["trainer"]
+        return f"last.pt at epoch {t['iteration'] // max(1, t['epoch_length'])}"
+    if stage == "doll":
+        return f"{sum(1 for f in _files(root, 'data/doll') if f.suffix == '.json' and '.part' not in f.name)} DoLL records"
+    if stage == "data":
+        return f"{sum(1 for f in _files(root, 'data/phantom') if f.suffix in ('.png', '.jpg', '.gif'))} image files"
+    return ", ".join(f for f in ("model.pt", "model.ts") if (root / "models" / f).exists()) or "no output yet"
 
 
 def _export_child(root: str, log: str) -> None:
@@ -294,10 +311,11 @@ class Check:
                 code, _ = self.runner.run_killed(stage, after)
                 hit = code == -9
                 left = leftovers(root)
+                at_kill = _progress(root, stage)
                 code2, dt, log = self.runner.run(stage)
                 ok_run = code2 == 0
                 equal, detail = compare(stage, self.snap(f"after_{stage}"), root) if ok_run else (False, log[-300:])
-                detail = (f"killed at {after:.1f} s of {self.ref_time[stage]:.1f} s" if hit else
+                detail = (f"killed at {after:.1f} s of {self.ref_time[stage]:.1f} s ({at_kill})" if hit else
                           f"finished before the kill ({after:.1f} s)") + \
                     f"; {len(left)} temp files left by the kill; re-run {dt:.1f} s ({_resume_evidence(log)}): {detail}"
                 self.row(stage, f"kill -9 at {int(frac * 100)}% of the run", ok_run, equal if hit else None, detail)
@@ -305,13 +323,14 @@ class Check:
     def disk_full(self) -> None:
         """RLIMIT_FSIZE in the child: writes past the limit fail with EFBIG, as on a full disk."""
         root = self.runner.root
-        cases = [("data", "before_data", 24_000), ("classifier", "before_classifier", 60_000),
-                 ("doll", "before_doll", 1_500)]
+        cases = [("data", "before_data", 8_000), ("classifier", "before_classifier", 2_000_000),
+                 ("doll", "before_doll", 4_000)]
         for stage, snap, limit in cases:
             restore(self.snap(snap), root)
             code, dt, log = self.runner.run(stage, fsize=limit)
-            failed_clearly = code != 0 and ("File too large" in log or "EFBIG" in log)
-            named = [ln.strip() for ln in log.splitlines() if "File too large" in ln][-1:] or [log.strip()[-200:]]
+            failed_clearly = code != 0 and "could not be written (File too large)" in log
+            named = [ln.strip() for ln in log.splitlines() if "could not be written" in ln][-1:] or \
+                [ln.strip() for ln in log.splitlines() if "File too large" in ln][-1:] or [log.strip()[-200:]]
             left = leftovers(root)
             broken = self._unreadable_outputs(root, stage)
             # after the disk is freed, a re-run finishes and equals the reference

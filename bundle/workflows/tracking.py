@@ -30,9 +30,24 @@ def store_lock(tracking_uri: str | None) -> Iterator[None]:
     with open(db + ".lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
+            if not os.path.exists(db):
+                _create_store(db)
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _create_store(db: str) -> None:
+    """Create a new SQLite tracking store atomically: MLflow's schema migration runs on a temporary database that is
+    renamed onto ``db`` when complete. A process killed during the migration (seconds on a slow machine) then leaves
+    no half-migrated store, which MLflow would refuse ever after ("out-of-date database schema")."""
+    import mlflow
+
+    from ..utils import atomic_path
+
+    with atomic_path(db) as tmp:
+        os.remove(tmp)  # an empty file is not a database: let MLflow create it
+        mlflow.MlflowClient(tracking_uri="sqlite:///" + tmp).search_experiments(max_results=1)
 
 
 def check_tracking_uri(tracking_uri: str | None, timeout: float = 5.0) -> None:
