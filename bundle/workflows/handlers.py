@@ -80,7 +80,8 @@ class EpochSeed:
     An epoch then depends only on the seed, its number and the state saved at the end of the previous epoch, so a
     run killed at any point and resumed from its last checkpoint (:class:`~bundle.workflows.checkpoint.
     ResumableCheckpoint`) ends with the same weights as an uninterrupted run (scripts/fault_check.py measures it).
-    Attach it first among the trainer's handlers.
+    Attach it first among the trainer's handlers. Each epoch starts a fresh pass over the data loader (every
+    training config of the bundle makes an epoch one whole pass).
 
     Args:
         seed: the run's seed.
@@ -110,3 +111,8 @@ class EpochSeed:
             self.generator.manual_seed(s)
         if self.transform is not None and hasattr(self.transform, "set_random_state"):
             self.transform.set_random_state(seed=s)
+        if self.generator is not None and engine.state.dataloader is not None:
+            # a fresh loader iterator now, after the re-seeding: creating one draws from the generator, and ignite
+            # would otherwise create it at a moment that differs between a resumed and an uninterrupted run (at the
+            # start of `run` after a resume, at the first exhausted `next` within a run)
+            engine.set_data(engine.state.dataloader)
