@@ -46,13 +46,15 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except OSError as e:  # disk full, quota, permissions: say which file, and that nothing was replaced
+    except (OSError, RuntimeError) as e:  # disk full, quota, permissions (torch's writers raise RuntimeError)
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        if e.errno is None or str(path) in str(e):
+        if str(path) in str(e):
             raise
-        raise OSError(e.errno, f"{path}: could not be written ({e.strerror or e}); the previous version, if any, "
-                               f"is left as it was") from e
+        errno_ = e.errno if isinstance(e, OSError) and e.errno is not None else 5  # EIO
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise OSError(errno_, f"{path}: could not be written ({reason}); the previous version, if any, is left "
+                              f"as it was") from e
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -132,16 +134,16 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "global" not in str(e).lower():  # not a pickle that imports anything: a foreign or corrupt file
-            raise BundleInputError(path, f"cannot read checkpoint: truncated, corrupt or not a PyTorch file "
-                                         f"(UnpicklingError: {str(e).strip().splitlines()[0]})") from None
-        first = str(e).strip().splitlines()
-        detail = next((line.strip() for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first
-                      else "")
-        raise BundleInputError(path, "refused: the checkpoint holds pickled Python objects beyond tensors and plain "
-                                     "values, which could run code when loaded; it was not loaded (weights_only=True). "
-                                     "If you trust its origin, re-save only its state_dict with torch.save"
-                                     f" ({detail})") from None
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else "")[:160]
+        if "global" in detail.lower():  # a pickle that imports a Python callable: code would run on a full load
+            raise BundleInputError(path, "refused: the checkpoint holds pickled Python objects beyond tensors and "
+                                         "plain values, which could run code when loaded; it was not loaded "
+                                         "(weights_only=True). If you trust its origin, re-save only its state_dict "
+                                         f"with torch.save ({detail})") from None
+        raise BundleInputError(path, "cannot read checkpoint: truncated, corrupt, not a PyTorch file, or pickled "
+                                     "objects beyond tensors and plain values (refused by weights_only=True; nothing "
+                                     f"in it was run) ({detail})") from None
     except Exception as e:  # noqa: BLE001 - zip/unpickling errors of truncated or foreign files, named with the file
         raise BundleInputError(path, f"cannot read checkpoint: truncated, corrupt or not a PyTorch file "
                                      f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"

@@ -102,6 +102,33 @@ def _resume_evidence(log: str) -> str:
     return "nothing found done"
 
 
+EPOCHS = {"classifier": STEPS["classifier"][0]["args"]["max_epochs"], "pretrain": STEPS["pretrain"][0]["args"]["max_epochs"],
+          "finetune": STEPS["finetune"][0]["args"]["num_iterations"] // STEPS["finetune"][0]["args"]["epoch_length"]}
+
+
+def _epoch_reached(root: Path, stage: str, k: int) -> Callable[[], bool]:
+    """A predicate: the stage's ``last.pt`` holds epoch ``k`` or later (polled; reloaded when it changes)."""
+    seen: dict[str, Any] = {"mtime": None, "epoch": 0}
+
+    def check() -> bool:
+        from bundle.utils import load_checkpoint
+
+        lasts = [f for rel in OUTPUTS[stage] for f in _files(root, rel) if f.name == "last.pt"]
+        if not lasts:
+            return False
+        mtime = lasts[0].stat().st_mtime_ns
+        if mtime != seen["mtime"]:
+            seen["mtime"] = mtime
+            try:
+                t = load_checkpoint(lasts[0])["trainer"]
+                seen["epoch"] = t["iteration"] // max(1, t["epoch_length"])
+            except Exception:  # noqa: BLE001 - replaced while read: try again at the next poll
+                seen["mtime"] = None
+        return seen["epoch"] >= k
+
+    return check
+
+
 def _progress(root: Path, stage: str) -> str:
     """How far a killed stage had got: its checkpoint's epoch, DoLL records, phantom images, or export files."""
     from bundle.utils import load_checkpoint
@@ -176,9 +203,15 @@ class Runner:
             proc.join()
         return proc.exitcode, time.time() - t, log.read_text(errors="replace")
 
-    def run_killed(self, stage: str, after: float) -> tuple[int, str]:
+    def run_killed(self, stage: str, after: float, until: Callable[[], bool] | None = None) -> tuple[int, str]:
+        """Start ``stage``; SIGKILL it after ``after`` seconds, or as soon as ``until()`` is true when given."""
         proc, log = self.start(stage)
-        proc.join(after)
+        if until is None:
+            proc.join(after)
+        else:
+            deadline = time.time() + after
+            while proc.is_alive() and time.time() < deadline and not until():
+                time.sleep(0.02)
         killed = proc.is_alive()
         if killed:
             os.kill(proc.pid, signal.SIGKILL)
@@ -305,20 +338,26 @@ class Check:
     def kills(self) -> None:
         root = self.runner.root
         for stage in self.stages:
-            for frac in self.points:
+            points: list[tuple[str, float, Any]] = [(f"kill -9 at {int(f * 100)}% of the run", f, None)
+                                                    for f in self.points]
+            if stage in EPOCHS:  # and at checkpoints: right after the first, and past half of the epochs
+                for k in (1, max(2, EPOCHS[stage] // 2 + 1)):
+                    points.append((f"kill -9 once last.pt holds epoch {k}", 3.0, _epoch_reached(root, stage, k)))
+            for name, frac, until in points:
                 restore(self.snap(f"before_{stage}"), root)
                 after = max(0.5, frac * self.ref_time[stage])
-                code, _ = self.runner.run_killed(stage, after)
+                code, _ = self.runner.run_killed(stage, after, until)
                 hit = code == -9
                 left = leftovers(root)
                 at_kill = _progress(root, stage)
                 code2, dt, log = self.runner.run(stage)
                 ok_run = code2 == 0
                 equal, detail = compare(stage, self.snap(f"after_{stage}"), root) if ok_run else (False, log[-300:])
-                detail = (f"killed at {after:.1f} s of {self.ref_time[stage]:.1f} s ({at_kill})" if hit else
+                when = f"at {after:.1f} s of {self.ref_time[stage]:.1f} s" if until is None else "then"
+                detail = (f"killed {when} ({at_kill})" if hit else
                           f"finished before the kill ({after:.1f} s)") + \
                     f"; {len(left)} temp files left by the kill; re-run {dt:.1f} s ({_resume_evidence(log)}): {detail}"
-                self.row(stage, f"kill -9 at {int(frac * 100)}% of the run", ok_run, equal if hit else None, detail)
+                self.row(stage, name, ok_run, equal if hit else None, detail)
 
     def disk_full(self) -> None:
         """RLIMIT_FSIZE in the child: writes past the limit fail with EFBIG, as on a full disk."""
@@ -328,7 +367,7 @@ class Check:
         for stage, snap, limit in cases:
             restore(self.snap(snap), root)
             code, dt, log = self.runner.run(stage, fsize=limit)
-            failed_clearly = code != 0 and "could not be written (File too large)" in log
+            failed_clearly = code != 0 and "could not be written" in log
             named = [ln.strip() for ln in log.splitlines() if "could not be written" in ln][-1:] or \
                 [ln.strip() for ln in log.splitlines() if "File too large" in ln][-1:] or [log.strip()[-200:]]
             left = leftovers(root)
@@ -399,9 +438,10 @@ class Check:
         model = root / "models" / "model.pt"
         truncate(model)
         res = _inference(ROOT / "docs" / "images", root / "inf", {"checkpointloader#load_path": str(model)})
-        self.row("inference", "truncated model checkpoint", res.returncode != 0 and str(model) in res.stderr, None,
-                 f"exit {res.returncode}; file named: {str(model) in res.stderr + res.stdout}; "
-                 f"{_last_error(res.stderr)[:170]}")
+        said = next((ln.strip() for ln in (res.stdout + res.stderr).splitlines()
+                     if str(model) + ": " in ln and "load_path" not in ln), "")
+        self.row("inference", "truncated model checkpoint", res.returncode != 0 and bool(said), None,
+                 f"exit {res.returncode}; file named: {bool(said)}; {said[said.find(str(model)):][:170]}")
 
     def mlflow_down(self) -> None:
         root = self.runner.root
@@ -445,15 +485,18 @@ class Check:
                 ok = code2 == 0 and code1 == 0
                 note = f"second waited and finished (exit {code2}, {dt2:.1f} s)"
             self.row(stage, f"two runs on one output folder ({expect})", ok, equal, f"{note}; first: {detail}")
-        # inference: a second batch on the same output folder refuses
-        out = root / "inf2"
-        first = subprocess.Popen(_inference_cmd(ROOT / "docs" / "images", out, {}), cwd=ROOT, env=_env(),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # inference: a second batch on the same output folder refuses (the first has 40 inputs: it is still running)
+        out, inputs = root / "inf2", root / "inf2_inputs"
+        inputs.mkdir(parents=True, exist_ok=True)
+        for i in range(40):
+            os.symlink(ROOT / "docs" / "images" / "phantom_montage.png", inputs / f"case{i:02d}.png")
+        first = subprocess.Popen(_inference_cmd(inputs, out, {}), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 300
-        while time.time() < deadline and first.poll() is None and not (out / ".lock").exists():
-            time.sleep(0.1)
-        second = _inference(ROOT / "docs" / "images", out, {})
-        first.wait()
+        while time.time() < deadline and first.poll() is None and not list(out.glob("*_seg.png")):
+            time.sleep(0.1)                 # the first is writing masks: it holds the lock
+        second = _inference(inputs, out, {})
+        first.communicate()
         ok = first.returncode == 0 and second.returncode != 0 and "another run" in second.stderr
         self.row("inference", "two runs on one output folder (refuses)", ok, None,
                  f"first exit {first.returncode}, second exit {second.returncode}: "
@@ -472,7 +515,7 @@ def _code_pickle(marker: Path) -> bytes:
     buf = io.BytesIO()
     import torch
 
-    torch.save({"network": {}, "payload": Payload()}, buf, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    torch.save({"network": {}, "payload": Payload()}, buf)
     return buf.getvalue()
 
 
