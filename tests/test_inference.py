@@ -204,10 +204,19 @@ def test_batch_inference_skips_bad_inputs_and_reports_them(scr_cases, tmp_path):
     assert "not a readable image" in rows["2_notes.png"]
     assert all(r.startswith("BundleInputError") for r in rows.values())
     assert not (tmp_path / "out" / ".failures").exists()
-    # on_error raise: the first bad file (sorted first) ends the run, naming it
-    res = _infer(inputs, tmp_path / "out_raise", "--on_error", "raise")
-    assert res.returncode != 0 and "0_truncated.png" in res.stderr
-    assert not list((tmp_path / "out_raise").glob("*_seg.png"))
+    # on_error raise (in this process, as `monai.bundle run` would): the first bad file (sorted first) ends the run
+    from monai.bundle import run
+
+    from bundle.utils import BundleInputError
+
+    with pytest.raises(Exception) as err:
+        run(config_file=str(CONFIGS / "inference.yaml"), dataset_dir=str(inputs), output_dir=str(tmp_path / "raise"),
+            device="$torch.device('cpu')", on_error="raise")
+    cause = err.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, BundleInputError) and cause.path == str(inputs / "0_truncated.png")
+    assert not list((tmp_path / "raise").glob("*_seg.png"))
 
 
 @needs_model
