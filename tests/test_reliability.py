@@ -111,3 +111,28 @@ def test_resumed_training_ends_with_the_uninterrupted_weights(tmp_path):
     resumed = _train(tmp_path / "resumed", 4)            # re-run: resumes at epoch 3
     for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_early_stopping_state_survives_a_resume(tmp_path):
+    """The patience counter and best score are checkpointed: a resumed run stops where an uninterrupted one would."""
+    from ignite.engine import Engine
+
+    from bundle.workflows.checkpoint import ResumableCheckpoint
+    from bundle.workflows.handlers import TrainerEarlyStop
+
+    scores = iter([0.9, 0.5, 0.4, 0.3, 0.2, 0.1])
+
+    def make() -> tuple[Engine, TrainerEarlyStop]:
+        engine = Engine(lambda e, b: None)
+        stop = TrainerEarlyStop(patience=3, score_function=lambda e: next(scores), epoch_level=True)
+        ResumableCheckpoint(str(tmp_path), torch.nn.Linear(1, 1), best_filename=None, early_stop=stop).attach(engine)
+        stop.attach(engine)
+        return engine, stop
+
+    engine, stop = make()
+    engine.run([0], max_epochs=2)                        # scores 0.9 (best), 0.5: counter 1
+    assert stop._handler.counter == 1
+    release_folder_lock(tmp_path)
+    engine, stop = make()
+    engine.run([0], max_epochs=10)                       # resumed: 0.4, 0.3 -> counter 3: stops at epoch 4
+    assert stop._handler.best_score == 0.9 and engine.state.epoch == 4

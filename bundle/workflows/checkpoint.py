@@ -39,11 +39,13 @@ class ResumableCheckpoint:
         save_interval: epochs between two ``last.pt`` writes.
         resume: restore from ``last.pt`` when it exists.
         enabled: set to ``False`` on non-zero ranks (only rank 0 writes; every rank resumes).
+        early_stop: optional early-stopping handler (MONAI ``EarlyStopHandler``) whose patience counter and best
+            score are saved and restored, so that a resumed run stops at the epoch an uninterrupted one would.
     """
 
     def __init__(self, ckpt_dir: str, network: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  lr_scheduler: Any = None, evaluator: Engine | None = None, best_filename: str | None = "model.pt",
-                 save_interval: int = 1, resume: bool = True, enabled: bool = True):
+                 save_interval: int = 1, resume: bool = True, enabled: bool = True, early_stop: Any = None):
         self.ckpt_dir = ckpt_dir
         self.network = network
         self.optimizer = optimizer
@@ -53,6 +55,7 @@ class ResumableCheckpoint:
         self.save_interval = save_interval
         self.resume = resume
         self.enabled = enabled
+        self.early_stop = early_stop
         self.last_path = os.path.join(ckpt_dir, "last.pt")
 
     def _objects(self, engine: Engine) -> dict[str, Any]:
@@ -77,14 +80,26 @@ class ResumableCheckpoint:
         for name, obj in self._objects(engine).items():
             if name in ckpt:
                 obj.load_state_dict(ckpt[name])
+        if ckpt.get("early_stop") is not None and self.early_stop is not None:
+            # its ignite handler exists once it is attached (after this one): restore when the run starts
+            state = ckpt["early_stop"]
+            engine.add_event_handler(Events.STARTED, lambda e: self._early_stopping().load_state_dict(state))
         best = ckpt.get("best")
         if best is not None and self.evaluator is not None:
             self.evaluator.state.best_metric = best["best_metric"]
             self.evaluator.state.best_metric_epoch = best["best_metric_epoch"]
         logger.info(f"resumed from {self.last_path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
 
+    def _early_stopping(self) -> Any:
+        handler = getattr(self.early_stop, "_handler", None)
+        if handler is None:
+            raise RuntimeError("early_stop: its handler is not attached to the trainer")
+        return handler
+
     def save(self, engine: Engine) -> None:
         state = {name: obj.state_dict() for name, obj in self._objects(engine).items()}
+        if self.early_stop is not None and getattr(self.early_stop, "_handler", None) is not None:
+            state["early_stop"] = dict(self.early_stop._handler.state_dict())
         if self.evaluator is not None:
             state["best"] = {"best_metric": self.evaluator.state.best_metric,
                              "best_metric_epoch": self.evaluator.state.best_metric_epoch}
