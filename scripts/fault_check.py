@@ -102,6 +102,17 @@ def _resume_evidence(log: str) -> str:
     return "nothing found done"
 
 
+def _final_epoch(root: Path, stage: str) -> int:
+    """The last epoch of a finished training stage (its ``last.pt``; early stopping may end it before max_epochs)."""
+    from bundle.utils import load_checkpoint
+
+    lasts = [f for rel in OUTPUTS[stage] for f in _files(root, rel) if f.name == "last.pt"]
+    if not lasts:
+        return 0
+    t = load_checkpoint(lasts[0])["trainer"]
+    return int(t["iteration"] // max(1, t["epoch_length"]))
+
+
 EPOCHS = {"classifier": STEPS["classifier"][0]["args"]["max_epochs"], "pretrain": STEPS["pretrain"][0]["args"]["max_epochs"],
           "finetune": STEPS["finetune"][0]["args"]["num_iterations"] // STEPS["finetune"][0]["args"]["epoch_length"]}
 
@@ -340,8 +351,9 @@ class Check:
         for stage in self.stages:
             points: list[tuple[str, float, Any]] = [(f"kill -9 at {int(f * 100)}% of the run", f, None)
                                                     for f in self.points]
-            if stage in EPOCHS:  # and at checkpoints: right after the first, and past half of the epochs
-                for k in (1, max(2, EPOCHS[stage] // 2 + 1)):
+            final = _final_epoch(self.snap(f"after_{stage}"), stage) if stage in EPOCHS else 0
+            if final >= 2:  # and at checkpoints: right after the first, and past half of the reference's epochs
+                for k in sorted({1, max(2, final // 2 + 1)} - {final}):
                     points.append((f"kill -9 once last.pt holds epoch {k}", 3.0, _epoch_reached(root, stage, k)))
             for name, frac, until in points:
                 restore(self.snap(f"before_{stage}"), root)
@@ -506,7 +518,6 @@ class Check:
 def _code_pickle(marker: Path) -> bytes:
     """A torch checkpoint whose unpickling would create ``marker`` (what a weights_only=False load would do)."""
     import io
-    import pickle
 
     class Payload:
         def __reduce__(self):
