@@ -72,8 +72,16 @@ class ResumableCheckpoint:
         if self.resume and os.path.exists(self.last_path):
             self.load(engine)
         if self.enabled:
+            # registered when the run starts, i.e. after every other handler: an epoch's checkpoint then holds
+            # what all of them did at its end (the early-stopping counter, the scheduler step, the best metric)
+            self._registered = False
+            engine.add_event_handler(Events.STARTED, self._register_saves)
+
+    def _register_saves(self, engine: Engine) -> None:
+        if not self._registered:
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
             engine.add_event_handler(Events.COMPLETED, self.save)
+            self._registered = True
 
     def load(self, engine: Engine) -> None:
         ckpt = load_checkpoint(self.last_path, map_location="cpu")  # weights_only=True: tensors and plain values
@@ -82,13 +90,20 @@ class ResumableCheckpoint:
                 obj.load_state_dict(ckpt[name])
         if ckpt.get("early_stop") is not None and self.early_stop is not None:
             # its ignite handler exists once it is attached (after this one): restore when the run starts
-            state = ckpt["early_stop"]
-            engine.add_event_handler(Events.STARTED, lambda e: self._early_stopping().load_state_dict(state))
+            engine.add_event_handler(Events.STARTED, self._restore_early_stop, ckpt["early_stop"])
         best = ckpt.get("best")
         if best is not None and self.evaluator is not None:
             self.evaluator.state.best_metric = best["best_metric"]
             self.evaluator.state.best_metric_epoch = best["best_metric_epoch"]
         logger.info(f"resumed from {self.last_path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+
+    def _restore_early_stop(self, engine: Engine, state: Mapping[str, Any]) -> None:
+        handler = self._early_stopping()
+        handler.load_state_dict(state)
+        if handler.counter >= handler.patience:  # the saved run had been stopped early: it is finished
+            logger.info(f"{self.last_path}: training had stopped early at epoch {engine.state.epoch} "
+                        f"(patience {handler.patience}); nothing to do")
+            engine.terminate()
 
     def _early_stopping(self) -> Any:
         handler = getattr(self.early_stop, "_handler", None)
