@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import random
@@ -59,6 +60,20 @@ def atomic_path(path: PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temp_files(path: PathLike) -> list[str]:
+    """Remove the temporary files that :func:`atomic_path` left beside ``path`` when its writer was killed
+    (``.<name>.<random>.part<suffix>``). Call it only while no other process can be writing ``path`` (e.g. under
+    :func:`hold_folder_lock`). Returns the removed paths."""
+    path = Path(path)
+    removed = []
+    if path.parent.is_dir():
+        for p in path.parent.glob(f".{glob.escape(path.name)}.*.part*"):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(str(p))
+    return removed
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:

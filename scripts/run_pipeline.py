@@ -178,13 +178,15 @@ class Pipeline:
         copied to ``<models_dir>/model.pt`` and exported to TorchScript ``model.ts`` with ``ckpt_export``."""
         import shutil
 
-        from bundle.utils import atomic_save
+        from bundle.utils import atomic_save, remove_stale_temp_files
         from bundle.workflows.segmentation import run_name
 
         src = Path(self.paths["models_dir"]) / "segmentation" / run_name("scr", "doll", "all", 0) / "model.pt"
         if not src.is_file():
             raise SystemExit(f"[pipeline] export: {src} missing (the sweep must include init doll, size all, seed 0)")
         dst = Path(self.paths["models_dir"]) / "model.pt"
+        for stale in (dst, dst.with_suffix(".ts")):  # temporary files of a killed earlier export
+            remove_stale_temp_files(stale)
         atomic_save(dst, lambda tmp: shutil.copyfile(src, tmp))
         start = time.time()
 

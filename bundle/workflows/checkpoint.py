@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 from ignite.engine import Engine, Events
 
-from ..utils import atomic_save, hold_folder_lock, load_checkpoint
+from ..utils import atomic_save, hold_folder_lock, load_checkpoint, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ class ResumableCheckpoint:
     def attach(self, engine: Engine) -> None:
         if self.enabled:  # one writer per checkpoint folder: a second run on it refuses (bundle.utils)
             hold_folder_lock(self.ckpt_dir)
+            for name in ("last.pt", self.best_filename):  # temporary files of a killed earlier run
+                if name:
+                    remove_stale_temp_files(os.path.join(self.ckpt_dir, name))
         if self.resume and os.path.exists(self.last_path):
             self.load(engine)
         if self.enabled:
