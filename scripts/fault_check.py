@@ -510,7 +510,8 @@ class Check:
         refused = [o for o, c in zip(outs, codes) if c != 0 and "another run is writing this folder" in o]
         masks = len(list(out.glob("*_seg.png")))
         ok = sorted(codes)[0] == 0 and len(refused) == 1 and masks == 400
-        msg = next((ln.strip() for ln in refused[0].splitlines() if "another run" in ln), "") if refused else ""
+        msg = next((ln.strip() for ln in reversed(refused[0].splitlines()) if "FolderBusyError:" in ln), "") \
+            if refused else ""
         self.row("inference", "two runs on one output folder (refuses)", ok, None,
                  f"exits {codes}; {masks} of 400 masks written by the first; second: "
                  f"{msg[msg.find('another run'):][:120]}")
