@@ -142,6 +142,9 @@ def _voi_range(ds: Any, lo: float, hi: float) -> tuple[float, float]:
 
 
 def _read_dicom(path: Path, voi_lut: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """One DICOM file: greyscale in ``[0, 1]`` after the modality LUT, the VOI LUT / first window (``voi_lut``) and
+    MONOCHROME1 inversion; colour as RGB with its ``max_value``; the first frame of a multi-frame file (warned).
+    See the module docstring for the choices."""
     import warnings
 
     import pydicom
