@@ -149,8 +149,9 @@ def test_config_ids_for_monai_label_and_sweep_grid() -> None:
     assert all(isinstance(h, dict) and "_target_" in h for h in parser.get("train#handlers"))
     # the indices configs/multi_gpu_train.yaml switches off on ranks > 0
     targets = [h["_target_"].rsplit(".", 1)[-1] for h in parser.get("train#handlers")]
-    assert (targets[2], targets[4], targets[7]) == ("ResumableTraining", "ProgressBar", "TrackingHandler")
-    assert len(targets) == 8 and parser.get("validate#handlers")[1]["_target_"].endswith("TrackingHandler")
+    assert (targets[3], targets[5], targets[8]) == ("ResumableTraining", "ProgressBar", "TrackingHandler")
+    assert targets[0] == "EpochSeed"          # first, so that a resumed run re-seeds every epoch as a whole run does
+    assert len(targets) == 9 and parser.get("validate#handlers")[1]["_target_"].endswith("TrackingHandler")
     sys.path.insert(0, str(REPO / "scripts"))
     import sweep
 
