@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import random
@@ -46,10 +47,33 @@ def atomic_path(path: PathLike) -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # disk full, quota, permissions (torch's writers raise RuntimeError)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        if str(path) in str(e):
+            raise
+        errno_ = e.errno if isinstance(e, OSError) and e.errno is not None else 5  # EIO
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        raise OSError(errno_, f"{path}: could not be written ({reason}); the previous version, if any, is left "
+                              f"as it was") from e
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temp_files(path: PathLike) -> list[str]:
+    """Remove the temporary files that :func:`atomic_path` left beside ``path`` when its writer was killed
+    (``.<name>.<random>.part<suffix>``). Call it only while no other process can be writing ``path`` (e.g. under
+    :func:`hold_folder_lock`). Returns the removed paths."""
+    path = Path(path)
+    removed = []
+    if path.parent.is_dir():
+        for p in path.parent.glob(f".{glob.escape(path.name)}.*.part*"):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(str(p))
+    return removed
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -100,3 +124,86 @@ def resolve(path: PathLike, root: PathLike | None = None) -> str:
     """``path`` made absolute against ``root`` (default: the bundle root) when it is relative."""
     p = Path(os.path.expanduser(str(path)))
     return str(p if p.is_absolute() else Path(root or BUNDLE_ROOT) / p)
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file.
+
+    Every checkpoint a user can hand to the bundle (classifier weights for DoLL generation and the analysis,
+    ``last.pt`` on resume, fine-tuning inits) goes through here: only tensors and plain Python values (dicts,
+    lists, numbers, strings) are unpickled, so a file that would run code on load is refused before anything of
+    it executes. The bundle's own checkpoints hold nothing else.
+
+    Raises:
+        BundleInputError: missing file; a file that needs pickled code (refused); a truncated, empty or foreign file.
+    """
+    import pickle
+
+    import torch
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BundleInputError(path, "checkpoint file not found")
+    if os.path.getsize(path) == 0:
+        raise BundleInputError(path, "checkpoint file is empty (0 bytes)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else "")[:160]
+        if "global" in detail.lower():  # a pickle that imports a Python callable: code would run on a full load
+            raise BundleInputError(path, "refused: the checkpoint holds pickled Python objects beyond tensors and "
+                                         "plain values, which could run code when loaded; it was not loaded "
+                                         "(weights_only=True). If you trust its origin, re-save only its state_dict "
+                                         f"with torch.save ({detail})") from None
+        raise BundleInputError(path, "cannot read checkpoint: truncated, corrupt, not a PyTorch file, or pickled "
+                                     "objects beyond tensors and plain values (refused by weights_only=True; nothing "
+                                     f"in it was run) ({detail})") from None
+    except Exception as e:  # noqa: BLE001 - zip/unpickling errors of truncated or foreign files, named with the file
+        raise BundleInputError(path, f"cannot read checkpoint: truncated, corrupt or not a PyTorch file "
+                                     f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+                               ) from None
+
+
+_FOLDER_LOCKS: dict[str, Any] = {}
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds the lock of an output folder (two runs writing one folder)."""
+
+
+def hold_folder_lock(folder: PathLike, wait: bool = False, name: str = ".lock") -> str:
+    """Hold an exclusive ``flock`` on ``<folder>/<name>`` until this process ends, so that two runs never write one
+    output folder at once. ``wait=False``: a second run refuses at once (:class:`FolderBusyError` naming the
+    folder and the holder's pid); ``wait=True``: it waits for the first to finish, then goes on (and, the stages
+    being resumable, finds the work done). The operating system drops the lock when the process ends in any way
+    (kill -9 included), so a crash never leaves a stale lock. Idempotent within a process. Returns the lock path."""
+    import fcntl
+
+    path = os.path.join(os.path.abspath(os.fspath(folder)), name)
+    if path in _FOLDER_LOCKS:
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise FolderBusyError(f"{os.path.dirname(path)}: another run is writing this folder (lock {path} held by "
+                              f"pid {holder}); wait for it to finish or choose another output folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _FOLDER_LOCKS[path] = handle  # kept open (the lock lives as long as the file description)
+    return path
+
+
+def release_folder_lock(folder: PathLike, name: str = ".lock") -> None:
+    """Release a lock taken by :func:`hold_folder_lock` in this process (a no-op when not held)."""
+    path = os.path.join(os.path.abspath(os.fspath(folder)), name)
+    handle = _FOLDER_LOCKS.pop(path, None)
+    if handle is not None:
+        handle.close()

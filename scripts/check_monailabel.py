@@ -473,13 +473,13 @@ def check_recommended_train(app: Any, bundle: Path, src: Path, epochs: int) -> N
     trainer.overrides = {"batch_size": 2, "epoch_length": 2, "num_iterations": 2 * epochs,
                          "validate#dataloader#batch_size": 2}
     model = bundle / "models" / "model.pt"
-    before = torch.load(model, map_location="cpu", weights_only=False)
+    before = torch.load(model, map_location="cpu", weights_only=True)
     req = {"model": NAME, "max_epochs": epochs, "device": "cpu", "val_split": 0.5, "multi_gpu": False,
            "tracking": "None", "pretrained": True}
     t0 = time.time()
     app.train(req)
     dt = time.time() - t0
-    after = torch.load(model, map_location="cpu", weights_only=False)
+    after = torch.load(model, map_location="cpu", weights_only=True)
     changed = set(before) == set(after) and any(not torch.equal(before[k], after[k]) for k in before)
     run_dir = Path(trainer._run_dir)
     files = sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else []

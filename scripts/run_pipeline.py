@@ -226,21 +226,27 @@ class Pipeline:
         copied to ``<models_dir>/model.pt`` and exported to TorchScript ``model.ts`` with ``ckpt_export``."""
         import shutil
 
-        from bundle.utils import atomic_save
+        from bundle.utils import atomic_save, remove_stale_temp_files
         from bundle.workflows.segmentation import run_name
 
         src = Path(self.paths["models_dir"]) / "segmentation" / run_name("scr", "doll", "all", 0) / "model.pt"
         if not src.is_file():
             raise SystemExit(f"[pipeline] export: {src} missing (the sweep must include init doll, size all, seed 0)")
         dst = Path(self.paths["models_dir"]) / "model.pt"
+        for stale in (dst, dst.with_suffix(".ts")):  # temporary files of a killed earlier export
+            remove_stale_temp_files(stale)
         atomic_save(dst, lambda tmp: shutil.copyfile(src, tmp))
-        cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath",
-               str(dst.with_suffix(".ts")), "--ckpt_file", str(dst), "--meta_file", str(ROOT / "configs" / "metadata.json"),
-               "--config_file", str(ROOT / "configs" / "inference.yaml")]
         start = time.time()
-        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise SystemExit(f"[pipeline] export failed:\n{res.stderr[-3000:]}")
+
+        def export(tmp: str) -> None:  # TorchScript to a temporary file, renamed when whole (a kill leaves no half file)
+            cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", tmp,
+                   "--ckpt_file", str(dst), "--meta_file", str(ROOT / "configs" / "metadata.json"),
+                   "--config_file", str(ROOT / "configs" / "inference.yaml")]
+            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise SystemExit(f"[pipeline] export failed:\n{res.stderr[-3000:]}")
+
+        atomic_save(dst.with_suffix(".ts"), export)
         self.steps["export"] = round(time.time() - start, 1)
         say(f"[pipeline] export: {src} -> {dst} and {dst.with_suffix('.ts')}")
         if dst.parent.resolve() == (ROOT / "models").resolve():   # the shipped weights: their publication record

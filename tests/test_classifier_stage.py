@@ -101,7 +101,7 @@ def test_resume_after_kill_mid_epoch(phantom, tmp_path):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)             # right after the first epoch's checkpoint: mid-run
     proc.wait()
-    saved = torch.load(last, weights_only=False)["trainer"]      # ignite keeps iteration and epoch_length
+    saved = torch.load(last, weights_only=True)["trainer"]      # ignite keeps iteration and epoch_length
     done = saved["iteration"] // saved["epoch_length"]
     assert 1 <= done < 3
     res = subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True)
@@ -109,7 +109,7 @@ def test_resume_after_kill_mid_epoch(phantom, tmp_path):
     log = res.stdout + res.stderr
     assert "resumed from" in log and f"at epoch {done}" in log
     assert "Epoch[1] Complete" not in log.replace("SupervisedEvaluator - INFO - Epoch[1]", "")
-    final = torch.load(last, weights_only=False)["trainer"]
+    final = torch.load(last, weights_only=True)["trainer"]
     assert final["iteration"] // final["epoch_length"] == 3
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'eval' / 'mlruns.db'}")
     exp = client.get_experiment_by_name("cxr_doll_classifiers")
@@ -128,7 +128,7 @@ def test_torchrun_two_gloo_processes(phantom, tmp_path):
     res = subprocess.run(cmd, cwd=tmp_path, env={**_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ckpt = tmp_path / "models" / "classifiers" / "densenet_small_seed0"
-    state = torch.load(ckpt / "last.pt", weights_only=False)["trainer"]
+    state = torch.load(ckpt / "last.pt", weights_only=True)["trainer"]
     # one epoch; each rank saw half of the training set: half the iterations of a single-process epoch
     n_train = len(json.loads((phantom / "datalists" / "chexpert.json").read_text())["training"])
     assert state["iteration"] == state["epoch_length"] == int(np.ceil(np.ceil(n_train / 2) / 16))

@@ -318,3 +318,34 @@ def test_gradcam_maps_match_captum_layer_gradcam():
             torch.testing.assert_close(maps[i, c], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()) + 1e-12)
     assert nonzero >= 3                      # the comparison is not between empty maps
     assert maps[0, [c for c in range(14) if c not in targets[0]]].abs().sum() == 0
+
+
+def test_generation_on_error_skip_lists_bad_images_and_a_rerun_retries_them(tmp_path):
+    """``--on_error skip``: unreadable images are listed in failures.csv and left out of the datalist; the others get
+    their DoLL. Once the files are repaired, a re-run does only those and the list empties."""
+    _make_dataset(tmp_path, n=8)
+    bad = [tmp_path / "images" / "p002" / "view1_frontal.png", tmp_path / "images" / "p007" / "view1_frontal.png"]
+    originals = [p.read_bytes() for p in bad]
+    bad[0].write_bytes(originals[0][:40])                     # truncated
+    bad[1].write_bytes(b"")                                   # zero bytes
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    res = subprocess.run(_doll_cmd(tmp_path, extra=["--on_error", "skip"]), cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    import csv
+
+    with open(tmp_path / "out" / "doll" / "failures.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["input"] for r in rows) == sorted(str(p) for p in bad)
+    assert all(r["stage"] == "doll" and r["reason"].startswith("BundleInputError: " + r["input"]) for r in rows)
+    datalist = json.loads((tmp_path / "out" / "doll.json").read_text())
+    listed = {e["image"] for v in datalist.values() for e in v}
+    assert len(listed) == 6 and not listed & {str(p) for p in bad}
+    for p, data in zip(bad, originals):                       # repaired: the re-run does those two only
+        p.write_bytes(data)
+    res = subprocess.run(_doll_cmd(tmp_path, extra=["--on_error", "skip"]), cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "6 of 8 images already done" in res.stdout + res.stderr
+    assert (tmp_path / "out" / "doll" / "failures.csv").read_text() == "input,stage,reason\n"
+    _check_outputs(tmp_path, 8)

@@ -173,3 +173,93 @@ def test_large_files_record_matches_the_shipped_weights():
     assert {e["path"] for e in record} == {"models/model.pt", "models/model.ts"}
     assert all(e["hash_type"] == "md5" and len(e["hash_val"]) == 32 for e in record)
     download_large_files(bundle_path=str(ROOT))   # HashCheckError if a hash is stale
+
+
+# ---- batch jobs skip and report bad inputs; DICOM archives' syntaxes run through inference.yaml ----------------
+@needs_model
+def test_batch_inference_skips_bad_inputs_and_reports_them(scr_cases, tmp_path):
+    images, _ = scr_cases
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = sorted(images.glob("*.png"))[:3]
+    for p in good:
+        os.symlink(p, inputs / p.name)
+    data = good[0].read_bytes()
+    (inputs / "0_truncated.png").write_bytes(data[: len(data) // 2])        # sorted first: the old code stopped here
+    (inputs / "1_empty.dcm").write_bytes(b"")
+    (inputs / "2_notes.png").write_text("this is a text file named .png\n")
+    res = _infer(inputs, tmp_path / "out")
+    log = res.stdout + res.stderr
+    assert res.returncode != 0, log[-3000:]
+    assert "inference: 3 written / 3 failed of 6 inputs" in log
+    for p in good:
+        assert load_bitmask(tmp_path / "out" / f"{p.stem}_seg.png", 3).shape[1:] == load_radiograph(p)[0].shape
+    assert len(list((tmp_path / "out").glob("*_seg.png"))) == 3
+    import csv
+
+    with open(tmp_path / "out" / "failures.csv", newline="") as f:
+        rows = {Path(r["input"]).name: r["reason"] for r in csv.DictReader(f)}
+    assert set(rows) == {"0_truncated.png", "1_empty.dcm", "2_notes.png"}
+    assert "truncated" in rows["0_truncated.png"] and "empty" in rows["1_empty.dcm"]
+    assert "not a readable image" in rows["2_notes.png"]
+    assert all(r.startswith("BundleInputError") for r in rows.values())
+    assert not (tmp_path / "out" / ".failures").exists()
+    # on_error raise (in this process, as `monai.bundle run` would): the first bad file (sorted first) ends the run
+    from monai.bundle import run
+
+    from bundle.utils import BundleInputError
+
+    with pytest.raises(Exception) as err:
+        run(config_file=str(CONFIGS / "inference.yaml"), dataset_dir=str(inputs), output_dir=str(tmp_path / "raise"),
+            device="$torch.device('cpu')", on_error="raise")
+    cause = err.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, BundleInputError) and cause.path == str(inputs / "0_truncated.png")
+    assert not list((tmp_path / "raise").glob("*_seg.png"))
+
+
+@needs_model
+def test_inference_on_archive_dicom_syntaxes(tmp_path):
+    """pydicom-data's radiographs and lossless files (JPEG Lossless SV1, JPEG-LS, JPEG 2000, RLE) through
+    inference.yaml: every one gets a mask of its own size, none fails."""
+    pytest.importorskip("data_store", reason="needs the pydicom-data package (requirements-dev.txt)")
+    from data_store import DataStore
+
+    names = ["RG1_J2KR.dcm", "RG3_J2KR.dcm", "JPEG-LL.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm",
+             "emri_small_jpeg_ls_lossless.dcm", "emri_small_RLE.dcm", "emri_small_jpeg_2k_lossless.dcm",
+             "emri_small_big_endian.dcm"]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for n in names:
+        os.symlink(DataStore().get_path(n), inputs / n)
+    res = _infer(inputs, tmp_path / "out")
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert f"inference: {len(names)} written / 0 failed of {len(names)} inputs" in log
+    assert "only the first frame is used" in log                       # the multi-frame files are warned about
+    import pydicom
+
+    for n in names:
+        ds = pydicom.dcmread(inputs / n, stop_before_pixels=True)
+        assert load_bitmask(tmp_path / "out" / f"{Path(n).stem}_seg.png", 3).shape[1:] == (ds.Rows, ds.Columns)
+    assert (tmp_path / "out" / "failures.csv").read_text() == "input,stage,reason\n"
+
+
+def test_single_image_preprocessing_still_raises(tmp_path):
+    """MONAI Label applies `preprocessing` to one image itself: a bad file raises, naming it."""
+    from monai.bundle import ConfigParser
+
+    from bundle.utils import BundleInputError
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference.yaml"))
+    pre = parser.get_parsed_content("preprocessing")
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    with pytest.raises(Exception) as err:
+        pre({"image": str(bad)})
+    cause = err.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert isinstance(cause, BundleInputError) and str(cause).startswith(str(bad))

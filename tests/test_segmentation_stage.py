@@ -149,8 +149,9 @@ def test_config_ids_for_monai_label_and_sweep_grid() -> None:
     assert all(isinstance(h, dict) and "_target_" in h for h in parser.get("train#handlers"))
     # the indices configs/multi_gpu_train.yaml switches off on ranks > 0
     targets = [h["_target_"].rsplit(".", 1)[-1] for h in parser.get("train#handlers")]
-    assert (targets[2], targets[4], targets[7]) == ("ResumableTraining", "ProgressBar", "TrackingHandler")
-    assert len(targets) == 8 and parser.get("validate#handlers")[1]["_target_"].endswith("TrackingHandler")
+    assert (targets[3], targets[5], targets[8]) == ("ResumableTraining", "ProgressBar", "TrackingHandler")
+    assert targets[0] == "EpochSeed"          # first, so that a resumed run re-seeds every epoch as a whole run does
+    assert len(targets) == 9 and parser.get("validate#handlers")[1]["_target_"].endswith("TrackingHandler")
     sys.path.insert(0, str(REPO / "scripts"))
     import sweep
 
@@ -242,7 +243,7 @@ def test_resumable_training_honours_max_epochs(tmp_path: Path) -> None:
     third.add_event_handler(Events.ITERATION_COMPLETED, lambda e: calls.append(1))
     third.run()
     assert calls == []  # already complete: nothing trained
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["trainer"]["iteration"] == 9
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["trainer"]["iteration"] == 9
 
 
 def test_finetune_init_modes_and_errors(tmp_path: Path) -> None:
@@ -317,7 +318,7 @@ def test_finetune_resumes_and_tracks(env: dict[str, Any], finetuned: Path) -> No
     first, second = env["train_logs"]
     assert "resuming at epoch" not in first
     assert "resuming at epoch 1 of 2" in second  # the second run continued after the first run's epoch
-    last = torch.load(finetuned / "last.pt", map_location="cpu", weights_only=False)
+    last = torch.load(finetuned / "last.pt", map_location="cpu", weights_only=True)
     assert last["trainer"]["iteration"] == 2 * FT["epoch_length"]  # two epochs in all
     assert (finetuned / "model.pt").is_file()
     runs = [r for r in _runs(env["tracking_uri"], f"{PREFIX}_finetune") if r.info.run_name == "scr_doll_n2_seed0"]
@@ -415,7 +416,7 @@ def test_multi_gpu_train_two_processes(env: dict[str, Any]) -> None:
     out = check(bundle_run(["train.yaml", "multi_gpu_train.yaml"], overrides, torchrun=2))
     ckpt = env["root"] / "models" / "segmentation" / "scr_scratch_n4_seed5"
     assert (ckpt / "model.pt").is_file() and (ckpt / "last.pt").is_file()
-    assert torch.load(ckpt / "last.pt", weights_only=False)["trainer"]["iteration"] == 1
+    assert torch.load(ckpt / "last.pt", weights_only=True)["trainer"]["iteration"] == 1
     runs = [r for r in _runs(env["tracking_uri"], f"{PREFIX}_finetune") if r.info.run_name == "scr_scratch_n4_seed5"]
     assert len(runs) == 1, out[-3000:]  # rank 0 only
     assert runs[0].data.params["n_train"] == "4"

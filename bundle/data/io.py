@@ -5,10 +5,22 @@ left), as PIL and pydicom give it. NIfTI files store ``(X, Y)``; they are transp
 a PNG and a NIfTI of the same picture load to the same array. Radiographs load as float32 in ``[0, 1]`` (higher =
 brighter = more attenuating, i.e. bone is bright). Masks load as uint8.
 
-DICOM: the modality LUT (``RescaleSlope``/``RescaleIntercept``) is applied and values are normalised by the
-stored bit depth, then ``MONOCHROME1`` is inverted, so one radiograph stored as MONOCHROME1 and as MONOCHROME2
-loads to the same array. VOI LUT / windowing is not applied (a percentile intensity scaling follows in the
-pre-processing of every stage).
+DICOM (pydicom with the pinned decoder plugins: pylibjpeg with libjpeg/openjpeg/rle, and python-gdcm, so every
+transfer syntax of radiography archives decodes: JPEG Lossless of any selection value, JPEG-LS, JPEG 2000, RLE,
+JPEG baseline/extended, deflated, big and little endian):
+
+- the modality LUT (``RescaleSlope``/``RescaleIntercept`` or a Modality LUT) is applied;
+- the VOI LUT or the first window (``WindowCenter``/``WindowWidth``, ``VOILUTFunction``) is applied where the file
+  has one (the choice ``torchxrayvision.utils.read_xray_dcm(voi_lut=True)`` offers; the display the modality chose,
+  which for CR/DX is what a reader sees); values are then normalised by the output range of that window/LUT, or by
+  the stored bit depth when the file has none. ``voi_lut=False`` (``read_array``/``load_radiograph``) keeps the
+  stored range;
+- ``MONOCHROME1`` is inverted last, so one radiograph stored as MONOCHROME1 and as MONOCHROME2 loads to the same
+  array; ``PALETTE COLOR`` goes through its colour LUT, RGB/YBR to grey like any colour image;
+- a multi-frame file gives its first frame, with a warning that names the file;
+- ``PixelSpacing`` (else ``ImagerPixelSpacing``) goes to ``meta["pixel_spacing"]``; ``0\\0`` or anything but two
+  positive numbers is ``None`` (unknown);
+- a file without pixel data (a report, a presentation state) is refused with the file named.
 
 JSRT ``.IMG`` (the original JSRT release): no header, one 16-bit **big-endian** unsigned word per pixel holding a
 12-bit value (0..4095), 2048 x 2048 pixels (any square size is accepted: the side is the square root of half the
@@ -19,6 +31,7 @@ is read as Analyze/NIfTI instead.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
@@ -26,6 +39,8 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 
 from ..utils import BundleInputError, PathLike, atomic_save
+
+logger = logging.getLogger(__name__)
 
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -138,44 +153,113 @@ def _read_jsrt(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     return arr, {"format": "jsrt", "max_value": float(JSRT_MAX_VALUE)}
 
 
-def _read_dicom(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+def _pixel_spacing(ds: Any) -> list[float] | None:
+    """``PixelSpacing`` (else ``ImagerPixelSpacing``) as ``[row, column]`` mm, ``None`` when absent or not two
+    positive numbers (CR archives often hold ``0\\0``: unknown, not zero)."""
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(tag)
+        if value is None:
+            continue
+        values = [value] if isinstance(value, (str, int, float)) else list(value)
+        try:
+            spacing = [float(v) for v in values]
+        except (TypeError, ValueError):
+            continue
+        if len(spacing) == 2 and all(np.isfinite(s) and s > 0 for s in spacing):
+            return spacing
+    return None
+
+
+def _voi_range(ds: Any, lo: float, hi: float) -> tuple[float, float]:
+    """Output range of pydicom's VOI transform (first VOI LUT or window) for inputs in ``[lo, hi]``: a window's
+    linear/sigmoid function reaches its ends at the extremes; a VOI LUT is looked up over every integer input."""
+    from pydicom.pixels import apply_voi_lut
+
+    if "VOILUTSequence" in ds:
+        inputs = np.arange(int(np.floor(lo)), int(np.ceil(hi)) + 1, dtype=np.int64)
+    else:
+        inputs = np.array([-1e12, 1e12], dtype=np.float64)
+    ends = np.asarray(apply_voi_lut(inputs, ds, index=0), dtype=np.float64)
+    return float(ends.min()), float(ends.max())
+
+
+def _read_dicom(path: Path, voi_lut: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """One DICOM file: greyscale in ``[0, 1]`` after the modality LUT, the VOI LUT / first window (``voi_lut``) and
+    MONOCHROME1 inversion; colour as RGB with its ``max_value``; the first frame of a multi-frame file (warned).
+    See the module docstring for the choices."""
+    import warnings
+
     import pydicom
-    from pydicom.pixels import apply_modality_lut
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(str(path))
+    except InvalidDicomError as e:
+        raise BundleInputError(path, f"unreadable: not a DICOM file ({e})") from None
+    except Exception as e:  # truncated headers raise several types
+        raise BundleInputError(path, f"unreadable DICOM header ({type(e).__name__}: {e})") from None
+    if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise BundleInputError(path, f"DICOM has no pixel data (Modality {ds.get('Modality', '?')}, "
+                                     f"SOP class {ds.get('SOPClassUID', '?')}): not an image")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    syntax_name = getattr(syntax, "name", str(syntax))
+    try:
         raw = ds.pixel_array
     except Exception as e:
-        raise BundleInputError(path, f"unreadable DICOM ({e})") from None
-    if raw.ndim == 3 and raw.shape[-1] not in (3, 4):
-        raw = raw[0]  # multi-frame: first frame
-    bits = int(getattr(ds, "BitsStored", 8 * raw.dtype.itemsize))
-    signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
+        raise BundleInputError(path, f"unreadable DICOM pixel data, transfer syntax {syntax_name} "
+                                     f"({type(e).__name__}: {e})") from None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        warnings.warn(f"{path}: multi-frame DICOM ({frames} frames): only the first frame is used", stacklevel=3)
+        raw = raw[0]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    bits = int(ds.get("BitsStored", 8 * raw.dtype.itemsize))
+    meta: dict[str, Any] = {"format": "dicom", "photometric": photometric, "bits_stored": bits,
+                            "transfer_syntax": syntax_name, "frames": frames, "pixel_spacing": _pixel_spacing(ds),
+                            "voi": None}
+    if photometric == "PALETTE COLOR":
+        rgb = np.asarray(apply_color_lut(raw, ds), dtype=np.float64)
+        meta["max_value"] = float(2 ** (8 * np.asarray(apply_color_lut(raw[:1, :1], ds)).dtype.itemsize) - 1)
+        return rgb, meta
+    if not photometric.startswith("MONOCHROME"):  # RGB / YBR (pydicom converts YBR to RGB)
+        meta["max_value"] = float(2**bits - 1)
+        return np.asarray(raw, dtype=np.float64), meta
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
     lo_raw, hi_raw = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    arr = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
-    ends = np.asarray(apply_modality_lut(np.array([lo_raw, hi_raw], dtype=raw.dtype if not signed else np.int32), ds),
-                      dtype=np.float64)
+    modality = np.asarray(apply_modality_lut(np.asarray(raw), ds))
+    arr = modality.astype(np.float64)
+    ends = np.asarray(apply_modality_lut(np.array([lo_raw, hi_raw], dtype=np.int64), ds), dtype=np.float64)
     lo, hi = float(ends.min()), float(ends.max())
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
-    meta = {"format": "dicom", "photometric": photometric, "bits_stored": bits, "range": (lo, hi),
-            "pixel_spacing": [float(v) for v in getattr(ds, "PixelSpacing", getattr(ds, "ImagerPixelSpacing", []))]}
-    if photometric.startswith("MONOCHROME"):
-        arr = (arr - lo) / max(hi - lo, 1e-12)
-        if photometric == "MONOCHROME1":
-            arr = 1.0 - arr
-        meta["max_value"] = 1.0
-        return np.clip(arr, 0.0, 1.0), meta
-    meta["max_value"] = float(2**bits - 1)
-    return arr, meta
+    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
+    if voi_lut and has_voi:
+        try:
+            src = np.rint(modality).astype(np.int64) if "VOILUTSequence" in ds else arr  # a LUT is indexed by ints
+            voi = np.asarray(apply_voi_lut(src, ds, index=0), dtype=np.float64)
+            lo, hi = _voi_range(ds, lo, hi)
+            arr = voi
+            meta["voi"] = "lut" if "VOILUTSequence" in ds else "window"
+        except Exception as e:  # a malformed VOI LUT / window: fall back to the stored range, say so
+            logger.warning("%s: VOI LUT / window not applied (%s: %s); using the stored range", path,
+                           type(e).__name__, e)
+    meta["range"] = (lo, hi)
+    arr = (arr - lo) / max(hi - lo, 1e-12)
+    if photometric == "MONOCHROME1":
+        arr = 1.0 - arr
+    meta["max_value"] = 1.0
+    return np.clip(arr, 0.0, 1.0), meta
 
 
-def read_array(path: PathLike) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read any supported file into a numpy array ``(H, W)`` or ``(H, W, C)`` plus metadata (no normalisation)."""
+def read_array(path: PathLike, voi_lut: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read any supported file into a numpy array ``(H, W)`` or ``(H, W, C)`` plus metadata (no normalisation,
+    except DICOM greyscale, which comes in ``[0, 1]`` after its LUTs; ``voi_lut``: see the module docstring)."""
     path = Path(path)
     _check_exists(path)
     kind = _kind(path)
-    reader = {"pil": _read_pil, "nifti": _read_nifti, "dicom": _read_dicom, "jsrt": _read_jsrt}[kind]
-    arr, meta = reader(path)
+    if kind == "dicom":
+        arr, meta = _read_dicom(path, voi_lut=voi_lut)
+    else:
+        arr, meta = {"pil": _read_pil, "nifti": _read_nifti, "jsrt": _read_jsrt}[kind](path)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or min(arr.shape[:2]) < 2:
@@ -197,10 +281,13 @@ def _to_gray(arr: np.ndarray) -> np.ndarray:
     return arr[..., 0]
 
 
-def load_radiograph(path: PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+def load_radiograph(path: PathLike, voi_lut: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
     """Load a radiograph as float32 ``(H, W)`` in ``[0, 1]`` (see the module docstring for the conventions)."""
-    arr, meta = read_array(path)
+    arr, meta = read_array(path, voi_lut=voi_lut)
     arr = _to_gray(np.asarray(arr, dtype=np.float64))
+    if not np.isfinite(arr).all():  # before any scaling: NaN/inf would otherwise turn the range into NaN or zeros
+        bad = int((~np.isfinite(arr)).sum())
+        raise BundleInputError(path, f"image contains NaN or infinite values ({bad} pixels)")
     max_value = meta.get("max_value")
     if max_value is None:  # NIfTI: no declared range, use the data range
         lo, hi = float(arr.min()), float(arr.max())

@@ -159,14 +159,27 @@ def collect_items(datalist_path: str, splits: Sequence[str]) -> list[dict]:
     return out
 
 
-def finalize_generation(items: Sequence[dict], doll_dir: str, image_root: str, datalist_path: str) -> dict:
+def finalize_generation(items: Sequence[dict], doll_dir: str, image_root: str, datalist_path: str,
+                        failure_log: Any = None) -> dict:
     """After every rank has written its share: wait for all ranks, then rank 0 writes the DoLL datalist
-    ``{split: [...]}`` (same order as ``items``, hence identical for any number of ranks). Returns a summary."""
+    ``{split: [...]}`` (same order as ``items``, hence identical for any number of ranks). Returns a summary.
+
+    With a ``failure_log`` (:class:`~bundle.data.failsafe.FailureLog`, ``on_error: skip``), the images recorded
+    there that still have no DoLL are left out of the datalist and listed in ``<doll_dir>/failures.csv``."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         if dist.get_rank() != 0:
             return {}
+    failed: list[dict] = []
+    if failure_log is not None:
+        failed = [r for r in failure_log.rows() if not is_finished(doll_dir, r["input"], image_root)]
+        failure_log.write_csv(os.path.join(doll_dir, "failures.csv"), failed)
+        if failed:
+            logger.error(f"DoLL: {len(failed)} image(s) failed and are left out of the datalist: "
+                         f"{os.path.join(doll_dir, 'failures.csv')}")
+        bad = {r["input"] for r in failed}
+        items = [it for it in items if it["image"] not in bad]
     by_split: dict[str, list[dict]] = {}
     for it in items:
         by_split.setdefault(it.get("split", "training"), []).append(it)
@@ -174,6 +187,7 @@ def finalize_generation(items: Sequence[dict], doll_dir: str, image_root: str, d
     atomic_write_json(datalist_path, out)
     n = sum(len(v) for v in out.values())
     n_targets = sum(len(e["targets"]) for v in out.values() for e in v)
-    summary = {"n_images": n, "targets_per_image": n_targets / max(n, 1), "datalist": datalist_path}
+    summary = {"n_images": n, "targets_per_image": n_targets / max(n, 1), "datalist": datalist_path,
+               "n_failed": len(failed)}
     logger.info(f"DoLL datalist {datalist_path}: {n} images, {summary['targets_per_image']:.2f} targets per image")
     return summary

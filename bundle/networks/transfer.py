@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from bundle.utils import BundleInputError
+from bundle.utils import BundleInputError, load_checkpoint
 
 from .segmentation import matches_prefix, network_parts, part_of, unwrap
 
@@ -238,7 +238,8 @@ def read_state_dict(source: Source, *, map_location: str | torch.device = "cpu",
         map_location: passed to ``torch.load``.
         checkpoint_key: the entry of a checkpoint dict holding the network (default: found automatically).
         key_prefix_map: rename source key prefixes, e.g. ``{"backbone.": "convInit."}`` (longest prefix first).
-        weights_only: ``torch.load(weights_only=...)``; keep ``True`` unless the file is trusted and needs pickles.
+        weights_only: must stay ``True`` (kept for compatibility): files load through
+            :func:`bundle.utils.load_checkpoint`, tensors and plain values only.
 
     Returns:
         ``(state_dict, label)``: the tensors by key and a label for messages (the path, or ``<state_dict>``).
@@ -248,12 +249,10 @@ def read_state_dict(source: Source, *, map_location: str | torch.device = "cpu",
     """
     if isinstance(source, (str, os.PathLike)):
         label = os.fspath(source)
-        if not os.path.isfile(label):
-            raise BundleInputError(label, "checkpoint file not found")
-        try:
-            obj = torch.load(label, map_location=map_location, weights_only=weights_only)
-        except Exception as e:  # noqa: BLE001 - report any unpickling/zip error with the file name
-            raise BundleInputError(label, f"cannot read checkpoint ({type(e).__name__}: {e})") from e
+        if not weights_only:
+            raise ValueError("loading pickled Python objects from a checkpoint is not supported (it can run code); "
+                             "re-save the trusted file's state_dict with torch.save and load that")
+        obj = load_checkpoint(label, map_location=map_location)
         sd = _extract_state_dict(obj, label, checkpoint_key)
     else:
         label = f"<module {type(source).__name__}>" if isinstance(source, nn.Module) else "<state_dict>"

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import torch
 from ignite.engine import Engine, Events
 
-from ..utils import atomic_save
+from ..utils import atomic_save, hold_folder_lock, load_checkpoint, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +39,13 @@ class ResumableCheckpoint:
         save_interval: epochs between two ``last.pt`` writes.
         resume: restore from ``last.pt`` when it exists.
         enabled: set to ``False`` on non-zero ranks (only rank 0 writes; every rank resumes).
+        early_stop: optional early-stopping handler (MONAI ``EarlyStopHandler``) whose patience counter and best
+            score are saved and restored, so that a resumed run stops at the epoch an uninterrupted one would.
     """
 
     def __init__(self, ckpt_dir: str, network: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  lr_scheduler: Any = None, evaluator: Engine | None = None, best_filename: str | None = "model.pt",
-                 save_interval: int = 1, resume: bool = True, enabled: bool = True):
+                 save_interval: int = 1, resume: bool = True, enabled: bool = True, early_stop: Any = None):
         self.ckpt_dir = ckpt_dir
         self.network = network
         self.optimizer = optimizer
@@ -53,6 +55,7 @@ class ResumableCheckpoint:
         self.save_interval = save_interval
         self.resume = resume
         self.enabled = enabled
+        self.early_stop = early_stop
         self.last_path = os.path.join(ckpt_dir, "last.pt")
 
     def _objects(self, engine: Engine) -> dict[str, Any]:
@@ -64,25 +67,57 @@ class ResumableCheckpoint:
         return objs
 
     def attach(self, engine: Engine) -> None:
+        if self.enabled:  # one writer per checkpoint folder: a second run on it refuses (bundle.utils)
+            hold_folder_lock(self.ckpt_dir)
+            for name in ("last.pt", self.best_filename):  # temporary files of a killed earlier run
+                if name:
+                    remove_stale_temp_files(os.path.join(self.ckpt_dir, name))
         if self.resume and os.path.exists(self.last_path):
             self.load(engine)
         if self.enabled:
+            # registered when the run starts, i.e. after every other handler: an epoch's checkpoint then holds
+            # what all of them did at its end (the early-stopping counter, the scheduler step, the best metric)
+            self._registered = False
+            engine.add_event_handler(Events.STARTED, self._register_saves)
+
+    def _register_saves(self, engine: Engine) -> None:
+        if not self._registered:
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
             engine.add_event_handler(Events.COMPLETED, self.save)
+            self._registered = True
 
     def load(self, engine: Engine) -> None:
-        ckpt = torch.load(self.last_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(self.last_path, map_location="cpu")  # weights_only=True: tensors and plain values
         for name, obj in self._objects(engine).items():
             if name in ckpt:
                 obj.load_state_dict(ckpt[name])
+        if ckpt.get("early_stop") is not None and self.early_stop is not None:
+            # its ignite handler exists once it is attached (after this one): restore when the run starts
+            engine.add_event_handler(Events.STARTED, self._restore_early_stop, ckpt["early_stop"])
         best = ckpt.get("best")
         if best is not None and self.evaluator is not None:
             self.evaluator.state.best_metric = best["best_metric"]
             self.evaluator.state.best_metric_epoch = best["best_metric_epoch"]
         logger.info(f"resumed from {self.last_path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
 
+    def _restore_early_stop(self, engine: Engine, state: Mapping[str, Any]) -> None:
+        handler = self._early_stopping()
+        handler.load_state_dict(state)
+        if handler.counter >= handler.patience:  # the saved run had been stopped early: it is finished
+            logger.info(f"{self.last_path}: training had stopped early at epoch {engine.state.epoch} "
+                        f"(patience {handler.patience}); nothing to do")
+            engine.terminate()
+
+    def _early_stopping(self) -> Any:
+        handler = getattr(self.early_stop, "_handler", None)
+        if handler is None:
+            raise RuntimeError("early_stop: its handler is not attached to the trainer")
+        return handler
+
     def save(self, engine: Engine) -> None:
         state = {name: obj.state_dict() for name, obj in self._objects(engine).items()}
+        if self.early_stop is not None and getattr(self.early_stop, "_handler", None) is not None:
+            state["early_stop"] = dict(self.early_stop._handler.state_dict())
         if self.evaluator is not None:
             state["best"] = {"best_metric": self.evaluator.state.best_metric,
                              "best_metric_epoch": self.evaluator.state.best_metric_epoch}
@@ -93,8 +128,11 @@ class ResumableCheckpoint:
 
 
 def read_state_dict(path: str, map_location: str = "cpu") -> Mapping[str, torch.Tensor]:
-    """Network weights from a checkpoint file: a bare ``state_dict`` or a dict with ``network``/``model`` in it."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    """Network weights from a checkpoint file: a bare ``state_dict`` or a dict with ``network``/``model`` in it.
+
+    Loaded with ``weights_only=True`` (:func:`bundle.utils.load_checkpoint`): a file that needs pickled code is
+    refused with a :class:`~bundle.utils.BundleInputError` naming it, before anything in it runs."""
+    ckpt = load_checkpoint(path, map_location=map_location)
     if isinstance(ckpt, Mapping):
         for key in ("network", "model", "state_dict", "net"):
             if key in ckpt and isinstance(ckpt[key], Mapping):

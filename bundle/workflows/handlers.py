@@ -111,3 +111,48 @@ class ValidationCurveWriter:
             old = pd.read_csv(self.path, dtype={"train_size": str})
             frame = pd.concat([old[old["epoch"] < epoch], frame], ignore_index=True)
         atomic_write_text(self.path, frame.to_csv(index=False))
+
+
+class EpochSeed:
+    """Re-seed every random source of training at the start of each epoch from ``(seed, epoch)``: the data loader's
+    shuffling generator, the random transforms, torch's and NumPy's global generators (dropout, ...).
+
+    An epoch then depends only on the seed, its number and the state saved at the end of the previous epoch, so a
+    run killed at any point and resumed from its last checkpoint (:class:`~bundle.workflows.checkpoint.
+    ResumableCheckpoint`) ends with the same weights as an uninterrupted run (scripts/fault_check.py measures it).
+    Attach it first among the trainer's handlers. Each epoch starts a fresh pass over the data loader (every
+    training config of the bundle makes an epoch one whole pass).
+
+    Args:
+        seed: the run's seed.
+        generator: the ``torch.Generator`` of the training data loader (``shuffle=True``), or ``None``.
+        transform: the training pre-processing (a MONAI ``Compose``; its random transforms are re-seeded), or ``None``.
+    """
+
+    def __init__(self, seed: int, generator: Any = None, transform: Any = None):
+        self.seed = int(seed)
+        self.generator = generator
+        self.transform = transform
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def epoch_seed(self, epoch: int) -> int:
+        return (self.seed * 1_000_003 + int(epoch) * 7_919) % (2**31 - 1)
+
+    def __call__(self, engine: Engine) -> None:
+        import numpy as np
+        import torch
+
+        s = self.epoch_seed(engine.state.epoch)
+        torch.manual_seed(s)
+        np.random.seed(s)
+        if self.generator is not None:
+            self.generator.manual_seed(s)
+        if self.transform is not None and hasattr(self.transform, "set_random_state"):
+            self.transform.set_random_state(seed=s)
+        if self.generator is not None and engine.state.dataloader is not None:
+            # a fresh loader iterator now, after the re-seeding: creating one draws from the generator, and ignite
+            # would otherwise create it at a moment that differs between a resumed and an uninterrupted run (at the
+            # start of `run` after a resume, at the first exhausted `next` within a run)
+            engine.set_data(engine.state.dataloader)

@@ -46,6 +46,29 @@ def list_inputs(dataset_dir: str | Sequence[str]) -> list[dict[str, str]]:
     return items
 
 
+def finish_inference(datalist: Sequence[Mapping[str, Any]], failure_log: Any, writer: "SaveMasksd",
+                     output_dir: str) -> dict[str, Any]:
+    """End of a batch inference: write ``<output_dir>/failures.csv`` (the inputs skipped, with their reasons; only
+    a header when none failed), print ``inference: N written / M failed``, and exit with status 1 when any input
+    failed (so that a script or scheduler notices). Returns the summary when all succeeded."""
+    import shutil
+
+    rows = failure_log.rows()
+    csv_path = os.path.join(output_dir, "failures.csv")
+    failure_log.write_csv(csv_path, rows)
+    shutil.rmtree(failure_log.folder, ignore_errors=True)  # the records now live in failures.csv
+    summary = {"inputs": len(datalist), "written": int(writer.saved), "failed": len(rows), "failures_csv": csv_path}
+    message = (f"inference: {summary['written']} written / {summary['failed']} failed of {summary['inputs']} inputs "
+               f"-> {output_dir}")
+    if rows:
+        message += f"; failures with their reasons: {csv_path}"
+    logger.info(message)
+    print(message, flush=True)
+    if rows:
+        raise SystemExit(message)
+    return summary
+
+
 class SaveMasksd(MapTransform):
     """Write each item's binary multi-label prediction ``(C, H, W)`` as one file, named after its input.
 
@@ -69,6 +92,7 @@ class SaveMasksd(MapTransform):
         self.image_key = image_key
         self.overlay = overlay
         self.postfix = postfix
+        self.saved = 0  # inputs whose mask this writer has saved (the summary's "N written")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -90,6 +114,7 @@ class SaveMasksd(MapTransform):
                 self._save_overlay(src, masks, os.path.join(self.output_dir, f"{stem}_overlay.png"))
             d[f"{key}_path"] = path
             logger.info(f"saved {path}")
+        self.saved += 1
         return d
 
     @staticmethod

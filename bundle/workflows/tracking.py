@@ -30,9 +30,48 @@ def store_lock(tracking_uri: str | None) -> Iterator[None]:
     with open(db + ".lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
+            if not os.path.exists(db):
+                _create_store(db)
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _create_store(db: str) -> None:
+    """Create a new SQLite tracking store atomically: MLflow's schema migration runs on a temporary database that is
+    renamed onto ``db`` when complete. A process killed during the migration (seconds on a slow machine) then leaves
+    no half-migrated store, which MLflow would refuse ever after ("out-of-date database schema")."""
+    import mlflow
+
+    from ..utils import atomic_path
+
+    with atomic_path(db) as tmp:
+        os.remove(tmp)  # an empty file is not a database: let MLflow create it
+        mlflow.MlflowClient(tracking_uri="sqlite:///" + tmp).search_experiments(max_results=1)
+
+
+def check_tracking_uri(tracking_uri: str | None, timeout: float = 5.0) -> None:
+    """Fail at once, with a clear message, when a tracking *server* (``http(s)://host:port``) does not answer.
+
+    Documented choice (docs/reliability.md): a stage refuses to start rather than train for minutes and then fail
+    on its first log call, or train without a record. Local stores (``sqlite:///``, ``file:``, paths) need no check.
+    """
+    from urllib.parse import urlparse
+
+    uri = str(tracking_uri or "")
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    import socket
+
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise RuntimeError(f"MLflow tracking server {uri} is unreachable ({e.strerror or e}); start it, or pass "
+                           f"--tracking_uri sqlite:///<folder>/mlruns.db to track locally. Stopped before any "
+                           f"work (nothing lost).") from None
 
 
 class TrackingHandler(MLFlowHandler):
@@ -47,6 +86,7 @@ class TrackingHandler(MLFlowHandler):
         self.enabled = enabled
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         if enabled:
+            check_tracking_uri(kwargs.get("tracking_uri"))
             with store_lock(kwargs.get("tracking_uri")):
                 super().__init__(**kwargs)
 
@@ -84,6 +124,7 @@ def log_run(tracking_uri: str, experiment_name: str, run_name: str, params: Mapp
     import mlflow
     from monai.utils import path_to_uri
 
+    check_tracking_uri(tracking_uri)
     with store_lock(tracking_uri):
         client = mlflow.MlflowClient(tracking_uri=tracking_uri)
         exp = client.get_experiment_by_name(experiment_name)

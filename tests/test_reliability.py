@@ -1,0 +1,138 @@
+"""Fault protections, in process and fast: folder locks, the MLflow reachability check, atomic writes on a full
+disk, and resume that ends with the same weights as an uninterrupted run (EpochSeed). The stage-level versions of
+these faults are run by scripts/fault_check.py (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bundle.utils import FolderBusyError, atomic_write_bytes, hold_folder_lock, release_folder_lock
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_second_run_on_a_folder_refuses_and_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from bundle.utils import hold_folder_lock; "
+            f"hold_folder_lock({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusyError, match=rf"{tmp_path}: another run is writing this folder .* pid {holder.pid}"):
+            hold_folder_lock(tmp_path)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    hold_folder_lock(tmp_path)          # the kill released it
+    hold_folder_lock(tmp_path)          # idempotent in one process
+    release_folder_lock(tmp_path)
+
+
+def test_unreachable_tracking_server_fails_at_once():
+    from bundle.workflows.tracking import check_tracking_uri
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.perf_counter()
+    with pytest.raises(RuntimeError, match=rf"http://127.0.0.1:{port} is unreachable.*sqlite"):
+        check_tracking_uri(f"http://127.0.0.1:{port}")
+    assert time.perf_counter() - t < 5
+    check_tracking_uri("sqlite:////nonexistent/mlruns.db")   # local stores are not checked
+
+
+def test_full_disk_write_names_the_file_and_keeps_the_old_version(tmp_path):
+    target = tmp_path / "out.json"
+    atomic_write_bytes(target, b"old version")
+    pid = os.fork()
+    if pid == 0:  # child: files may not grow past 100 bytes ("disk full"), then try to replace the file
+        code = 3
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+            try:
+                atomic_write_bytes(target, b"x" * 10_000)
+                code = 1
+            except OSError as e:
+                code = 0 if (str(e).startswith(f"[Errno 27] {target}: could not be written") and "too large" in str(e))\
+                    else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "no clear error naming the file"
+    assert target.read_bytes() == b"old version"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]      # no temporary file left
+
+
+def _train(ckpt_dir: Path, max_epochs: int, stop_after: int | None = None) -> torch.nn.Module:
+    """A tiny training with shuffling and random augmentation, checkpointed each epoch (resumes when it can)."""
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedTrainer
+    from monai.transforms import Compose, RandGaussianNoised
+
+    from bundle.workflows.checkpoint import ResumableCheckpoint
+    from bundle.workflows.handlers import EpochSeed
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    data = [{"image": rng.random((1, 4)).astype(np.float32), "label": rng.random((1, 2)).astype(np.float32)}
+            for _ in range(12)]
+    transform = Compose([RandGaussianNoised(keys="image", prob=0.5, std=0.5)])
+    generator = torch.Generator().manual_seed(0)
+    loader = DataLoader(Dataset(data, transform), batch_size=4, shuffle=True, generator=generator)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    trainer = SupervisedTrainer(device="cpu", max_epochs=max_epochs, train_data_loader=loader, network=net,
+                                optimizer=opt, loss_function=torch.nn.MSELoss(),
+                                train_handlers=[EpochSeed(0, generator, transform),
+                                                ResumableCheckpoint(str(ckpt_dir), net, opt, best_filename=None)])
+    if stop_after is not None:  # the run is cut short after this epoch, as a kill after its checkpoint would
+        from ignite.engine import Events
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda e: e.terminate())
+    trainer.run()
+    release_folder_lock(ckpt_dir)
+    return net
+
+
+def test_resumed_training_ends_with_the_uninterrupted_weights(tmp_path):
+    whole = _train(tmp_path / "whole", 4)
+    _train(tmp_path / "resumed", 4, stop_after=2)         # interrupted after epoch 2 (its last.pt holds epoch 2)
+    resumed = _train(tmp_path / "resumed", 4)            # re-run: resumes at epoch 3
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_early_stopping_state_survives_a_resume(tmp_path):
+    """The patience counter and best score are checkpointed: a resumed run stops where an uninterrupted one would."""
+    from ignite.engine import Engine
+
+    from bundle.workflows.checkpoint import ResumableCheckpoint
+    from bundle.workflows.handlers import TrainerEarlyStop
+
+    scores = iter([0.9, 0.5, 0.4, 0.3, 0.2, 0.1])
+
+    def make() -> tuple[Engine, TrainerEarlyStop]:
+        engine = Engine(lambda e, b: None)
+        stop = TrainerEarlyStop(patience=3, score_function=lambda e: next(scores), epoch_level=True)
+        ResumableCheckpoint(str(tmp_path), torch.nn.Linear(1, 1), best_filename=None, early_stop=stop).attach(engine)
+        stop.attach(engine)
+        return engine, stop
+
+    engine, stop = make()
+    engine.run([0], max_epochs=2)                        # scores 0.9 (best), 0.5: counter 1
+    assert stop._handler.counter == 1
+    release_folder_lock(tmp_path)
+    engine, stop = make()
+    engine.run([0], max_epochs=10)                       # resumed: 0.4, 0.3 -> counter 3: stops at epoch 4
+    assert stop._handler.best_score == 0.9 and engine.state.epoch == 4
