@@ -564,15 +564,26 @@ def _classifier_section(metric_files: Sequence[PathLike], out_dir: str) -> Secti
     return sec
 
 
+def _analysis_table(sec: Section, analysis_dir: str, status: Mapping[str, str], figure: str,
+                    caption: str) -> pd.DataFrame | None:
+    """The analysis table ``<sec.key>.csv`` (``None``, and the section marked not run, when absent) and its figure
+    ``<figure>.png`` added to ``sec`` when present."""
+    frame = _read_csv(os.path.join(analysis_dir, f"{sec.key}.csv"), dtype={"train_size": str})
+    if frame is None:
+        sec.not_run(status.get(sec.key, f"no analysis/{sec.key}.csv"))
+        return None
+    fig = os.path.join(analysis_dir, f"{figure}.png")
+    if os.path.isfile(fig):
+        sec.blocks.append(FigureBlock(figure, fig, caption))
+    return frame
+
+
 def _learning_section(analysis_dir: str, status: Mapping[str, str], labels: Mapping[str, str]) -> Section:
     sec = Section("learning_curves", "Learning curves and Dice distributions")
-    curves = _read_csv(os.path.join(analysis_dir, "learning_curves.csv"), dtype={"train_size": str})
+    curves = _analysis_table(sec, analysis_dir, status, "learning_curves", "Mean test Dice (over images, seeds and "
+                             "structures) against labelled training images, 95% bootstrap CI")
     if curves is None:
-        return sec.not_run(status.get("learning_curves", "no analysis/learning_curves.csv"))
-    fig = os.path.join(analysis_dir, "learning_curves.png")
-    if os.path.isfile(fig):
-        sec.blocks.append(FigureBlock("learning_curves", fig, "Mean test Dice (over images, seeds and structures) "
-                                                              "against labelled training images, 95% bootstrap CI"))
+        return sec
     table = curves[curves["structure"] == "all"].drop(columns="structure")
     table = _sort_by_size(table, ["task", "init", "train_size"])
     sec.blocks.append(Table("learning_curves", table, "Learning curves (structure mean)",
@@ -615,13 +626,10 @@ def _learning_section(analysis_dir: str, status: Mapping[str, str], labels: Mapp
 
 def _efficiency_section(analysis_dir: str, status: Mapping[str, str], labels: Mapping[str, str]) -> Section:
     sec = Section("efficiency", "Training efficiency: validation Dice against optimizer steps")
-    eff = _read_csv(os.path.join(analysis_dir, "efficiency.csv"), dtype={"train_size": str})
+    eff = _analysis_table(sec, analysis_dir, status, "training_efficiency", "Validation Dice (mean over structures) "
+                          "against optimizer steps: seed mean (solid) and worst seed (dashed) per init")
     if eff is None:
-        return sec.not_run(status.get("efficiency", "no analysis/efficiency.csv"))
-    fig = os.path.join(analysis_dir, "training_efficiency.png")
-    if os.path.isfile(fig):
-        sec.blocks.append(FigureBlock("training_efficiency", fig, "Validation Dice (mean over structures) against "
-                                      "optimizer steps: seed mean (solid) and worst seed (dashed) per init"))
+        return sec
     eff = _sort_by_size(eff, ["task", "train_size", "init"])
     sec.blocks.append(Table("efficiency", eff, "Steps each run needs to reach 95% of its own best validation Dice "
                             "(mean and worst seed), the best validation Dice, and the steps run (plateau rule or cap)",
