@@ -251,11 +251,20 @@ def _mask_cases() -> list[Case]:
         from bundle.data.transforms import LoadMaskd, LoadRadiographd
 
         img = _save(d / "img.png", _picture(64, 64))
-        mask = _save(d / "mask.png", (_picture(32, 32) > 127).astype(np.uint8) * 255)
+        mask = _save(d / "mask.png", (_picture(32, 48) > 127).astype(np.uint8) * 255)
         data = LoadRadiographd("image")({"image": str(img), "label": str(mask)})
-        msg = refused(mask, lambda: LoadMaskd("label")(data), "differs from image size")
+        msg = refused(mask, lambda: LoadMaskd("label")(data), "another aspect ratio")
         assert isinstance(data["image"], torch.Tensor) and str(img) in msg
         return msg
+
+    def half_size(d: Path) -> str:
+        from bundle.data.transforms import LoadMaskd, LoadRadiographd
+
+        img = _save(d / "img.png", _picture(64, 64))
+        mask = _save(d / "mask.png", (_picture(32, 32) > 127).astype(np.uint8) * 255)
+        out = LoadMaskd("label")(LoadRadiographd("image")({"image": str(img), "label": str(mask)}))
+        assert tuple(out["image"].shape[-2:]) == (32, 32) and tuple(out["label"].shape[-2:]) == (32, 32)
+        return "image resampled to the mask's 32 x 32 grid (same aspect ratio, as JSRT 2048 with SCR 1024)"
 
     def gif_mask(d: Path) -> str:
         from bundle.data.io import load_mask
@@ -271,7 +280,8 @@ def _mask_cases() -> list[Case]:
         p = _save(d / "empty.png", np.zeros((16, 16), np.uint8))
         return refused(p, lambda: load_mask(p, required_nonempty=True), "mask is empty")
 
-    return [Case("mask of a different size than its image", "mask", "refused", size_mismatch),
+    return [Case("mask of another aspect ratio than its image", "mask", "refused", size_mismatch),
+            Case("mask at half its image's size (same aspect ratio)", "mask", "handled", half_size),
             Case("binary GIF mask (0/255)", "mask", "handled", gif_mask),
             Case("empty mask where one is required", "mask", "refused", empty_required)]
 
