@@ -349,3 +349,26 @@ def test_generation_on_error_skip_lists_bad_images_and_a_rerun_retries_them(tmp_
     assert "6 of 8 images already done" in res.stdout + res.stderr
     assert (tmp_path / "out" / "doll" / "failures.csv").read_text() == "input,stage,reason\n"
     _check_outputs(tmp_path, 8)
+
+
+def test_pending_items_remove_a_killed_writers_temporary_files(tmp_path):
+    from pathlib import Path
+
+    from bundle.doll.handler import pending_items, record_path
+
+    root, doll_dir = tmp_path / "img", tmp_path / "doll"
+    items = [{"image": str(root / "a" / "x.png")}, {"image": str(root / "b" / "y.png")}]
+    done = Path(record_path(str(doll_dir), items[0]["image"], str(root)))
+    done.parent.mkdir(parents=True)
+    (done.parent / "x.png").write_bytes(b"png")
+    done.write_text(json.dumps({"label": str(done.parent / "x.png")}))
+    todo = Path(record_path(str(doll_dir), items[1]["image"], str(root)))
+    todo.parent.mkdir(parents=True)
+    stale = [todo.parent / ".y.json.k3j2.part.json", todo.parent / ".y.png.ab12.part.png"]
+    for p in stale:
+        p.write_text("half")
+    other = todo.parent / ".z.json.k3j2.part.json"  # another image's writer: not this item's
+    other.write_text("half")
+    assert [it["image"] for it in pending_items(items, str(doll_dir), str(root), shard_by_rank=False)] == \
+        [items[1]["image"]]
+    assert not any(p.exists() for p in stale) and other.exists() and done.exists()

@@ -40,6 +40,11 @@ def test_finetune_init_applies_the_prior_to_a_new_head_only(tmp_path: Path) -> N
     assert ft.tracking_params["output_bias"] == "-2.197,-2.197"
     plain = seg.FinetuneInit(build_segmenter("segresnet", out_channels=2), init="scratch")
     assert plain.output_bias is None and "output_bias" not in plain.tracking_params
+    # a command-line override "null" switches it off; a number as text is a prior
+    off = seg.FinetuneInit(build_segmenter("segresnet", out_channels=2), init="scratch", output_bias_prior="null")
+    assert off.output_bias is None
+    text = seg.FinetuneInit(build_segmenter("segresnet", out_channels=2), init="scratch", output_bias_prior="0.5")
+    assert text.output_bias == pytest.approx([0.0, 0.0])
 
 
 def _trainer(tmp_path: Path, max_epochs: int, stop_at: int | None = None):

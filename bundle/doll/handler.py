@@ -23,7 +23,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from ..data.io import encode_bitmask, save_png
-from ..utils import atomic_save, atomic_write_json
+from ..utils import atomic_save, atomic_write_json, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,10 @@ def pending_items(items: Sequence[dict], doll_dir: str, image_root: str, shard_b
     """The items of this rank that have no finished DoLL yet (what a resumed run still has to do)."""
     todo = [it for it in items if not is_finished(doll_dir, it["image"], image_root)]
     mine = shard(todo) if shard_by_rank else todo
+    for it in mine:  # temporary files of a writer killed on this image (only this run writes them now)
+        stem = os.path.join(doll_dir, relative_stem(it["image"], image_root))
+        for suffix in (".json", ".png", ".soft.npz"):
+            remove_stale_temp_files(stem + suffix)
     logger.info(f"DoLL: {len(items) - len(todo)} of {len(items)} images already done; {len(mine)} to do here")
     return mine
 

@@ -324,6 +324,9 @@ class FinetuneInit:
         else:
             logger.info("init=scratch: random initialisation of %s", type(network).__name__)
         self.output_bias = None
+        if isinstance(output_bias_prior, str):  # a command-line override: "null"/"none"/"" switch it off
+            text = output_bias_prior.strip().lower()
+            output_bias_prior = None if text in ("", "none", "null") else float(text)
         if output_bias_prior is not None and (reset_head or name == "scratch"):
             from ..networks.segmentation import set_output_bias
 
