@@ -478,7 +478,7 @@ class Check:
             first, log1 = self.runner.start(stage)
             lock = {"classifier": root / "models" / "classifiers" / CLASSIFIER / ".lock",
                     "doll": root / "data" / "doll" / ".lock.rank0", "pretrain": None,
-                    "data": root / "data" / "phantom" / ".lock"}[stage]
+                    "data": root / "data" / ".lock"}[stage]
             deadline = time.time() + 300
             while time.time() < deadline and first.is_alive():
                 cand = lock if lock is not None else next(iter((root / "models" / "pretrain").rglob(".lock")), None)
