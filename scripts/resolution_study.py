@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--table", default=None, help="CSV of the results (default <output_root>/resolution.csv)")
     args = parser.parse_args(argv)
 
-    from scripts.sweep import collect, make_grid, run_sweep
+    from scripts.sweep import collect, run_sweep
     from bundle.utils import atomic_write_text
 
     pretrained = os.path.join(args.models_dir, "pretrain", "segresnet_doll", "model.pt")
@@ -84,8 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            overrides={"image_size": [size, size], "init_checkpoints#doll": pretrained})
         done = [r for r in result.runs if r.status == "done"]
         seconds[size] = sum(r.seconds for r in done) / len(done) if done else float("nan")
-        frames[size] = collect(make_grid(_csv(args.tasks), _csv(args.inits), _csv(args.train_sizes),
-                                         [int(s) for s in _csv(args.seeds)]), out)
+        frames[size] = collect(result.runs, out)
         say(f"[resolution] {size} px: {len(done)} runs in {time.time() - start:.0f} s")
     table = resolution_table(frames, seconds)
     path = args.table or os.path.join(args.output_root, "resolution.csv")
