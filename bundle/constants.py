@@ -44,3 +44,9 @@ TASK_CHANNELS: dict[str, tuple[str, ...]] = {
 def slug(name: str) -> str:
     """File-name friendly form of an observation or structure name (``"Lung Opacity"`` -> ``"lung_opacity"``)."""
     return name.lower().replace(" ", "_").replace("/", "_")
+
+#: Network input size (H, W) of every stage's CPU default; the configs' ``image_size`` reads it, so that training,
+#: pre-training, DoLL and inference agree unless a run overrides ``--image_size`` (GPU preset: 512 x 512).
+IMAGE_SIZE: tuple[int, int] = (128, 128)
+#: Prefix of every stage's MLflow experiment name (``<prefix>_finetune``, ``<prefix>_doll``, ...).
+MLFLOW_EXPERIMENT_PREFIX: str = "cxr_doll"

@@ -73,7 +73,7 @@ def build(datalist_dir: str, work: str, args: argparse.Namespace) -> dict[str, A
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / "common.yaml"), str(ROOT / "configs" / "train.yaml")])
+    parser.read_config(str(ROOT / "configs" / "train.yaml"))
     parser.update({
         "datalist_dir": datalist_dir, "models_dir": os.path.join(work, "models"),
         "output_root": os.path.join(work, "eval"), "task": args.task, "init": "scratch", "seed": 0,

@@ -46,15 +46,15 @@ DATA = {"phantom#image_size": 128, "phantom#chexpert_train_patients": 16, "phant
         "phantom#progress": False}
 COMMON = {"image_size": [64, 64], "device": "$torch.device('cpu')"}
 STEPS: dict[str, list[dict[str, Any]]] = {
-    "data": [{"name": "data", "configs": ["common.yaml", "prepare_data.yaml"], "args": DATA}],
-    "classifier": [{"name": "classifier", "configs": ["common.yaml", "train_classifier.yaml"],
+    "data": [{"name": "data", "configs": ["prepare_data.yaml"], "args": DATA}],
+    "classifier": [{"name": "classifier", "configs": ["train_classifier.yaml"],
                     "args": {"classifier_arch": "densenet_small", "seed": 0, "max_epochs": 12, "batch_size": 8,
                              "show_progress": False}}],
-    "doll": [{"name": "doll", "configs": ["common.yaml", "generate_doll.yaml"],
+    "doll": [{"name": "doll", "configs": ["generate_doll.yaml"],
               "args": {"classifier_names": [CLASSIFIER], "doll#n_steps": 4, "batch_size": 2}}],
-    "pretrain": [{"name": "pretrain", "configs": ["common.yaml", "pretrain.yaml"],
+    "pretrain": [{"name": "pretrain", "configs": ["pretrain.yaml"],
                   "args": {"max_epochs": 10, "batch_size": 4, "show_progress": False}}],
-    "finetune": [{"name": "finetune", "configs": ["common.yaml", "train.yaml"],
+    "finetune": [{"name": "finetune", "configs": ["train.yaml"],
                   "args": {"task": "scr", "init": "doll", "train_size": "all", "seed": 0, "num_iterations": 60,
                            "epoch_length": 6, "batch_size": 2, "show_progress": False}}],
 }

@@ -73,7 +73,7 @@ class Pipeline:
 
     def bundle_run(self, name: str, configs: list[str], overrides: dict[str, Any] | None = None,
                    threads: int | None = None, launcher: list[str] | None = None) -> None:
-        """Run the bundle workflow of ``configs`` (names under configs/, after ``common.yaml``) with the shared
+        """Run the bundle workflow of ``configs`` (names under configs/: a standalone config, then its overlays) with the shared
         folders, as ``python -m monai.bundle run --config_file [...] --id value ...`` would: in a fresh process of
         the runner's pool (:func:`~scripts.processes.process_pool`) with ``threads`` CPU threads (``None``: all), or
         with ``launcher`` (e.g. torchrun) as a command."""
@@ -86,7 +86,7 @@ class Pipeline:
         start = time.time()
         say(f"[pipeline] {name}: {' '.join(configs)}")
         if launcher:
-            files = [str(ROOT / "configs" / c) for c in ["common.yaml", *configs]]
+            files = [str(ROOT / "configs" / c) for c in list(configs)]
             cmd = [*launcher, "-m", "monai.bundle", "run", "--config_file", json.dumps(files)]
             for key, value in args.items():
                 cmd += [f"--{key}", cli_value(value)]
@@ -94,7 +94,7 @@ class Pipeline:
                 code = subprocess.run(cmd, cwd=ROOT, stdout=None if self.verbose else log, stderr=subprocess.STDOUT,
                                       env=env_with_threads(threads)).returncode
         else:
-            step = {"name": name, "configs": ["common.yaml", *configs], "args": args}
+            step = {"name": name, "configs": list(configs), "args": args}
             code = self.pool.submit(run_workflows_in_child, [step], None if self.verbose else str(log_path),
                                     threads).result()
         elapsed = time.time() - start
@@ -251,6 +251,14 @@ class Pipeline:
         say(f"[pipeline] export: {src} -> {dst} and {dst.with_suffix('.ts')}")
         if dst.parent.resolve() == (ROOT / "models").resolve():   # the shipped weights: their publication record
             write_large_files(ROOT / "large_files.yml", [dst, dst.with_suffix(".ts")], ROOT)
+            # metadata.json's eval_metrics: the shipped model's own test evaluation (the sweep's evaluate run)
+            from bundle.metadata import eval_metrics_from, write_eval_metrics
+
+            metrics = Path(self.paths["output_root"]) / "segmentation" / src.parent.name / "metrics_test.json"
+            real = self.datalist_info("scr").get("source") == "real"
+            write_eval_metrics(ROOT / "configs" / "metadata.json", eval_metrics_from(metrics),
+                               data="real (--data)" if real else "phantom")
+            say(f"[pipeline] export: metadata.json eval_metrics from {metrics}")
 
     def analysis(self) -> None:
         """Stage 7 (configs/analysis.yaml): statistics, learning curves, Grad-CAM and ensembles of the sweep; the

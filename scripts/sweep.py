@@ -5,9 +5,9 @@ Each run is two ordinary bundle workflows (so each can be repeated alone with th
 the other in one fresh process per run, forked from a server process that has imported MONAI once (so no run pays
 the interpreter and import start-up; :func:`scripts.processes.process_pool`):
 
-    python -m monai.bundle run --config_file "['configs/common.yaml','configs/train.yaml']" \\
+    python -m monai.bundle run --config_file "['configs/train.yaml']" \\
         --task scr --init doll --train_size 4 --seed 0 --mode full ...
-    python -m monai.bundle run --config_file "['configs/common.yaml','configs/train.yaml','configs/evaluate.yaml']" ...
+    python -m monai.bundle run --config_file "['configs/train.yaml','configs/evaluate.yaml']" ...
 
 A run whose per-image metrics CSV exists (``<output_root>/segmentation/<run_name>/metrics_<split>.csv``) is finished
 and skipped; an interrupted run resumes from its ``last.pt``. At the end the per-run CSVs are concatenated into one
@@ -44,8 +44,8 @@ from scripts.processes import process_pool, run_workflows_in_child, say, threads
 #: Columns of the sweep's tidy CSV, in order (the per-run CSVs of configs/evaluate.yaml have them all).
 COLUMNS = ("task", "init", "train_size", "seed", "mode", "split", "n_train", "image", "structure", "dice", "iou",
            "hd95", "pred_area", "ref_area")
-TRAIN_CONFIGS = ("common.yaml", "train.yaml")
-EVAL_CONFIGS = ("common.yaml", "train.yaml", "evaluate.yaml")
+TRAIN_CONFIGS = ("train.yaml",)
+EVAL_CONFIGS = ("train.yaml", "evaluate.yaml")
 
 
 def _size_label(size: int | str | None) -> str:
@@ -192,7 +192,7 @@ def run_sweep(
         overrides: extra bundle overrides for every run (e.g. ``{"num_iterations": 100, "image_size": [64, 64]}``;
             ``tracking_uri`` and ``mlflow_experiment_prefix`` are honoured by the sweep's own MLflow run too).
         data_root, output_root, models_dir: the shared folders (default: ``data``, ``eval``, ``models`` under the
-            bundle root, as in ``configs/common.yaml``).
+            bundle root, as in the configs).
         device: torch device of every run (default: the config's).
         split: the evaluated split.
         output_csv: the tidy CSV (default ``<output_root>/segmentation/sweep_<split>.csv``).

@@ -50,7 +50,7 @@ def main() -> None:
     torch.set_num_threads(2)
     root = Path(args.root)
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "configs" / "common.yaml"), str(ROOT / "configs" / "generate_doll.yaml")])
+    parser.read_config(str(ROOT / "configs" / "generate_doll.yaml"))
     pipeline = ConfigParser.load_config_file(str(ROOT / "configs" / "pipeline.yaml"))["default"]
     parser.update({"data_root": str(root / "data"), "models_dir": str(root / "models"),
                    "classifier_names": [f"{c['classifier_arch']}_seed{c['seed']}" for c in pipeline["classifiers"]]})

@@ -137,13 +137,13 @@ def make_mask_dir(folder: Path, items: list[dict[str, Any]], shift: int) -> dict
 
 
 def run_config(config: str, root: Path, tracking_uri: str | None, **overrides: Any) -> None:
-    """``monai.bundle.run`` of ``configs/common.yaml`` + ``configs/<config>`` in-process."""
+    """``monai.bundle.run`` of ``configs/<config>`` (standalone) in-process."""
     from monai.bundle import run
 
     args = {"data_root": str(root / "data"), "output_root": str(root / "eval"), "models_dir": str(root / "models"),
             "device": "$torch.device('cpu')", "mlflow_experiment_prefix": PREFIX,
             "tracking_uri": tracking_uri or "", **overrides}
-    run(config_file=[str(CONFIGS / "common.yaml"), str(CONFIGS / config)],
+    run(config_file=str(CONFIGS / config),
         meta_file=str(CONFIGS / "metadata.json"), **args)
 
 

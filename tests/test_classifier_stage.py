@@ -21,7 +21,7 @@ CONFIGS = ROOT / "configs"
 
 
 def _configs(*names: str) -> str:
-    return json.dumps([str(CONFIGS / n) for n in ("common.yaml", *names)])
+    return json.dumps([str(CONFIGS / n) for n in names])
 
 
 def _run_args(root: Path, *names: str, **overrides) -> list[str]:

@@ -166,7 +166,7 @@ def _make_dataset(root: Path, n: int = 24, size: int = 32) -> Path:
 
 
 def _doll_cmd(root: Path, launcher: list[str] | None = None, extra: list[str] | None = None) -> list[str]:
-    configs = json.dumps([str(ROOT / "configs" / "common.yaml"), str(ROOT / "configs" / "generate_doll.yaml")])
+    configs = str(ROOT / "configs" / "generate_doll.yaml")
     return [*(launcher or [sys.executable]), "-m", "monai.bundle", "run", "--config_file", configs,
             "--datalist", str(root / "chexpert.json"), "--models_dir", str(root / "models"),
             "--classifier_names", "['a','b']", "--image_root", str(root / "images"),

@@ -337,7 +337,7 @@ def test_parameters_change_and_overwrite(tmp_path: Path) -> None:
 def test_prepare_data_config_runs(tmp_path: Path) -> None:
     """The stage config runs through `python -m monai.bundle run` from another working directory."""
     configs = Path(BUNDLE_ROOT) / "configs"
-    files = f"['{configs / 'common.yaml'}','{configs / 'prepare_data.yaml'}']"
+    files = str(configs / 'prepare_data.yaml')
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files,
            "--data_root", str(tmp_path / "data"), "--phantom_dir", str(tmp_path / "data" / "phantom"),
            "--phantom#image_size", "48", "--phantom#chexpert_train_patients", "3",

@@ -35,7 +35,7 @@ def _fmt(value: Any) -> str:
 def bundle_run(configs: list[str], overrides: dict[str, Any], torchrun: int = 0,
                timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run`` (or torchrun with ``torchrun`` processes) on ``configs``; output captured."""
-    files = json.dumps([str(CONFIGS / c) for c in ["common.yaml", *configs]])
+    files = json.dumps([str(CONFIGS / c) for c in configs])
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                f"--nproc_per_node={torchrun}", "-m", "monai.bundle", "run", "--config_file", files]
@@ -140,7 +140,7 @@ def test_config_ids_for_monai_label_and_sweep_grid() -> None:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "train.yaml")])
+    parser.read_config(str(CONFIGS / "train.yaml"))
     for key in ("train#trainer", "train#dataset", "train#dataset#data", "train#handlers", "validate#evaluator",
                 "validate#dataset#data", "validate#handlers", "val_interval", "network_def", "network", "device",
                 "train#trainer#max_epochs", "task", "init", "mode", "train_size", "seed", "num_iterations"):
@@ -343,7 +343,7 @@ def test_mismatched_checkpoint_fails_clearly(env: dict[str, Any], tmp_path: Path
     unet = tmp_path / "unet_doll.pt"
     torch.save(build_segmenter("unet", out_channels=14).state_dict(), unet)
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "common.yaml"), str(CONFIGS / "train.yaml")])
+    parser.read_config(str(CONFIGS / "train.yaml"))
     parser.update({**{k: v for k, v in env["overrides"].items()}, "init": "doll", "init_checkpoint": str(unet),
                    "models_dir": str(tmp_path)})
     parser.parse(True)

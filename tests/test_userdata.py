@@ -309,7 +309,7 @@ def test_finetune_on_jsrt_img_scr_gif(tmp_path):
                  "num_iterations": 4, "epoch_length": 2, "batch_size": 2, "show_progress": False,
                  "device": "$torch.device('cpu')", "mlflow_experiment_prefix": "userdata_test"}
     for stage in (["train.yaml"], ["train.yaml", "evaluate.yaml"]):  # in this process: no second MONAI import
-        run(config_file=[str(configs / c) for c in ("common.yaml", *stage)],
+        run(config_file=[str(configs / c) for c in stage],
             meta_file=str(configs / "metadata.json"), **overrides)
     csvs = list((tmp_path / "eval" / "segmentation").glob("*/metrics_test.csv"))
     assert len(csvs) == 1, list((tmp_path / "eval").rglob("*"))

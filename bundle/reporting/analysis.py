@@ -2,7 +2,7 @@
 
 Run with ``configs/analysis.yaml``::
 
-    python -m monai.bundle run --config_file "['configs/common.yaml','configs/analysis.yaml']"
+    python -m monai.bundle run --config_file "['configs/analysis.yaml']"
 
 Inputs:
 

@@ -3,7 +3,7 @@ Markdown, and its tables as CSV, from whatever the pipeline's stages wrote.
 
 Run with ``configs/report.yaml``::
 
-    python -m monai.bundle run --config_file "['configs/common.yaml','configs/report.yaml']"
+    python -m monai.bundle run --config_file "['configs/report.yaml']"
 
 Sections (each says "not run" when its inputs are missing, so a partial pipeline still gets a report):
 
