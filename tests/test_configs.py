@@ -1,0 +1,91 @@
+"""The configs follow the Model Zoo's layout: each workflow config runs alone, overlays only add to their workflow's
+config, shared values agree everywhere, and no overlay addresses a handler by its list position."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigParser
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+#: workflow configs a user runs alone (``python -m monai.bundle run --config_file configs/<name>``)
+STANDALONE = ("train.yaml", "pretrain.yaml", "train_classifier.yaml", "generate_doll.yaml", "prepare_data.yaml",
+              "analysis.yaml", "report.yaml")
+#: overlays and the workflow config each is read after
+OVERLAYS = {"evaluate.yaml": "train.yaml", "multi_gpu_train.yaml": "train.yaml",
+            "evaluate_classifier.yaml": "train_classifier.yaml",
+            "multi_gpu_train_classifier.yaml": "train_classifier.yaml", "evaluate_doll.yaml": "generate_doll.yaml"}
+BEGIN, END = "# ---- shared settings", "# ---- end of the shared settings"
+REF = re.compile(r"@([A-Za-z_][\w#]*)")
+
+
+def shared_block(name: str) -> str:
+    text = (CONFIGS / name).read_text()
+    assert BEGIN in text and END in text, f"{name}: no shared-settings block"
+    return text[text.index(BEGIN):text.index(END)]
+
+
+def references(config: object) -> set[str]:
+    """Every ``@id`` named in a config's strings (expressions and plain references)."""
+    found: set[str] = set()
+    if isinstance(config, dict):
+        for v in config.values():
+            found |= references(v)
+    elif isinstance(config, list):
+        for v in config:
+            found |= references(v)
+    elif isinstance(config, str):
+        found |= set(REF.findall(config))
+    return found
+
+
+def test_every_config_is_standalone_or_an_overlay() -> None:
+    names = {p.name for p in CONFIGS.glob("*.yaml")}
+    assert not (CONFIGS / "common.yaml").exists()
+    expected = set(STANDALONE) | set(OVERLAYS) | {"inference.yaml", "pipeline.yaml", "sweep.yaml"}
+    assert names == expected, f"unexpected or missing configs: {names ^ expected}"
+
+
+@pytest.mark.parametrize("name", STANDALONE)
+def test_standalone_config_resolves_every_reference_alone(name: str) -> None:
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / name))
+    missing = sorted(r for r in references(parser.get()) if r not in parser)
+    assert not missing, f"{name} names ids it does not define: {missing}"
+
+
+@pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+def test_overlay_resolves_on_its_workflow_config(overlay: str) -> None:
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / OVERLAYS[overlay]), str(CONFIGS / overlay)])
+    missing = sorted(r for r in references(parser.get()) if r not in parser)
+    assert not missing, f"{overlay} over {OVERLAYS[overlay]}: undefined ids {missing}"
+
+
+def test_shared_settings_agree_across_standalone_configs() -> None:
+    blocks = {name: shared_block(name) for name in STANDALONE}
+    reference = blocks["train.yaml"]
+    differ = [name for name, block in blocks.items() if block != reference]
+    assert not differ, f"shared settings differ from train.yaml's in {differ}"
+    # the values that must agree between stages are read from one place
+    assert "bundle.constants.IMAGE_SIZE" in reference and "bundle.constants.MLFLOW_EXPERIMENT_PREFIX" in reference
+
+
+def test_no_config_addresses_a_handler_by_position() -> None:
+    offenders = [f"{p.name}: {line.strip()}" for p in sorted(CONFIGS.glob("*.yaml"))
+                 for line in p.read_text().splitlines() if re.search(r"handlers#\d", line)]
+    assert not offenders, offenders
+
+
+def test_handlers_are_component_dicts() -> None:
+    """MONAI's property checks and MONAI Label read every handler as a dict with ``_target_``."""
+    for name, keys in (("train.yaml", ("train#handlers", "validate#handlers")),
+                       ("pretrain.yaml", ("train#handlers", "validate#handlers")),
+                       ("train_classifier.yaml", ("train#handlers", "validate#handlers"))):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / name))
+        for key in keys:
+            bad = [h for h in parser.get(key) if not (isinstance(h, dict) and "_target_" in h)]
+            assert not bad, f"{name} {key}: {bad}"
