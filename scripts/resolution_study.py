@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--table", default=None, help="CSV of the results (default <output_root>/resolution.csv)")
     args = parser.parse_args(argv)
 
-    from scripts.sweep import collect, run_sweep
+    from scripts.sweep import SweepGrid, collect, run_sweep
     from bundle.utils import atomic_write_text
 
     pretrained = os.path.join(args.models_dir, "pretrain", "segresnet_doll", "model.pt")
@@ -77,11 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for size in (int(s) for s in _csv(args.sizes)):
         out = os.path.join(args.output_root, "resolution", str(size))
         start = time.time()
-        result = run_sweep(tasks=_csv(args.tasks), inits=_csv(args.inits), sizes=_csv(args.train_sizes),
-                           seeds=[int(s) for s in _csv(args.seeds)], data_root=args.data_root, output_root=out,
-                           models_dir=os.path.join(args.models_dir, "resolution", str(size)), device=args.device,
-                           jobs=args.jobs, keep_going=True,
-                           overrides={"image_size": [size, size], "init_checkpoints#doll": pretrained})
+        grid = SweepGrid(tasks=_csv(args.tasks), inits=_csv(args.inits), sizes=_csv(args.train_sizes),
+                         seeds=_csv(args.seeds), jobs=args.jobs,
+                         overrides={"image_size": [size, size], "init_checkpoints#doll": pretrained})
+        paths = {"data_root": args.data_root, "output_root": out,
+                 "models_dir": os.path.join(args.models_dir, "resolution", str(size))}
+        result = run_sweep(grid, paths, device=args.device, keep_going=True)
         done = [r for r in result.runs if r.status == "done"]
         seconds[size] = sum(r.seconds for r in done) / len(done) if done else float("nan")
         frames[size] = collect(result.runs, out)

@@ -193,13 +193,14 @@ class Pipeline:
                                                          **(self.settings["overrides"].get("pretrain") or {})})
 
     def finetune(self) -> None:
-        """Stage 5: the low-data sweep (scripts/sweep.py; grid from configs/pipeline.yaml), train + evaluate runs."""
+        """Stage 5: the low-data sweep (scripts/sweep.py): the grid configs/pipeline.yaml names in configs/sweep.yaml,
+        train + evaluate runs."""
         from bundle.workflows.segmentation import TASKS, task_spec
-        from scripts.sweep import run_sweep
+        from scripts.sweep import SweepGrid, run_sweep
 
-        grid = dict(self.settings["sweep"])
+        grid = SweepGrid.from_settings(self.settings["sweep"])
         extra = []
-        for g in grid.pop("extra", None) or []:  # e.g. the real-lungs check: only where its datalist was written
+        for g in grid.extra:  # e.g. the real-lungs check: only where its datalist was written
             missing = [t for t in g["tasks"] if not (Path(self.paths["data_root"]) / "datalists"
                                                     / TASKS[t].datalist).is_file()]
             if missing:
@@ -208,15 +209,14 @@ class Pipeline:
                 extra.append(g)
         for task, g in (self.settings.get("real_data_sweep") or {}).items():  # real datasets of the data file
             if self.datalist_info(task_spec(task).datalist[:-len(".json")]).get("given_as") and \
-                    task not in grid.get("tasks", []) and all(task not in e["tasks"] for e in extra):
+                    task not in grid.tasks and all(task not in e["tasks"] for e in extra):
                 say(f"[pipeline] finetune: the data file gives the {task} task's data: grid {g} added")
                 extra.append(g)
-        grid["extra"] = extra
+        grid.extra = extra
+        grid.jobs = self.jobs
         start = time.time()
-        say(f"[pipeline] finetune: sweep {grid}")
-        result = run_sweep(**grid, data_root=self.paths["data_root"], output_root=self.paths["output_root"],
-                           models_dir=self.paths["models_dir"], device=self.device, verbose=self.verbose,
-                           jobs=self.jobs)
+        say(f"[pipeline] finetune: sweep {self.settings['sweep']!r} {grid.describe()}")
+        result = run_sweep(grid, self.paths, device=self.device, verbose=self.verbose)
         self.steps["finetune"] = round(time.time() - start, 1)
         say(f"[pipeline] finetune: {len(result.runs)} runs, {result.num_rows} rows -> {result.csv_path} "
             f"in {self.steps['finetune']:.0f} s")

@@ -19,14 +19,16 @@ evaluation run is also in MLflow (``<prefix>_finetune``) with the tags ``task``,
 
     python scripts/sweep.py                                  # configs/sweep.yaml "default" grid
     python scripts/sweep.py --settings quick                 # the CPU check: 4 SCR images x 3 seeds, doll vs scratch
-    python scripts/sweep.py --tasks scr --inits doll,scratch --sizes 2,4,all --seeds 0,1 --set num_iterations=100
+    python scripts/sweep.py --settings full                  # the full protocol (docs/README.md)
+    python scripts/sweep.py --tasks scr --inits doll,scratch --sizes 2,4,all --seeds 0,1 --set "{'num_iterations': 100}"
 
-``run_sweep(...)`` is the same as a function (used by ``scripts/run_pipeline.py``).
+Every grid lives in configs/sweep.yaml (the pipeline's too: configs/pipeline.yaml names them); the command line
+(``fire``) only narrows or extends one. ``run_sweep(SweepGrid.from_settings(name), ...)`` is the same as a function
+(used by ``scripts/run_pipeline.py`` and ``scripts/resolution_study.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -91,6 +93,82 @@ class SweepResult:
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.runs if r.status == status)
+
+
+#: The grids' file: every grid of the project is a named entry of it.
+SWEEP_YAML = ROOT / "configs" / "sweep.yaml"
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A grid axis from YAML, Python or the command line (``"2,4,all"``, ``(2, 4, 'all')`` or ``4``)."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+@dataclass
+class SweepGrid:
+    """One grid of the low-data protocol: tasks x inits x sizes x seeds x modes, the bundle overrides of its runs,
+    further grids that join the same sweep (``extra``: mappings with the same fields, e.g. the real lungs at their own
+    image size) and how many runs execute at once (``jobs``)."""
+
+    tasks: list[str]
+    inits: list[str]
+    sizes: list[str]
+    seeds: list[int]
+    modes: list[str] = field(default_factory=lambda: ["full"])
+    overrides: dict[str, Any] = field(default_factory=dict)
+    extra: list[dict[str, Any]] = field(default_factory=list)
+    jobs: int = 1
+
+    def __post_init__(self) -> None:
+        self.tasks = [str(t) for t in _as_list(self.tasks)]
+        self.inits = [str(i) for i in _as_list(self.inits)]
+        self.sizes = [_size_label(s) for s in _as_list(self.sizes)]
+        self.seeds = [int(s) for s in _as_list(self.seeds)]
+        self.modes = [str(m) for m in _as_list(self.modes)]
+        self.overrides = dict(self.overrides or {})
+        self.extra = [dict(g) for g in self.extra or []]
+        self.jobs = int(self.jobs)
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any]) -> "SweepGrid":
+        """A grid from a mapping with the fields of this class (a configs/sweep.yaml entry)."""
+        known = {"tasks", "inits", "sizes", "seeds", "modes", "overrides", "extra", "jobs"}
+        unknown = set(settings) - known
+        if unknown:
+            raise ValueError(f"unknown sweep grid fields {sorted(unknown)}; a grid has {sorted(known)}")
+        return cls(**dict(settings))
+
+    @classmethod
+    def from_settings(cls, name: str, path: str | os.PathLike = SWEEP_YAML) -> "SweepGrid":
+        """The grid ``name`` of configs/sweep.yaml."""
+        import yaml
+
+        settings = yaml.safe_load(Path(path).read_text())
+        if name not in settings:
+            raise ValueError(f"unknown sweep settings {name!r}; {path} has {', '.join(settings)}")
+        return cls.from_mapping(settings[name])
+
+    def runs(self) -> list[SweepRun]:
+        """Every run of the grid and of its extra grids (each extra run once, with its grid's overrides)."""
+        runs = make_grid(self.tasks, self.inits, self.sizes, self.seeds, self.modes)
+        names = {r.name for r in runs}
+        for grid in self.extra:
+            sub = SweepGrid.from_mapping({"modes": self.modes, **grid})
+            for run in make_grid(sub.tasks, sub.inits, sub.sizes, sub.seeds, sub.modes):
+                run.overrides = dict(sub.overrides)
+                if run.name not in names:
+                    runs.append(run)
+                    names.add(run.name)
+        return runs
+
+    def describe(self) -> dict[str, Any]:
+        """The grid as plain values (MLflow params, logs)."""
+        return {"tasks": self.tasks, "inits": self.inits, "sizes": self.sizes, "seeds": self.seeds,
+                "modes": self.modes, "extra": self.extra}
 
 
 def make_grid(tasks: Sequence[str], inits: Sequence[str], sizes: Sequence[int | str], seeds: Sequence[int],
@@ -166,45 +244,30 @@ def summarise(frame: Any) -> Any:
 
 
 def run_sweep(
-    tasks: Sequence[str] = ("scr",),
-    inits: Sequence[str] = ("doll", "scratch"),
-    sizes: Sequence[int | str] = (2, 4, 8, 16, "all"),
-    seeds: Sequence[int] = (0, 1, 2),
-    modes: Sequence[str] = ("full",),
-    overrides: Mapping[str, Any] | None = None,
-    data_root: str | os.PathLike | None = None,
-    output_root: str | os.PathLike | None = None,
-    models_dir: str | os.PathLike | None = None,
+    grid: SweepGrid,
+    paths: Mapping[str, str | os.PathLike] | None = None,
     device: str | None = None,
     split: str = "test",
     output_csv: str | os.PathLike | None = None,
     verbose: bool = False,
     keep_going: bool = False,
     log_mlflow: bool = True,
-    jobs: int = 1,
-    extra: Sequence[Mapping[str, Any]] = (),
 ) -> SweepResult:
     """Run (or resume) the low-data grid and write its tidy per-image CSV.
 
     Args:
-        tasks, inits, sizes, seeds, modes: the grid (``configs/train.yaml`` ids ``task``, ``init``, ``train_size``,
-            ``seed``, ``mode``).
-        overrides: extra bundle overrides for every run (e.g. ``{"num_iterations": 100, "image_size": [64, 64]}``;
-            ``tracking_uri`` and ``mlflow_experiment_prefix`` are honoured by the sweep's own MLflow run too).
-        data_root, output_root, models_dir: the shared folders (default: ``data``, ``eval``, ``models`` under the
-            bundle root, as in the configs).
+        grid: the runs (:class:`SweepGrid`; ``configs/train.yaml`` ids ``task``, ``init``, ``train_size``, ``seed``,
+            ``mode``), the bundle overrides of every run (e.g. ``{"num_iterations": 100}``; ``tracking_uri`` and
+            ``mlflow_experiment_prefix`` are honoured by the sweep's own MLflow run too) and ``jobs``, the runs
+            executed concurrently with the CPU threads shared out (each run is still one deterministic process).
+        paths: the shared folders ``data_root``, ``output_root``, ``models_dir`` (default: ``data``, ``eval``,
+            ``models`` under the bundle root, as in the configs).
         device: torch device of every run (default: the config's).
         split: the evaluated split.
         output_csv: the tidy CSV (default ``<output_root>/segmentation/sweep_<split>.csv``).
         verbose: stream the runs' output (default: ``<output_root>/segmentation/logs/<run>.log``).
         keep_going: record a failed run and continue (default: raise at the first failure).
         log_mlflow: log the sweep's summary run to MLflow.
-        extra: further grids (mappings with ``tasks``, ``inits``, ``sizes``, ``seeds`` and optionally ``modes`` and
-            ``overrides``, bundle overrides of that grid's runs on top of ``overrides``) whose runs join this sweep
-            (same CSV, same MLflow run), e.g. a real-data check at its own image size.
-        jobs: runs executed concurrently, the CPU threads shared out between them
-            (:func:`~scripts.processes.thread_env`; each run is still one deterministic process: same seed, same
-            jobs, same result).
 
     Returns:
         :class:`SweepResult` (each run's status: ``skipped`` when its CSV existed, else ``done`` or ``failed``).
@@ -216,21 +279,19 @@ def run_sweep(
 
     from bundle.utils import atomic_write_text
 
-    paths = {"data_root": str(data_root or ROOT / "data"), "output_root": str(output_root or ROOT / "eval"),
-             "models_dir": str(models_dir or ROOT / "models")}
-    runs = make_grid(tasks, inits, sizes, seeds, modes)
-    for grid in extra:
-        for run in make_grid(grid["tasks"], grid["inits"], grid["sizes"], grid["seeds"], grid.get("modes", modes)):
-            run.overrides = dict(grid.get("overrides") or {})
-            if run.name not in {r.name for r in runs}:
-                runs.append(run)
-    common: dict[str, Any] = {**paths, "show_progress": False, **dict(overrides or {})}
+    given = dict(paths or {})
+    paths = {key: str(given.get(key) or ROOT / default) for key, default in
+             (("data_root", "data"), ("output_root", "eval"), ("models_dir", "models"))}
+    runs = grid.runs()
+    overrides = grid.overrides
+    jobs = grid.jobs
+    common: dict[str, Any] = {**paths, "show_progress": False, **overrides}
     if device:
         common["device"] = f"$torch.device('{device}')"
     log_dir = Path(paths["output_root"]) / "segmentation" / "logs"
     sizes_run = list(dict.fromkeys(r.train_size for r in runs))
-    say(f"[sweep] {len(runs)} runs: tasks={list(tasks)} inits={list(inits)} sizes={sizes_run} seeds={list(seeds)} "
-        f"modes={list(modes)}" + (f" + extra grids {[dict(g) for g in extra]}" if extra else ""))
+    say(f"[sweep] {len(runs)} runs: tasks={grid.tasks} inits={grid.inits} sizes={sizes_run} seeds={grid.seeds} "
+        f"modes={grid.modes}" + (f" + extra grids {grid.extra}" if grid.extra else ""))
     threads = threads_for(jobs)
     failures: list[str] = []
 
@@ -279,10 +340,7 @@ def run_sweep(
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
     result = SweepResult(runs=runs, csv_path=csv_path, num_rows=len(frame), summary=table.to_dict("records"))
     if log_mlflow and not frame.empty:
-        result.mlflow_run_id = _log_sweep(result, paths["output_root"], dict(overrides or {}), split,
-                                          {"tasks": list(tasks), "inits": list(inits), "sizes": [str(s) for s in sizes],
-                                           "seeds": list(seeds), "modes": list(modes),
-                                           "extra": [dict(g) for g in extra]})
+        result.mlflow_run_id = _log_sweep(result, paths["output_root"], overrides, split, grid.describe())
     say(f"[sweep] {result.count('done')} run, {result.count('skipped')} skipped, {result.count('failed')} failed; "
         f"{len(frame)} rows in {csv_path}")
     return result
@@ -306,71 +364,48 @@ def _log_sweep(result: SweepResult, output_root: str, overrides: Mapping[str, An
                    artifacts=[result.csv_path], tags={"stage": "sweep", "split": split})
 
 
-def _csv_list(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
+def main(settings: str = "default", tasks: Any = None, inits: Any = None, sizes: Any = None, seeds: Any = None,
+         modes: Any = None, set: Mapping[str, Any] | None = None, jobs: int | None = None,  # noqa: A002
+         data_root: str | None = None, output_root: str | None = None, models_dir: str | None = None,
+         device: str | None = None, split: str = "test", output_csv: str | None = None, keep_going: bool = False,
+         verbose: bool = False, dry_run: bool = False) -> SweepResult:
+    """Run the grid ``settings`` of configs/sweep.yaml, narrowed by the command line.
 
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def main(argv: Sequence[str] | None = None) -> SweepResult:
-    import yaml
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", default="default", help="grid of configs/sweep.yaml (default | quick)")
-    parser.add_argument("--tasks", help="comma-separated tasks (e.g. scr,infection,real_lungs)")
-    parser.add_argument("--inits", help="comma-separated inits (doll,scratch,classifier_encoder,external)")
-    parser.add_argument("--sizes", help="comma-separated training-set sizes (e.g. 2,4,8,16,all)")
-    parser.add_argument("--seeds", help="comma-separated seeds (e.g. 0,1,2)")
-    parser.add_argument("--modes", help="comma-separated fine-tuning modes (full,warmup,adapter)")
-    parser.add_argument("--set", action="append", default=[], metavar="ID=VALUE",
-                        help="bundle override for every run (JSON value or text), repeatable")
-    parser.add_argument("--data_root")
-    parser.add_argument("--output_root")
-    parser.add_argument("--models_dir")
-    parser.add_argument("--device", help="torch device (default: the config's)")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--output_csv")
-    parser.add_argument("--keep_going", action="store_true", help="continue after a failed run")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="runs at once, CPU threads shared out (default: the settings' `jobs`, else 1)")
-    parser.add_argument("--verbose", action="store_true", help="stream the runs' output instead of logging it")
-    parser.add_argument("--dry_run", action="store_true", help="list the runs and their status, run nothing")
-    args = parser.parse_args(argv)
-    settings = yaml.safe_load((ROOT / "configs" / "sweep.yaml").read_text())
-    if args.settings not in settings:
-        parser.error(f"unknown settings {args.settings!r}; configs/sweep.yaml has {', '.join(settings)}")
-    grid = dict(settings[args.settings])
-    for key in ("tasks", "inits", "sizes", "seeds", "modes"):
-        value = getattr(args, key)
-        if value:
-            grid[key] = _csv_list(value)
-    grid["seeds"] = [int(s) for s in grid.get("seeds", [0])]
-    overrides = dict(grid.get("overrides") or {})
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects ID=VALUE, got {item!r}")
-        overrides[key.strip()] = _parse_value(value)
-    if args.dry_run:
-        out = Path(args.output_root or ROOT / "eval")
-        runs = make_grid(grid["tasks"], grid["inits"], grid["sizes"], grid["seeds"], grid.get("modes", ["full"]))
+    Args:
+        settings: the grid's name in configs/sweep.yaml (default, quick, full, pipeline, ...).
+        tasks, inits, sizes, seeds, modes: replace that axis (comma-separated, e.g. ``--sizes 2,4,all``); giving
+            ``tasks`` also drops the grid's extra grids.
+        set: bundle overrides for every run on top of the grid's (``--set "{'num_iterations': 100}"``).
+        jobs: runs at once (default: the grid's ``jobs``).
+        data_root, output_root, models_dir: the shared folders (default: under the bundle root).
+        device: torch device (default: the config's). split: the evaluated split. output_csv: the tidy CSV.
+        keep_going: continue after a failed run. verbose: stream the runs' output. dry_run: list the runs and
+            whether each is finished, run nothing.
+    """
+    grid = SweepGrid.from_settings(settings)
+    changes = {k: v for k, v in (("tasks", tasks), ("inits", inits), ("sizes", sizes), ("seeds", seeds),
+                                 ("modes", modes)) if v is not None}
+    if changes:
+        grid = SweepGrid.from_mapping({**grid.__dict__, **changes, "extra": [] if tasks is not None else grid.extra})
+    if set:
+        if not isinstance(set, Mapping):
+            raise SystemExit(f"--set expects a mapping of bundle overrides, e.g. \"{{'num_iterations': 100}}\", got {set!r}")
+        grid.overrides.update(set)
+    if jobs is not None:
+        grid.jobs = int(jobs)
+    paths = {"data_root": data_root, "output_root": output_root, "models_dir": models_dir}
+    if dry_run:
+        out = Path(output_root or ROOT / "eval")
+        runs = grid.runs()
         for run in runs:
-            done = metrics_csv(out, run, args.split).is_file()
-            print(f"{run.name}: {'finished' if done else 'to run'}")
+            print(f"{run.name}: {'finished' if metrics_csv(out, run, split).is_file() else 'to run'}")
         return SweepResult(runs=runs, csv_path="", num_rows=0)
-    return run_sweep(grid["tasks"], grid["inits"], grid["sizes"], grid["seeds"], grid.get("modes", ["full"]),
-                     overrides=overrides, data_root=args.data_root, output_root=args.output_root,
-                     models_dir=args.models_dir, device=args.device, split=args.split, output_csv=args.output_csv,
-                     verbose=args.verbose, keep_going=args.keep_going,
-                     jobs=int(args.jobs if args.jobs is not None else grid.get("jobs", 1)),
-                     extra=[] if args.tasks else list(grid.get("extra") or []))
+    return run_sweep(grid, paths, device=device, split=split, output_csv=output_csv, verbose=verbose,
+                     keep_going=keep_going)
 
 
 if __name__ == "__main__":
-    result = main()
-    sys.exit(1 if result.count("failed") else 0)
+    import fire
+
+    result = fire.Fire(main, serialize=lambda r: None)
+    sys.exit(1 if isinstance(result, SweepResult) and result.count("failed") else 0)

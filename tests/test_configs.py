@@ -89,3 +89,25 @@ def test_handlers_are_component_dicts() -> None:
         for key in keys:
             bad = [h for h in parser.get(key) if not (isinstance(h, dict) and "_target_" in h)]
             assert not bad, f"{name} {key}: {bad}"
+
+
+def test_every_sweep_grid_is_defined_once_in_sweep_yaml() -> None:
+    """configs/sweep.yaml holds every grid; configs/pipeline.yaml only names them; each one builds its runs."""
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(CONFIGS.parent))
+    from scripts.sweep import SweepGrid
+
+    grids = yaml.safe_load((CONFIGS / "sweep.yaml").read_text())
+    for name in grids:
+        runs = SweepGrid.from_settings(name).runs()
+        assert runs and len({r.name for r in runs}) == len(runs), name
+    pipeline = yaml.safe_load((CONFIGS / "pipeline.yaml").read_text())
+    named = [section["sweep"] for section in pipeline.values() if "sweep" in section]
+    assert named and all(isinstance(n, str) and n in grids for n in named), named
+    full = SweepGrid.from_settings("full")
+    assert len(full.seeds) >= 5 and full.sizes == ["2", "4", "8", "16", "all"]
+    with pytest.raises(ValueError, match="unknown sweep grid fields"):
+        SweepGrid.from_mapping({"tasks": ["scr"], "inits": ["doll"], "sizes": [4], "seeds": [0], "size": 2})

@@ -392,8 +392,8 @@ def test_sweep_skips_finished_runs(env: dict[str, Any], evaluated: Path) -> None
     paths = {k: env["overrides"][k] for k in ("data_root", "output_root", "models_dir")}
     overrides = {k: v for k, v in env["overrides"].items() if k not in paths}
     overrides.update(num_iterations=1, epoch_length=1, batch_size=4)
-    result = sweep.run_sweep(tasks=["scr"], inits=["doll", "scratch"], sizes=[2], seeds=[0], overrides=overrides,
-                             **paths)
+    grid = sweep.SweepGrid(tasks=["scr"], inits=["doll", "scratch"], sizes=[2], seeds=[0], overrides=overrides)
+    result = sweep.run_sweep(grid, paths)
     assert [(r.name, r.status) for r in result.runs] == [("scr_doll_n2_seed0", "skipped"),
                                                          ("scr_scratch_n2_seed0", "done")]
     import pandas as pd
@@ -403,8 +403,7 @@ def test_sweep_skips_finished_runs(env: dict[str, Any], evaluated: Path) -> None
                                        "structure"]
     assert set(frame["init"]) == {"doll", "scratch"} and result.num_rows == len(frame)
     assert result.mlflow_run_id is not None
-    again = sweep.run_sweep(tasks=["scr"], inits=["doll", "scratch"], sizes=[2], seeds=[0], overrides=overrides,
-                            log_mlflow=False, **paths)
+    again = sweep.run_sweep(grid, paths, log_mlflow=False)
     assert [r.status for r in again.runs] == ["skipped", "skipped"] and again.num_rows == len(frame)
 
 
