@@ -220,3 +220,17 @@ def test_colormap_overlay_and_save(tmp_path):
         "case.1.npy", "case.1_heart.png", "case.1_left_lung.png"]  # no temporary files left
     with pytest.raises(ValueError, match="structure names"):
         save_gradcam(tmp_path / "x", heat, img, structures=["a"])
+
+
+def test_explaining_leaves_the_network_as_it_was():
+    """MONAI's CAM classes register hooks for good and switch ``inplace`` off: both are undone after each call."""
+    net = _two_layer_net()
+    net.feature.add_module("act", torch.nn.ReLU(inplace=True)) if isinstance(net.feature, torch.nn.Sequential) else None
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._backward_hooks) for m in net.modules())  # noqa: E731
+    inplace = {n: m.inplace for n, m in net.named_modules() if hasattr(m, "inplace")}
+    x = torch.randn(1, 2, 6, 8)
+    for mode in ("gradcam", "hirescam"):
+        for _ in range(3):
+            SegmentationGradCAM(net, "feature", mode=mode)(x)
+    assert hooks() == 0
+    assert {n: m.inplace for n, m in net.named_modules() if hasattr(m, "inplace")} == inplace

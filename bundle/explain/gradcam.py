@@ -26,9 +26,10 @@ and zero-padding border effects and the Grad-CAM map is noise. :class:`Segmentat
 (``weight_ratio``) and warns; use ``mode="hirescam"`` or a layer after the last normalisation (SegResNet:
 ``"act_mod"``, the ReLU of ``conv_final``; UNet: ``"model.2.0"``).
 
-This equals MONAI's :class:`monai.visualize.GradCAM` applied to :class:`SegmentationScore` (the network wrapped so
-that it outputs one score per structure), with ``postprocessing`` set to the identity (MONAI's default normaliser
-maps the maximum to 0); the tests check it.
+The maps are computed by MONAI's :class:`monai.visualize.GradCAM` (and :class:`HiResCAM`, its ``compute_map``
+without the averaging) applied to :class:`SegmentationScore` (the network wrapped so that it outputs one score per
+structure), with ``postprocessing`` set to the identity (MONAI's default normaliser maps the maximum to 0); the hooks
+MONAI registers are removed after each call, so explaining a network leaves it as it was.
 
 Layers are named as in ``net.named_modules()``: for MONAI's ``SegResNet`` e.g. ``"down_layers.2"`` (encoder) or
 ``"up_layers.0"`` ... ``"up_layers.<last>"`` (decoder; the last is at full resolution); for MONAI's ``UNet``
@@ -38,18 +39,21 @@ input) or ``"model.2.0"`` (the last up-sampling convolution, full resolution). :
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.visualize import GradCAM
 from torch import nn
 
 from ..utils import PathLike, atomic_save
 
 __all__ = [
+    "HiResCAM",
     "SegmentationGradCAM",
     "SegmentationScore",
     "box_to_mask",
@@ -193,15 +197,6 @@ class SegmentationGradCAM:
         self.masks: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
-        self._acti: torch.Tensor | None = None
-
-    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"layer {self.target_layer!r} returns {type(output).__name__}, expected a tensor")
-        self._acti = output
-        # hand the rest of the network a copy, so that in-place operations downstream cannot change the
-        # activations (or their gradients) that Grad-CAM reads
-        return output.clone()
 
     def _predicted_masks(self, logits: torch.Tensor, structures: Sequence[int]) -> torch.Tensor:
         if self.activation == "sigmoid":
@@ -233,16 +228,13 @@ class SegmentationGradCAM:
         if x.ndim != 4:
             raise ValueError(f"expected input (B, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
         training = self.net.training
-        handle = self.layer.register_forward_hook(self._hook)
-        self._acti = None
+        layer = "net." + self.target_layer
         try:
             self.net.eval()
-            with torch.inference_mode(False), torch.enable_grad():  # works inside no_grad/inference_mode
+            with torch.inference_mode(False), torch.enable_grad(), _temporary_hooks(self.net):
                 inp = x.detach().clone().requires_grad_(True)  # so a frozen network still builds a graph
-                logits = self.net(inp)
-                if self._acti is None:
-                    raise RuntimeError(f"layer {self.target_layer!r} was not called in the forward pass")
-                acti = self._acti
+                with torch.no_grad():
+                    logits = self.net(inp)
                 if logits.ndim != 4:
                     raise ValueError(f"expected 2-D segmentation logits (B, C, H, W), got {tuple(logits.shape)}")
                 structs = list(range(logits.shape[1])) if structures is None else [int(s) for s in structures]
@@ -250,43 +242,26 @@ class SegmentationGradCAM:
                     raise ValueError("structures must name at least one output channel")
                 if any(not 0 <= s < logits.shape[1] for s in structs):
                     raise ValueError(f"structures {structs} out of range for {logits.shape[1]} output channels")
-                if regions is None:
-                    masks = self._predicted_masks(logits.detach(), structs)
-                else:
-                    masks = torch.as_tensor(np.asarray(regions) if not isinstance(regions, torch.Tensor) else regions)
-                    masks = (masks.to(logits.device) != 0)
-                    if masks.ndim == 3:
-                        masks = masks[None].expand(logits.shape[0], -1, -1, -1)
-                    want = (logits.shape[0], len(structs), *logits.shape[2:])
-                    if tuple(masks.shape) != want:
-                        raise ValueError(f"regions must have shape {want[1:]} or {want}, got {tuple(masks.shape)}")
-                sel = logits[:, structs]
-                scores = (sel * masks.to(sel.dtype)).flatten(2).sum(-1)  # (B, S)
+                masks = self._regions(logits, structs, regions)
+                full = torch.zeros_like(logits)
+                full[:, structs] = masks.to(logits.dtype)
+                # MONAI's GradCAM (or its HiResCAM variant) on the score network: one score per output channel
+                explainer = (GradCAM if self.mode == "gradcam" else HiResCAM)(
+                    nn_module=SegmentationScore(self.net, full), target_layers=layer, postprocessing=_identity)
                 cams, ratios = [], []
-                a = acti.detach()
-                for k in range(len(structs)):
-                    (grad,) = torch.autograd.grad(scores[:, k].sum(), acti, retain_graph=k < len(structs) - 1,
-                                                  allow_unused=True)
-                    if grad is None:
-                        grad = torch.zeros_like(acti)
-                    weights = grad.flatten(2).mean(-1)  # (B, K)
-                    scale = grad.abs().flatten(2).mean(-1).sum(1)  # (B,)
-                    ratios.append(torch.where(scale > 0, weights.abs().sum(1) / torch.where(scale > 0, scale, 1.0),
-                                              torch.full_like(scale, float("nan"))))
-                    if self.mode == "gradcam":
-                        cams.append(F.relu((weights[..., None, None] * a).sum(1)))  # (B, h, w)
-                    else:
-                        cams.append(F.relu((grad * a).sum(1)))
-            cam = torch.stack(cams, 1)
+                for s in structs:
+                    cams.append(explainer.compute_map(inp, class_idx=s)[:, 0])  # (B, h, w)
+                    ratios.append(_weight_ratio(explainer.nn_module.gradients[layer]))
+            cam = torch.stack(cams, 1).detach()
             ratio = torch.stack(ratios, 1)
             if cam.shape[-2:] != x.shape[-2:]:
                 cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
             cam = _normalize(cam, self.normalize)
         finally:
-            handle.remove()
-            self._acti = None
             self.net.train(training)
-        self.masks, self.scores, self.logits = masks.detach(), scores.detach(), logits.detach()
+        sel = logits[:, structs]
+        self.masks, self.logits = masks.detach(), logits.detach()
+        self.scores = (sel * masks.to(sel.dtype)).flatten(2).sum(-1)
         self.weight_ratio = ratio.detach()
         if self.mode == "gradcam" and self.warn_vanishing:
             low = ratio < VANISHING_WEIGHT_RATIO  # NaN (empty region) compares False
@@ -298,6 +273,59 @@ class SegmentationGradCAM:
                     "(instance/group normalisation downstream), so the map is noise; use mode='hirescam' or a layer "
                     "after the last normalisation", RuntimeWarning, stacklevel=2)
         return cam[0] if unbatched else cam
+
+    def _regions(self, logits: torch.Tensor, structs: list[int],
+                 regions: torch.Tensor | np.ndarray | None) -> torch.Tensor:
+        """The score regions ``(B, S, h, w)`` (bool): the predicted masks, or ``regions`` checked and broadcast."""
+        if regions is None:
+            return self._predicted_masks(logits.detach(), structs)
+        masks = torch.as_tensor(np.asarray(regions) if not isinstance(regions, torch.Tensor) else regions)
+        masks = masks.to(logits.device) != 0
+        if masks.ndim == 3:
+            masks = masks[None].expand(logits.shape[0], -1, -1, -1)
+        want = (logits.shape[0], len(structs), *logits.shape[2:])
+        if tuple(masks.shape) != want:
+            raise ValueError(f"regions must have shape {want[1:]} or {want}, got {tuple(masks.shape)}")
+        return masks
+
+
+class HiResCAM(GradCAM):
+    """HiResCAM (Draelos and Carin, arXiv:2011.08891) as MONAI's :class:`monai.visualize.GradCAM` without the spatial
+    averaging of the gradients: ``map = ReLU(sum_k dS/dA_k(u, v) * A_k(u, v))``."""
+
+    def compute_map(self, x: torch.Tensor, class_idx: int | None = None, retain_graph: bool = False,
+                    layer_idx: int = -1, **kwargs: Any) -> torch.Tensor:
+        _, acti, grad = self.nn_module(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
+        return F.relu((grad[layer_idx] * acti[layer_idx]).sum(1, keepdim=True))
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _weight_ratio(grad: torch.Tensor) -> torch.Tensor:
+    """``sum_k |mean_p g_k| / sum_k mean_p |g_k|`` per image (NaN where the gradient is all zero: empty region)."""
+    weights = grad.detach().flatten(2).mean(-1)  # (B, K)
+    scale = grad.detach().abs().flatten(2).mean(-1).sum(1)  # (B,)
+    return torch.where(scale > 0, weights.abs().sum(1) / torch.where(scale > 0, scale, 1.0),
+                       torch.full_like(scale, float("nan")))
+
+
+@contextlib.contextmanager
+def _temporary_hooks(net: nn.Module) -> Iterator[None]:
+    """Remove, on exit, the forward/backward hooks registered on ``net``'s modules inside the block (MONAI's CAM
+    classes register theirs for good), and restore the ``inplace`` flags MONAI switches off."""
+    before = {m: (set(m._forward_hooks), set(m._backward_hooks), m.__dict__.get("inplace")) for m in net.modules()}
+    try:
+        yield
+    finally:
+        for module, (fwd, bwd, inplace) in before.items():
+            for key in set(module._forward_hooks) - fwd:
+                del module._forward_hooks[key]
+            for key in set(module._backward_hooks) - bwd:
+                del module._backward_hooks[key]
+            if inplace is not None:
+                module.__dict__["inplace"] = inplace
 
 
 def gradcam_segmentation(
