@@ -352,11 +352,13 @@ def test_mlflow_run_reads_back(effect_env, mlflow_uri):
 
 
 def test_missing_inputs_are_not_run(tmp_path):
-    from bundle.reporting.analysis import run_analysis
+    from bundle.reporting.analysis import (AnalysisContext, EfficiencyStep, EnsembleStep, GradCAMStep,
+                                           StatisticsStep, run_analysis)
 
-    res = run_analysis(tmp_path / "none.csv", tmp_path / "analysis", datalist=tmp_path / "none.json",
-                       gradcam_checkpoints={"doll": tmp_path / "x.pt", "scratch": tmp_path / "y.pt"},
-                       ensemble_models={"a": tmp_path / "a.pt"})
+    steps = [StatisticsStep(tmp_path / "none.csv"), EfficiencyStep(None),
+             GradCAMStep({"doll": tmp_path / "x.pt", "scratch": tmp_path / "y.pt"}),
+             EnsembleStep({"a": tmp_path / "a.pt"})]
+    res = run_analysis(AnalysisContext(tmp_path / "analysis", datalist=tmp_path / "none.json"), steps)
     assert all(v.startswith("not run") for v in res["status"].values()), res["status"]
     assert "x.pt" in res["status"]["gradcam"] and "at least two" in res["status"]["ensembles"]
     assert json.loads((tmp_path / "analysis" / "status.json").read_text()) == res["status"]

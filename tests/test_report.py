@@ -86,12 +86,12 @@ def report_env(effect_env, mlflow_uri) -> dict[str, Any]:  # noqa: F811
 @pytest.fixture(scope="module")
 def null_env(tmp_path_factory) -> dict[str, Any]:
     """A sweep without any effect, analysed without models (no Grad-CAM, no ensembles), reported without MLflow."""
-    from bundle.reporting.analysis import run_analysis
+    from bundle.reporting.analysis import AnalysisContext, StatisticsStep, run_analysis
     from bundle.reporting.report import build_report
 
     root = tmp_path_factory.mktemp("null")
     sweep = make_sweep_csv(root / "sweep.csv", {2: 0.0, 4: 0.0, 8: 0.0}, seed=5)
-    run_analysis(root / "sweep.csv", root / "analysis", n_boot=500)
+    run_analysis(AnalysisContext(root / "analysis"), [StatisticsStep(root / "sweep.csv", n_boot=500)])
     res = build_report(root / "report", analysis_dir=root / "analysis", doll_quality_dir=root / "none",
                        montage=root / "none.png", timing_json=root / "none.json")
     return {"root": root, "sweep": sweep, "result": res, "html": parse(Path(res["html"]))}

@@ -43,7 +43,8 @@ import logging
 import math
 import os
 import zlib
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -77,6 +78,11 @@ __all__ = [
     "sweep_models",
     "gradcam_analysis",
     "ensemble_analysis",
+    "AnalysisContext",
+    "EfficiencyStep",
+    "EnsembleStep",
+    "GradCAMStep",
+    "StatisticsStep",
     "run_analysis",
 ]
 
@@ -761,173 +767,228 @@ def _missing(paths: Mapping[str, PathLike]) -> list[str]:
     return [f"{k}: {v}" for k, v in paths.items() if not v or not os.path.exists(v)]
 
 
-def run_analysis(
-    sweep_csv: PathLike,
-    out_dir: PathLike,
-    reference: str = "scratch",
-    task: str = "scr",
-    datalist: PathLike | None = None,
-    split: str = "test",
-    image_size: Sequence[int] = (128, 128),
-    alpha: float = 0.05,
-    n_boot: int = 10000,
-    confidence: float = 0.95,
-    holm_by: Sequence[str] | None = None,
-    gradcam_checkpoints: Mapping[str, PathLike] | None = None,
-    gradcam_images: int = 3,
-    gradcam_mode: str = "hirescam",
-    gradcam_layer: str | None = None,
-    ensemble_models: Mapping[str, PathLike] | None = None,
-    ensemble_methods: Sequence[str] = ("union", "intersection", "majority", "staple"),
-    ensemble_max_images: int | None = 50,
-    arch: str = "segresnet",
-    arch_kwargs: Mapping[str, Any] | None = None,
-    device: str | torch.device = "cpu",
-    init_labels: Mapping[str, str] | None = None,
-    tracking_uri: str | None = None,
-    experiment: str = "cxr_doll_analysis",
-    seed: int = 0,
-    val_curves_csv: PathLike | None = None,
-) -> dict[str, Any]:
-    """Run the whole analysis (see the module docstring) and write it into ``out_dir``.
+@dataclass
+class AnalysisContext:
+    """What the analysis steps share: where they write, the task and network of the image views, and what they
+    collect (``status`` per section, ``files``, ``summary``, MLflow ``metrics``).
 
     Args:
-        sweep_csv: the sweep's tidy CSV (all its tasks enter the statistics and learning curves).
         out_dir: output folder (``<output_root>/analysis``).
-        reference: the reference init of the statistics.
         task: the task of the Grad-CAM and ensemble views.
         datalist: the task's datalist JSON (test images and reference masks).
         split: datalist section of the views.
         image_size: network input size.
-        alpha, n_boot, confidence, holm_by: statistics settings (:func:`statistics_table`).
-        gradcam_checkpoints: model name -> checkpoint for the Grad-CAM views (e.g. DoLL-init and scratch).
-        gradcam_images, gradcam_mode, gradcam_layer: see :func:`gradcam_analysis`.
-        ensemble_models: model name -> saved-mask folder or checkpoint (:func:`sweep_models`); at least two.
-        ensemble_methods, ensemble_max_images: see :func:`ensemble_analysis`.
         arch, arch_kwargs, device: the segmentation network.
         init_labels: display names of the inits in the figures.
-        tracking_uri: MLflow store (``None``: no MLflow run).
-        experiment: MLflow experiment.
-        seed: bootstrap seed.
-        val_curves_csv: the sweep's validation curves (training efficiency; ``None`` or missing: section not run).
+        seed: bootstrap and jitter seed.
+    """
+
+    out_dir: PathLike
+    task: str = "scr"
+    datalist: PathLike | None = None
+    split: str = "test"
+    image_size: Sequence[int] = (128, 128)
+    arch: str = "segresnet"
+    arch_kwargs: Mapping[str, Any] | None = None
+    device: str | torch.device = "cpu"
+    init_labels: Mapping[str, str] | None = None
+    seed: int = 0
+    status: dict[str, str] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.out_dir = os.fspath(self.out_dir)
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.summary.setdefault("task", self.task)
+
+    def path(self, name: str) -> str:
+        return os.path.join(os.fspath(self.out_dir), name)
+
+    def write_csv(self, name: str, frame: Any) -> str:
+        """Write ``frame`` as ``<out_dir>/<name>`` (atomically) and list it among the files."""
+        path = self.path(name)
+        atomic_write_text(path, frame.to_csv(index=False))
+        self.files.append(path)
+        return path
+
+
+class StatisticsStep:
+    """Statistics of every init against ``reference`` (:func:`statistics_table`, per structure too), replicability,
+    learning curves, Dice distributions and the per-seed table (worst seed, collapsed structures) of the sweep CSV.
+
+    Args:
+        sweep_csv: the sweep's tidy CSV (all its tasks enter).
+        reference: the reference init.
+        alpha, n_boot, confidence, holm_by: statistics settings (:func:`statistics_table`).
+    """
+
+    def __init__(self, sweep_csv: PathLike, reference: str = "scratch", alpha: float = 0.05, n_boot: int = 10000,
+                 confidence: float = 0.95, holm_by: Sequence[str] | None = None):
+        self.sweep_csv, self.reference = sweep_csv, reference
+        self.alpha, self.n_boot, self.confidence, self.holm_by = alpha, n_boot, confidence, holm_by
+
+    def __call__(self, ctx: AnalysisContext) -> None:
+        from .plots import plot_dice_distributions, plot_learning_curves
+
+        ctx.summary.update(sweep_csv=os.fspath(self.sweep_csv), reference=self.reference)
+        ctx.params.update(sweep_csv=os.fspath(self.sweep_csv), reference=self.reference, alpha=self.alpha,
+                          n_boot=self.n_boot, confidence=self.confidence, unit=_UNIT, holm_by=str(self.holm_by))
+        if not os.path.isfile(self.sweep_csv):
+            for section in ("statistics", "learning_curves"):
+                ctx.status[section] = f"not run: no sweep CSV at {self.sweep_csv}"
+            return
+        df = load_sweep(self.sweep_csv)
+        ctx.summary.update(n_rows=len(df), tasks=sorted(df["task"].unique()), inits=sorted(df["init"].unique()),
+                           train_sizes=[str(s) for s in sorted(set(df["train_size"]), key=size_key)],
+                           seeds=sorted(int(s) for s in df["seed"].unique()))
+        self._statistics(ctx, df)
+        curves = learning_curves(df, self.confidence, self.n_boot, ctx.seed)
+        ctx.write_csv("learning_curves.csv", curves)
+        scores = per_image_scores(df)
+        ctx.write_csv("dice_scores.csv", scores)
+        ctx.files.append(plot_learning_curves(curves, ctx.path("learning_curves.png"), ctx.init_labels))
+        ctx.files.append(plot_dice_distributions(scores, ctx.path("dice_distributions.png"), ctx.init_labels,
+                                                 seed=ctx.seed))
+        for r in curves[curves["structure"] == "all"].to_dict("records"):
+            ctx.metrics[_metric_key("curve", r["task"], r["init"], f"n{r['train_size']}", "dice")] = r["mean"]
+        seeds = seed_table(df)
+        ctx.write_csv("seeds.csv", seeds)
+        ctx.summary["collapsed"] = [f"{r['task']}/{r['structure']}/{r['init']}/n{r['train_size']} seeds "
+                                    f"{r['collapsed_seeds']}" for r in seeds[seeds["collapsed"]].to_dict("records")]
+        ctx.metrics["n_collapsed"] = float(len(ctx.summary["collapsed"]))
+        ctx.status["learning_curves"] = "done"
+
+    def _statistics(self, ctx: AnalysisContext, df: Any) -> None:
+        if self.reference not in set(df["init"]):
+            ctx.status["statistics"] = (f"not run: reference init {self.reference!r} not in the sweep "
+                                        f"({ctx.summary['inits']})")
+            return
+        settings = (self.alpha, self.n_boot, self.confidence, self.holm_by, ctx.seed)
+        stats = statistics_table(df, self.reference, False, *settings)
+        ctx.write_csv("statistics.csv", stats)
+        ctx.write_csv("statistics_structures.csv", statistics_table(df, self.reference, True, *settings))
+        ctx.write_csv("replicability.csv", replicability_table(df))
+        for r in stats.to_dict("records"):
+            key = _metric_key("stat", r["task"], r["init"], f"n{r['train_size']}")
+            ctx.metrics[f"{key}_mean_diff"], ctx.metrics[f"{key}_p_holm"] = r["mean_diff"], r["p_holm"]
+        ctx.summary["n_significant"] = int(stats["significant"].sum())
+        ctx.summary["n_comparisons"] = len(stats)
+        ctx.status["statistics"] = "done"
+
+
+class EfficiencyStep:
+    """Training efficiency: validation Dice against optimizer steps per init and the steps to 95% of the final
+    Dice (:func:`efficiency_table`), from the sweep's validation curves (``None`` or missing: not run)."""
+
+    def __init__(self, val_curves_csv: PathLike | None):
+        self.val_curves_csv = val_curves_csv
+
+    def __call__(self, ctx: AnalysisContext) -> None:
+        from .plots import plot_training_efficiency
+
+        if not self.val_curves_csv or not os.path.isfile(self.val_curves_csv):
+            ctx.status["efficiency"] = f"not run: no validation curves at {self.val_curves_csv}"
+            return
+        vc = load_val_curves(self.val_curves_csv)
+        eff = efficiency_table(vc)
+        ctx.write_csv("efficiency.csv", eff)
+        mean_curves = mean_val_curves(vc)
+        ctx.write_csv("val_curves_mean.csv", mean_curves)
+        ctx.files.append(plot_training_efficiency(mean_curves, ctx.path("training_efficiency.png"), ctx.init_labels))
+        for r in eff.to_dict("records"):
+            ctx.metrics[_metric_key("steps95", r["task"], r["init"], f"n{r['train_size']}")] = r["steps_to_95_mean"]
+        ctx.status["efficiency"] = "done"
+
+
+class GradCAMStep:
+    """Grad-CAM views of several fine-tuned networks on the test images (:func:`gradcam_analysis`).
+
+    Args:
+        checkpoints: model name -> checkpoint (e.g. DoLL-init and scratch).
+        num_images, mode, layer: see :func:`gradcam_analysis`.
+    """
+
+    def __init__(self, checkpoints: Mapping[str, PathLike] | None, num_images: int = 3, mode: str = "hirescam",
+                 layer: str | None = None):
+        self.checkpoints = dict(checkpoints or {})
+        self.num_images, self.mode, self.layer = num_images, mode, layer
+
+    def __call__(self, ctx: AnalysisContext) -> None:
+        cams = self.checkpoints
+        ctx.params.update(gradcam_mode=self.mode, gradcam_models=",".join(cams))
+        problems = _missing({"datalist": ctx.datalist or "", **{f"checkpoint {k}": v for k, v in cams.items()}})
+        if not cams or problems:
+            ctx.status["gradcam"] = "not run: " + ("no checkpoints given" if not cams else
+                                                   "missing " + "; ".join(problems))
+            return
+        res = gradcam_analysis(cams, os.fspath(ctx.datalist or ""), ctx.task, ctx.out_dir, ctx.image_size, ctx.split,
+                               self.num_images, self.mode, self.layer, ctx.arch, ctx.arch_kwargs, ctx.device)
+        ctx.files += [res["csv"], res["panel"]]
+        for name, g in res["rows"].groupby("model", sort=False):
+            ctx.metrics[_metric_key("gradcam", name, "inside_fraction")] = float(g["inside_fraction"].mean())
+            ctx.metrics[_metric_key("gradcam", name, "pointing")] = float(g["max_inside"].mean())
+        ctx.status["gradcam"] = "done"
+
+
+class EnsembleStep:
+    """Mask ensembles of several models and their synergy (:func:`ensemble_analysis`).
+
+    Args:
+        models: model name -> saved-mask folder or checkpoint (:func:`sweep_models`); at least two.
+        methods, max_images: see :func:`ensemble_analysis`.
+    """
+
+    def __init__(self, models: Mapping[str, PathLike] | None,
+                 methods: Sequence[str] = ("union", "intersection", "majority", "staple"),
+                 max_images: int | None = 50):
+        self.models = dict(models or {})
+        self.methods, self.max_images = list(methods), max_images
+
+    def __call__(self, ctx: AnalysisContext) -> None:
+        ens = self.models
+        ctx.params.update(ensemble_models=",".join(ens), ensemble_methods=",".join(self.methods))
+        problems = _missing({"datalist": ctx.datalist or "", **{f"model {k}": v for k, v in ens.items()}})
+        if len(ens) < 2 or problems:
+            ctx.status["ensembles"] = "not run: " + (f"needs at least two models, got {len(ens)}" if len(ens) < 2
+                                                     else "missing " + "; ".join(problems))
+            return
+        res = ensemble_analysis(ens, os.fspath(ctx.datalist or ""), ctx.task, ctx.out_dir, ctx.image_size, ctx.split,
+                                self.methods, self.max_images, ctx.arch, ctx.arch_kwargs, ctx.device)
+        ctx.files += res["files"]
+        for r in res["summary"][res["summary"]["structure"] == "all"].to_dict("records"):
+            name = r["models"] if r["method"] == "single" else r["method"]
+            ctx.metrics[_metric_key("ensemble", r["task"], name, "dice")] = r["dice"]
+        ctx.summary["ensemble_models"] = {k: os.fspath(v) for k, v in ens.items()}
+        ctx.status["ensembles"] = "done"
+
+
+def run_analysis(context: AnalysisContext, steps: Sequence[Callable[[AnalysisContext], None]],
+                 tracking_uri: str | None = None, experiment: str = "cxr_doll_analysis") -> dict[str, Any]:
+    """Run the analysis ``steps`` in order (configs/analysis.yaml lists them: :class:`StatisticsStep`,
+    :class:`EfficiencyStep`, :class:`GradCAMStep`, :class:`EnsembleStep`), each recording its section's status,
+    files and metrics in ``context``; then write ``status.json`` and ``summary.json`` and log one MLflow run.
 
     Returns:
         ``{"status": {section: "done" | "not run: ..."}, "files": [...], "summary": {...}, "run_id": ...}``.
     """
-    from .plots import plot_dice_distributions, plot_learning_curves, plot_training_efficiency
-
-    out = os.fspath(out_dir)
-    os.makedirs(out, exist_ok=True)
-    status: dict[str, str] = {}
-    files: list[str] = []
-    summary: dict[str, Any] = {"sweep_csv": os.fspath(sweep_csv), "reference": reference, "task": task}
-    metrics: dict[str, float] = {}
-
-    def write_csv(name: str, frame: Any) -> str:
-        path = os.path.join(out, name)
-        atomic_write_text(path, frame.to_csv(index=False))
-        files.append(path)
-        return path
-
-    # ---- statistics, replicability, learning curves ------------------------------------------------------------
-    if not os.path.isfile(sweep_csv):
-        for section in ("statistics", "learning_curves"):
-            status[section] = f"not run: no sweep CSV at {sweep_csv}"
-    else:
-        df = load_sweep(sweep_csv)
-        summary.update(n_rows=len(df), tasks=sorted(df["task"].unique()), inits=sorted(df["init"].unique()),
-                       train_sizes=[str(s) for s in sorted(set(df["train_size"]), key=size_key)],
-                       seeds=sorted(int(s) for s in df["seed"].unique()))
-        if reference in set(df["init"]):
-            stats = statistics_table(df, reference, False, alpha, n_boot, confidence, holm_by, seed)
-            write_csv("statistics.csv", stats)
-            write_csv("statistics_structures.csv",
-                      statistics_table(df, reference, True, alpha, n_boot, confidence, holm_by, seed))
-            write_csv("replicability.csv", replicability_table(df))
-            for r in stats.to_dict("records"):
-                key = _metric_key("stat", r["task"], r["init"], f"n{r['train_size']}")
-                metrics[f"{key}_mean_diff"], metrics[f"{key}_p_holm"] = r["mean_diff"], r["p_holm"]
-            summary["n_significant"] = int(stats["significant"].sum())
-            summary["n_comparisons"] = len(stats)
-            status["statistics"] = "done"
-        else:
-            status["statistics"] = f"not run: reference init {reference!r} not in the sweep ({summary['inits']})"
-        curves = learning_curves(df, confidence, n_boot, seed)
-        write_csv("learning_curves.csv", curves)
-        scores = per_image_scores(df)
-        write_csv("dice_scores.csv", scores)
-        files.append(plot_learning_curves(curves, os.path.join(out, "learning_curves.png"), init_labels))
-        files.append(plot_dice_distributions(scores, os.path.join(out, "dice_distributions.png"), init_labels,
-                                             seed=seed))
-        for r in curves[curves["structure"] == "all"].to_dict("records"):
-            metrics[_metric_key("curve", r["task"], r["init"], f"n{r['train_size']}", "dice")] = r["mean"]
-        seeds = seed_table(df)
-        write_csv("seeds.csv", seeds)
-        summary["collapsed"] = [f"{r['task']}/{r['structure']}/{r['init']}/n{r['train_size']} seeds "
-                                f"{r['collapsed_seeds']}" for r in seeds[seeds["collapsed"]].to_dict("records")]
-        metrics["n_collapsed"] = float(len(summary["collapsed"]))
-        status["learning_curves"] = "done"
-
-    # ---- training efficiency ---------------------------------------------------------------------------------
-    if not val_curves_csv or not os.path.isfile(val_curves_csv):
-        status["efficiency"] = f"not run: no validation curves at {val_curves_csv}"
-    else:
-        vc = load_val_curves(val_curves_csv)
-        eff = efficiency_table(vc)
-        write_csv("efficiency.csv", eff)
-        mean_curves = mean_val_curves(vc)
-        write_csv("val_curves_mean.csv", mean_curves)
-        files.append(plot_training_efficiency(mean_curves, os.path.join(out, "training_efficiency.png"),
-                                              init_labels))
-        for r in eff.to_dict("records"):
-            metrics[_metric_key("steps95", r["task"], r["init"], f"n{r['train_size']}")] = r["steps_to_95_mean"]
-        status["efficiency"] = "done"
-
-    # ---- Grad-CAM --------------------------------------------------------------------------------------------
-    cams = dict(gradcam_checkpoints or {})
-    problems = _missing({"datalist": datalist or "", **{f"checkpoint {k}": v for k, v in cams.items()}})
-    if not cams or problems:
-        status["gradcam"] = "not run: " + ("no checkpoints given" if not cams else "missing " + "; ".join(problems))
-    else:
-        res = gradcam_analysis(cams, os.fspath(datalist or ""), task, out, image_size, split, gradcam_images,
-                               gradcam_mode, gradcam_layer, arch, arch_kwargs, device)
-        files += [res["csv"], res["panel"]]
-        for name, g in res["rows"].groupby("model", sort=False):
-            metrics[_metric_key("gradcam", name, "inside_fraction")] = float(g["inside_fraction"].mean())
-            metrics[_metric_key("gradcam", name, "pointing")] = float(g["max_inside"].mean())
-        status["gradcam"] = "done"
-
-    # ---- ensembles -------------------------------------------------------------------------------------------
-    ens = dict(ensemble_models or {})
-    problems = _missing({"datalist": datalist or "", **{f"model {k}": v for k, v in ens.items()}})
-    if len(ens) < 2 or problems:
-        status["ensembles"] = "not run: " + (f"needs at least two models, got {len(ens)}" if len(ens) < 2
-                                             else "missing " + "; ".join(problems))
-    else:
-        res = ensemble_analysis(ens, os.fspath(datalist or ""), task, out, image_size, split, ensemble_methods,
-                                ensemble_max_images, arch, arch_kwargs, device)
-        files += res["files"]
-        for r in res["summary"][res["summary"]["structure"] == "all"].to_dict("records"):
-            name = r["models"] if r["method"] == "single" else r["method"]
-            metrics[_metric_key("ensemble", r["task"], name, "dice")] = r["dice"]
-        summary["ensemble_models"] = {k: os.fspath(v) for k, v in ens.items()}
-        status["ensembles"] = "done"
-
+    for step in steps:
+        step(context)
+    status, files, summary = context.status, context.files, context.summary
     summary["status"] = status
     for name, obj in (("status.json", status), ("summary.json", summary)):
-        path = os.path.join(out, name)
+        path = context.path(name)
         atomic_write_json(path, _jsonable(obj))
         files.append(path)
     run_id = None
     if tracking_uri:
         from ..workflows.tracking import log_run
 
-        params = {"sweep_csv": os.fspath(sweep_csv), "reference": reference, "task": task, "alpha": alpha,
-                  "n_boot": n_boot, "confidence": confidence, "unit": _UNIT, "holm_by": str(holm_by),
-                  "gradcam_mode": gradcam_mode, "gradcam_models": ",".join(cams),
-                  "ensemble_models": ",".join(ens), "ensemble_methods": ",".join(ensemble_methods)}
-        run_id = log_run(tracking_uri, experiment, "analysis", params=params, metrics=metrics,
-                         artifacts=files, tags={"stage": "analysis", "task": task,
+        params = {"task": context.task, **context.params}
+        run_id = log_run(tracking_uri, experiment, "analysis", params=params, metrics=context.metrics,
+                         artifacts=files, tags={"stage": "analysis", "task": context.task,
                                                 **{f"status_{k}": v[:200] for k, v in status.items()}})
     logger.info("analysis: " + ", ".join(f"{k}: {v}" for k, v in status.items()))
     return {"status": status, "files": files, "summary": summary, "run_id": run_id}
