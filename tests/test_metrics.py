@@ -15,7 +15,6 @@ from bundle.metrics.segmentation import (
     hausdorff_percentile,
     hd95,
     iou,
-    mask_boundary,
     segmentation_metrics,
     segmentation_rows,
 )
@@ -73,8 +72,26 @@ def test_hd_hand_values_and_spacing():
     assert hausdorff_percentile(a, b, 100) == pytest.approx(3.0)
     assert 0 < hd95(a, b) <= 3.0
     # boundary of a filled square is its outline (4-connectivity erosion)
-    edge = mask_boundary(a)
+    edge = scipy_boundary(a)
     assert edge.sum() == 4 * 7 - 4 and not edge[8, 8]
+    np.testing.assert_allclose(hd95(a, b), scipy_hd(a, b, 95.0, (1.0, 1.0)))
+
+
+def scipy_boundary(mask: np.ndarray) -> np.ndarray:
+    """The reference boundary: ``mask XOR binary_erosion(mask)`` (4-connectivity, zero border; scipy)."""
+    from scipy.ndimage import binary_erosion
+
+    return mask ^ binary_erosion(mask, border_value=0)
+
+
+def scipy_hd(pred: np.ndarray, ref: np.ndarray, percentile: float, spacing: tuple[float, float]) -> float:
+    """An independent HD computation (scipy's Euclidean distance transform) of two non-empty 2-D masks."""
+    from scipy.ndimage import distance_transform_edt
+
+    ep, er = scipy_boundary(pred), scipy_boundary(ref)
+    d_pr = distance_transform_edt(~er, sampling=spacing)[ep]
+    d_rp = distance_transform_edt(~ep, sampling=spacing)[er]
+    return max(float(np.percentile(d_pr, percentile)), float(np.percentile(d_rp, percentile)))
 
 
 def test_binary_validation():
@@ -86,7 +103,9 @@ def test_binary_validation():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_monai(seed):
+def test_matches_references(seed):
+    """Dice/IoU against numpy formulas and MONAI's metric classes, HD95 against scipy (the product calls MONAI's
+    functions)."""
     from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 
     rng = np.random.default_rng(seed)
@@ -99,6 +118,10 @@ def test_matches_monai(seed):
     m_iou = MeanIoU(include_background=True, reduction="none", ignore_empty=False)(pt, rt).numpy()
     np.testing.assert_allclose(dice(pred, ref), m_dice, atol=1e-6)
     np.testing.assert_allclose(iou(pred, ref), m_iou, atol=1e-6)
+    inter, p_sum, r_sum = (pred & ref).sum((-2, -1)), pred.sum((-2, -1)), ref.sum((-2, -1))
+    union = (pred | ref).sum((-2, -1))
+    np.testing.assert_allclose(dice(pred, ref), np.where(p_sum + r_sum > 0, 2 * inter / np.maximum(p_sum + r_sum, 1), 1))
+    np.testing.assert_allclose(iou(pred, ref), np.where(union > 0, inter / np.maximum(union, 1), 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for spacing in (None, (0.7, 1.3)):
@@ -108,6 +131,9 @@ def test_matches_monai(seed):
             both = pred.any(axis=(-2, -1)) & ref.any(axis=(-2, -1))
             assert both.sum() >= 2, "the random case should have non-empty pairs to compare"
             np.testing.assert_allclose(ours[both], m_hd[both], rtol=1e-5, atol=1e-5)
+            sp = spacing or (1.0, 1.0)
+            ref_hd = [scipy_hd(pred[i, j], ref[i, j], 95.0, sp) for i, j in zip(*np.nonzero(both))]
+            np.testing.assert_allclose(ours[both], ref_hd, rtol=1e-5, atol=1e-5)
             # where MONAI says nan (an empty mask) we follow the documented conventions instead
             none = ~pred.any(axis=(-2, -1)) & ~ref.any(axis=(-2, -1))
             assert (ours[none] == 0).all() and np.isnan(ours[~both & ~none]).all()

@@ -24,13 +24,12 @@ from .segmentation import (
     hausdorff_percentile,
     hd95,
     iou,
-    mask_boundary,
     segmentation_metrics,
     segmentation_rows,
 )
 
 __all__ = [
-    "as_binary_numpy", "dice", "iou", "hd95", "hausdorff_percentile", "mask_boundary", "segmentation_metrics",
+    "as_binary_numpy", "dice", "iou", "hd95", "hausdorff_percentile", "segmentation_metrics",
     "segmentation_rows", "stack_masks", "union", "intersection", "majority_vote", "StapleResult", "staple",
     "staple_e_step", "staple_m_step", "ensemble_masks", "ensemble_rows", "synergy_rows",
 ]

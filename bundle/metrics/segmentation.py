@@ -23,7 +23,9 @@ distance instead. MONAI's :class:`~monai.metrics.DiceMetric` / :class:`~monai.me
 ``ignore_empty=False`` follow the same Dice/IoU convention; MONAI's :class:`~monai.metrics.HausdorffDistanceMetric`
 returns ``nan`` in both empty cases.
 
-HD95 follows MONAI's definition exactly (the tests cross-check it): the boundary of a mask is ``mask XOR
+Dice, IoU and HD95 are MONAI's (:func:`monai.metrics.compute_dice`, :func:`~monai.metrics.compute_iou`,
+:func:`~monai.metrics.compute_hausdorff_distance`), wrapped for the empty cases of the table. The HD95 definition
+(the tests check it against a scipy computation): the boundary of a mask is ``mask XOR
 binary_erosion(mask)`` (4-connected structuring element, pixels outside the image count as background, so a mask
 touching the image border has a boundary there); for every boundary pixel of ``pred`` the Euclidean distance to the
 nearest boundary pixel of ``ref`` is taken and vice versa; HD95 is the larger of the two 95th percentiles (linear
@@ -43,7 +45,6 @@ __all__ = [
     "iou",
     "hd95",
     "hausdorff_percentile",
-    "mask_boundary",
     "segmentation_metrics",
     "segmentation_rows",
 ]
@@ -78,39 +79,31 @@ def _pair(pred: Any, ref: Any) -> tuple[np.ndarray, np.ndarray]:
     return p, r
 
 
+def _bchw(mask: np.ndarray) -> Any:
+    """``(..., H, W)`` boolean masks as the ``(N, 1, H, W)`` float tensor MONAI's metric functions take."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(mask.reshape(-1, 1, *mask.shape[-2:]), dtype=np.float32))
+
+
 def dice(pred: Any, ref: Any) -> np.ndarray:
-    """Dice coefficient ``2|P∩R| / (|P|+|R|)`` per leading index of ``(..., H, W)`` masks (1.0 when both empty)."""
+    """Dice coefficient ``2|P∩R| / (|P|+|R|)`` per leading index of ``(..., H, W)`` masks (1.0 when both empty):
+    MONAI's :func:`monai.metrics.compute_dice` with ``ignore_empty=False``."""
+    from monai.metrics import compute_dice
+
     p, r = _pair(pred, ref)
-    inter = np.logical_and(p, r).sum(axis=(-2, -1), dtype=np.float64)
-    total = p.sum(axis=(-2, -1), dtype=np.float64) + r.sum(axis=(-2, -1), dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(total > 0, 2.0 * inter / np.where(total > 0, total, 1.0), 1.0)
-    return np.asarray(out, dtype=np.float64)
+    out = compute_dice(_bchw(p), _bchw(r), include_background=True, ignore_empty=False)
+    return out.double().numpy().reshape(p.shape[:-2])
 
 
 def iou(pred: Any, ref: Any) -> np.ndarray:
-    """Intersection over union ``|P∩R| / |P∪R|`` per leading index (1.0 when both empty)."""
+    """Intersection over union ``|P∩R| / |P∪R|`` per leading index (1.0 when both empty): MONAI's
+    :func:`monai.metrics.compute_iou` with ``ignore_empty=False``."""
+    from monai.metrics import compute_iou
+
     p, r = _pair(pred, ref)
-    inter = np.logical_and(p, r).sum(axis=(-2, -1), dtype=np.float64)
-    union = np.logical_or(p, r).sum(axis=(-2, -1), dtype=np.float64)
-    out = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 1.0)
-    return np.asarray(out, dtype=np.float64)
-
-
-def mask_boundary(mask: np.ndarray) -> np.ndarray:
-    """Boundary pixels of a 2-D boolean mask: ``mask XOR binary_erosion(mask)`` (4-connectivity, zero border)."""
-    from scipy.ndimage import binary_erosion
-
-    mask = np.asarray(mask, dtype=bool)
-    return mask ^ binary_erosion(mask, border_value=0)
-
-
-def _directed_distances(src_edges: np.ndarray, dst_edges: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
-    """Distance from every ``src_edges`` pixel to the nearest ``dst_edges`` pixel (both non-empty)."""
-    from scipy.ndimage import distance_transform_edt
-
-    dist = distance_transform_edt(~dst_edges, sampling=spacing)
-    return np.asarray(dist[src_edges], dtype=np.float64)
+    out = compute_iou(_bchw(p), _bchw(r), include_background=True, ignore_empty=False)
+    return out.double().numpy().reshape(p.shape[:-2])
 
 
 def _spacing2(spacing: float | Sequence[float] | None) -> tuple[float, float]:
@@ -154,21 +147,17 @@ def hausdorff_percentile(
     diagonal = float(np.hypot(h * sp[0], w * sp[1]))
     lead = p.shape[:-2]
     out = np.empty(lead, dtype=np.float64)
+    from monai.metrics import compute_hausdorff_distance
+
     p2, r2 = p.reshape(-1, h, w), r.reshape(-1, h, w)
     flat = out.reshape(-1)
-    for i in range(p2.shape[0]):
-        pi, ri = p2[i], r2[i]
-        p_any, r_any = bool(pi.any()), bool(ri.any())
-        if not p_any and not r_any:
-            flat[i] = 0.0
-            continue
-        if p_any != r_any:
-            flat[i] = np.nan if one_empty == "nan" else diagonal
-            continue
-        ep, er = mask_boundary(pi), mask_boundary(ri)
-        d_pr = _directed_distances(ep, er, sp)
-        d_rp = _directed_distances(er, ep, sp)
-        flat[i] = max(float(np.percentile(d_pr, percentile)), float(np.percentile(d_rp, percentile)))
+    p_any, r_any = p2.any(axis=(1, 2)), r2.any(axis=(1, 2))
+    flat[~p_any & ~r_any] = 0.0
+    flat[p_any != r_any] = np.nan if one_empty == "nan" else diagonal
+    both = np.flatnonzero(p_any & r_any)
+    if both.size:  # MONAI's definition (its empty cases, NaN, are the ones handled above)
+        flat[both] = compute_hausdorff_distance(_bchw(p2[both]), _bchw(r2[both]), include_background=True,
+                                                percentile=percentile, spacing=list(sp))[:, 0].double().numpy()
     return out
 
 
