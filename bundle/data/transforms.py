@@ -7,6 +7,7 @@ channel-first :class:`monai.data.MetaTensor` whose meta holds ``filename_or_obj`
 
 from __future__ import annotations
 
+import os
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -16,7 +17,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from ..utils import BundleInputError
-from .io import load_bitmask, load_mask, load_radiograph, resample_image, size_mismatch_problem
+from .io import encode_bitmask, load_bitmask, load_mask, load_radiograph, resample_image, size_mismatch_problem
 
 
 def _meta_tensor(arr: np.ndarray, meta: Mapping[str, Any], dtype: torch.dtype) -> MetaTensor:
@@ -42,9 +43,12 @@ class LoadMask(Transform):
     """Load a binary mask, a list of per-channel masks, or a bit-mask image into a ``(C, H, W)`` MetaTensor.
 
     Args:
-        num_bitmask_channels: when set, a single path is decoded as a bit mask with this many channels.
-        union_groups: optional list of channel-index groups; each output channel is the union of its group
-            (e.g. ``[[0, 1], [2], [3, 4]]`` turns SCR's five structures into lungs, heart, clavicles).
+        num_bitmask_channels: when set, a label given as a single file is decoded as a bit mask with this many
+            channels (bit ``k`` -> channel ``k``: the bundle's inference output and MONAI Label's label files); a
+            list of per-structure files is read as such (and ``union_groups`` applies to it only).
+        union_groups: optional list of channel-index groups; each output channel of a list of per-structure masks is
+            the union of its group (e.g. ``[[0, 1], [2], [3, 4]]`` turns SCR's five structures into lungs, heart,
+            clavicles).
         required_nonempty: raise when a loaded mask (each file) is empty.
         dtype: output dtype (float32 by default, ready for losses).
     """
@@ -57,10 +61,9 @@ class LoadMask(Transform):
         self.dtype = dtype
 
     def __call__(self, path: str | Sequence[str]) -> MetaTensor:
-        paths = [path] if isinstance(path, str) else list(path)
-        if self.num_bitmask_channels is not None:
-            if len(paths) != 1:
-                raise ValueError("a bit-mask label is a single file")
+        single = isinstance(path, (str, os.PathLike))
+        paths = [os.fspath(path)] if single else [os.fspath(p) for p in path]
+        if single and self.num_bitmask_channels is not None:
             arr = load_bitmask(paths[0], self.num_bitmask_channels)
         else:
             masks = [load_mask(p, required_nonempty=self.required_nonempty) for p in paths]
@@ -68,8 +71,8 @@ class LoadMask(Transform):
             if len(shapes) > 1:
                 raise BundleInputError(paths[0], f"per-channel masks differ in size: {sorted(shapes)} ({paths})")
             arr = np.stack(masks)
-        if self.union_groups is not None:
-            arr = np.stack([arr[list(g)].max(axis=0) for g in self.union_groups])
+            if self.union_groups is not None:
+                arr = np.stack([arr[list(g)].max(axis=0) for g in self.union_groups])
         return _meta_tensor(arr, {"filename_or_obj": paths[0], "spatial_shape": arr.shape[-2:]}, self.dtype)
 
 
@@ -126,4 +129,22 @@ class LoadMaskd(MapTransform):
             arr = np.stack([resample_image(c, size) for c in image.detach().cpu().numpy()])
             meta = dict(image.meta) if hasattr(image, "meta") else {}
             d[self.image_key] = _meta_tensor(arr, {**meta, "spatial_shape": size}, image.dtype)
+        return d
+
+
+class BitmaskLabeld(MapTransform):
+    """Binary multi-label masks ``(C, H, W)`` (``> 0.5`` is on) into one integer label map ``(H, W)``, the bundle's
+    label format: channel ``k`` sets bit ``k`` (lungs = 1, heart = 2, clavicles = 4; overlapping structures add up,
+    e.g. 5 = lungs and clavicles). A 2-D array in the image's row order, uint8 (uint16 above 8 channels): what
+    MONAI Label's writer and the bundle's :class:`~bundle.workflows.inference.SaveMasksd` write as they are;
+    :func:`~bundle.data.io.decode_bitmask` gives the channels back."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            masks = torch.as_tensor(d[key]).detach().cpu().numpy() > 0.5
+            if masks.ndim != 3:
+                raise ValueError(f"{key}: expected (C, H, W) masks, got shape {masks.shape}")
+            label = encode_bitmask(masks)
+            d[key] = np.ascontiguousarray(label.astype(np.uint8) if masks.shape[0] <= 8 else label)
         return d

@@ -19,7 +19,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from ..data.io import encode_bitmask, save_nifti, save_png
+from ..data.io import decode_bitmask, encode_bitmask, save_nifti, save_png
 from ..reporting.figures import overlay_rgb
 
 logger = logging.getLogger(__name__)
@@ -70,10 +70,13 @@ def finish_inference(datalist: Sequence[Mapping[str, Any]], failure_log: Any, wr
 
 
 class SaveMasksd(MapTransform):
-    """Write each item's binary multi-label prediction ``(C, H, W)`` as one file, named after its input.
+    """Write each item's prediction as one file, named after its input: a bit-mask label map ``(H, W)``
+    (:class:`~bundle.data.transforms.BitmaskLabeld`) or binary multi-label masks ``(C, H, W)``.
 
     Args:
         keys: the prediction key (already inverted to the input's geometry and thresholded).
+        num_channels: the structures of a bit-mask label map (for the NIfTI channels and the overlay; default: as
+            many as its highest set bit).
         output_dir: output folder.
         output_ext: ``".png"`` (bit mask) or ``".nii.gz"`` (multi-channel NIfTI).
         image_key: key of the input image (its meta gives the file name, the size and a NIfTI affine).
@@ -83,7 +86,7 @@ class SaveMasksd(MapTransform):
 
     def __init__(self, keys: KeysCollection = "pred", output_dir: str = "./eval/inference", output_ext: str = ".png",
                  image_key: str = "image", overlay: bool = False, postfix: str = "_seg",
-                 allow_missing_keys: bool = False):
+                 num_channels: int | None = None, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         if output_ext not in (".png", ".nii.gz", ".nii"):
             raise ValueError(f"output_ext must be '.png', '.nii.gz' or '.nii', got {output_ext!r}")
@@ -92,6 +95,7 @@ class SaveMasksd(MapTransform):
         self.image_key = image_key
         self.overlay = overlay
         self.postfix = postfix
+        self.num_channels = num_channels
         self.saved = 0  # inputs whose mask this writer has saved (the summary's "N written")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -102,11 +106,15 @@ class SaveMasksd(MapTransform):
         stem = output_stem(src)
         for key in self.key_iterator(d):
             pred = torch.as_tensor(d[key]).detach().cpu().numpy()
-            masks = (pred > 0.5).astype(np.uint8)
+            if pred.ndim == 2:  # a bit-mask label map (bundle.data.transforms.BitmaskLabeld)
+                label = pred.astype(np.uint16)
+                masks = decode_bitmask(label, self.num_channels or max(1, int(label.max()).bit_length()))
+            else:
+                masks = (pred > 0.5).astype(np.uint8)
+                label = encode_bitmask(masks)
             path = os.path.join(self.output_dir, f"{stem}{self.postfix}{self.output_ext}")
             if self.output_ext == ".png":
-                arr = encode_bitmask(masks)
-                save_png(path, arr.astype(np.uint8) if masks.shape[0] <= 8 else arr)
+                save_png(path, label.astype(np.uint8) if masks.shape[0] <= 8 else label)
             else:
                 affine = meta.get("original_affine")
                 save_nifti(path, masks, None if affine is None else np.asarray(affine))
