@@ -113,8 +113,10 @@ def test_resumed_training_ends_with_the_uninterrupted_weights(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_early_stopping_state_survives_a_resume(tmp_path):
-    """The patience counter and best score are checkpointed: a resumed run stops where an uninterrupted one would."""
+@pytest.mark.parametrize("named", [True, False])
+def test_early_stopping_state_survives_a_resume(tmp_path, named):
+    """The patience counter and best score are checkpointed: a resumed run stops where an uninterrupted one would;
+    the checkpoint handler finds the early-stopping handler on the trainer when the config does not name it."""
     from ignite.engine import Engine
 
     from bundle.workflows.checkpoint import ResumableCheckpoint
@@ -125,7 +127,8 @@ def test_early_stopping_state_survives_a_resume(tmp_path):
     def make() -> tuple[Engine, TrainerEarlyStop]:
         engine = Engine(lambda e, b: None)
         stop = TrainerEarlyStop(patience=3, score_function=lambda e: next(scores), epoch_level=True)
-        ResumableCheckpoint(str(tmp_path), torch.nn.Linear(1, 1), best_filename=None, early_stop=stop).attach(engine)
+        ResumableCheckpoint(str(tmp_path), torch.nn.Linear(1, 1), best_filename=None,
+                            early_stop=stop if named else None).attach(engine)
         stop.attach(engine)
         return engine, stop
 

@@ -44,6 +44,7 @@ Config wiring (a sketch; ids are the stage config's)::
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -401,3 +402,16 @@ def prepare_finetune(net: nn.Module, mode: str = "full", *, warmup_epochs: int =
     )
     logger.info("%s", summary)
     return FinetuneSetup(params=params, summary=summary, handler=handler)
+
+
+def default_init(doll_checkpoint: str | os.PathLike) -> str:
+    """The initialisation a fine-tuning run gets when none is named: ``"doll"`` when the DoLL pre-trained checkpoint
+    exists, else ``"scratch"`` with a warning (e.g. a Model Zoo or MONAI Label user who trains ``configs/train.yaml``
+    without the pre-training stage: MONAI Label then starts from ``models/model.pt`` itself). Sweeps and the pipeline
+    always name the init, so their comparisons never depend on this fallback."""
+    if os.path.isfile(doll_checkpoint):
+        return "doll"
+    logging.getLogger(__name__).warning(
+        f"no DoLL pre-trained checkpoint at {doll_checkpoint}: training from scratch (run configs/pretrain.yaml "
+        "first, or name the initialisation with --init)")
+    return "scratch"

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import EarlyStopHandler
 
 from ..utils import atomic_save, hold_folder_lock, load_checkpoint, remove_stale_temp_files
 
@@ -39,8 +40,9 @@ class ResumableCheckpoint:
         save_interval: epochs between two ``last.pt`` writes.
         resume: restore from ``last.pt`` when it exists.
         enabled: set to ``False`` on non-zero ranks (only rank 0 writes; every rank resumes).
-        early_stop: optional early-stopping handler (MONAI ``EarlyStopHandler``) whose patience counter and best
-            score are saved and restored, so that a resumed run stops at the epoch an uninterrupted one would.
+        early_stop: the early-stopping handler (MONAI ``EarlyStopHandler``) whose patience counter and best score
+            are saved and restored, so that a resumed run stops at the epoch an uninterrupted one would; default:
+            the ``EarlyStopHandler`` attached to the same engine, if any.
     """
 
     def __init__(self, ckpt_dir: str, network: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -91,8 +93,8 @@ class ResumableCheckpoint:
         for name, obj in self._objects(engine).items():
             if name in ckpt:
                 obj.load_state_dict(ckpt[name])
-        if ckpt.get("early_stop") is not None and self.early_stop is not None:
-            # its ignite handler exists once it is attached (after this one): restore when the run starts
+        if ckpt.get("early_stop") is not None:
+            # the plateau handler is attached after this one: restore its state when the run starts
             engine.add_event_handler(Events.STARTED, self._restore_early_stop, ckpt["early_stop"])
         best = ckpt.get("best")
         if best is not None and self.evaluator is not None:
@@ -101,23 +103,32 @@ class ResumableCheckpoint:
         logger.info(f"resumed from {self.last_path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
 
     def _restore_early_stop(self, engine: Engine, state: Mapping[str, Any]) -> None:
-        handler = self._early_stopping()
+        handler = self._early_stopping(engine)
+        if handler is None:
+            logger.warning(f"{self.last_path} holds an early-stopping state but no early-stopping handler is attached")
+            return
         handler.load_state_dict(state)
         if handler.counter >= handler.patience:  # the saved run had been stopped early: it is finished
             logger.info(f"{self.last_path}: training had stopped early at epoch {engine.state.epoch} "
                         f"(patience {handler.patience}); nothing to do")
             engine.terminate()
 
-    def _early_stopping(self) -> Any:
+    def _early_stopping(self, engine: Engine) -> Any:
+        """ignite's ``EarlyStopping`` of ``early_stop``, else of the :class:`monai.handlers.EarlyStopHandler`
+        attached to ``engine`` (so a config needs no reference between the two handlers); ``None`` when none is."""
         handler = getattr(self.early_stop, "_handler", None)
         if handler is None:
-            raise RuntimeError("early_stop: its handler is not attached to the trainer")
+            for handlers in engine._event_handlers.values():
+                for h, *_ in handlers:
+                    if isinstance(h, EarlyStopHandler) and h._handler is not None:
+                        return h._handler
         return handler
 
     def save(self, engine: Engine) -> None:
         state = {name: obj.state_dict() for name, obj in self._objects(engine).items()}
-        if self.early_stop is not None and getattr(self.early_stop, "_handler", None) is not None:
-            state["early_stop"] = dict(self.early_stop._handler.state_dict())
+        early_stopping = self._early_stopping(engine)
+        if early_stopping is not None:
+            state["early_stop"] = dict(early_stopping.state_dict())
         if self.evaluator is not None:
             state["best"] = {"best_metric": self.evaluator.state.best_metric,
                              "best_metric_epoch": self.evaluator.state.best_metric_epoch}

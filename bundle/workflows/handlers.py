@@ -17,9 +17,13 @@ class TrainerEarlyStop(EarlyStopHandler):
     engine it is attached to, so a config needs no reference from the handler back to ``train#trainer``.
     ``score_function`` typically reads the evaluator's key metric, e.g.
     ``$lambda e: @validate#evaluator.state.metrics['val_mean_auroc']``; attach it after the ``ValidationHandler``.
+    ``patience`` < 1 switches the rule off (nothing is attached). The resume handler
+    (:class:`~bundle.workflows.checkpoint.ResumableCheckpoint`) finds it on the trainer and saves its counter.
     """
 
     def attach(self, engine: Engine) -> None:
+        if int(self.patience) < 1:  # patience 0: the rule is off
+            return
         if self._handler is None:
             self.set_trainer(engine)
         super().attach(engine)
