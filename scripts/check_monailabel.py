@@ -264,7 +264,8 @@ def check_stock_train(app: Any, bundle: Path, epochs: int) -> None:
     runs = sorted((bundle / "models" / "segmentation").glob("*/last.pt"))
     import torch
 
-    epochs_done = [int(torch.load(p, map_location="cpu", weights_only=False)["trainer"]["epoch"]) for p in runs]
+    states = [torch.load(p, map_location="cpu", weights_only=False)["trainer"] for p in runs]
+    epochs_done = [int(s["iteration"]) // max(1, int(s["epoch_length"])) for s in states]
     ok = bool(runs) and all(e == epochs for e in epochs_done) and all((p.parent / "model.pt").is_file() for p in runs)
     record("stock_train", ok, f"app.train {req} ({len(app.datastore().datalist())} labelled images) took {dt:.0f} s; "
            f"checkpoints {[str(p.relative_to(bundle)) for p in runs]} at epochs {epochs_done} (asked {epochs}), "

@@ -263,3 +263,32 @@ def test_single_image_preprocessing_still_raises(tmp_path):
     while cause.__cause__ is not None:
         cause = cause.__cause__
     assert isinstance(cause, BundleInputError) and str(cause).startswith(str(bad))
+
+
+def test_bitmask_label_map_round_trip(tmp_path):
+    """postprocessing's last step: (C, H, W) masks -> one bit-mask map in MONAI's (x, y) order (what MONAI Label's
+    writer takes); SaveMasksd writes it in the input's rows and columns; LoadMask reads it back as the channels."""
+    from monai.data import MetaTensor
+
+    from bundle.data.io import decode_bitmask, read_array
+    from bundle.data.transforms import BitmaskLabeld, LoadMask
+    from bundle.workflows.inference import SaveMasksd
+
+    rng = np.random.default_rng(0)
+    masks = (rng.random((3, 5, 7)) > 0.5).astype(np.float32)   # non-square: rows and columns cannot be confused
+    image = MetaTensor(torch.zeros(1, 4, 4), meta={"filename_or_obj": str(tmp_path / "case.png"),
+                                                  "spatial_shape": np.asarray([5, 7])})
+    out = BitmaskLabeld(keys="pred")({"pred": torch.from_numpy(masks), "image": image})
+    label = out["pred"]
+    assert label.shape == (7, 5) and label.dtype == np.uint8
+    expected = masks[0] + 2 * masks[1] + 4 * masks[2]           # lungs = 1, heart = 2, clavicles = 4
+    np.testing.assert_array_equal(label.T, expected)
+    assert tuple(out["image"].meta["spatial_shape"]) == (7, 5) and image.meta["spatial_shape"].tolist() == [5, 7]
+    writer = SaveMasksd(keys="pred", output_dir=str(tmp_path / "out"), num_channels=3)
+    written = writer(out)["pred_path"]
+    arr, _ = read_array(written)
+    np.testing.assert_array_equal(arr, expected)
+    np.testing.assert_array_equal(decode_bitmask(arr, 3), masks.astype(np.uint8))
+    # a single label file of a 3-structure task is a bit mask; a list of per-structure files is read as such
+    loaded = LoadMask(num_bitmask_channels=3, union_groups=[[0, 1], [2], [3, 4]])(written)
+    np.testing.assert_array_equal(loaded.numpy(), masks)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
+from monai.transforms import Compose, MapTransform, Resized, ScaleIntensityRangePercentilesd, Transform
 
 from ..utils import BundleInputError
 from .io import encode_bitmask, load_bitmask, load_mask, load_radiograph, resample_image, size_mismatch_problem
@@ -133,11 +133,21 @@ class LoadMaskd(MapTransform):
 
 
 class BitmaskLabeld(MapTransform):
-    """Binary multi-label masks ``(C, H, W)`` (``> 0.5`` is on) into one integer label map ``(H, W)``, the bundle's
-    label format: channel ``k`` sets bit ``k`` (lungs = 1, heart = 2, clavicles = 4; overlapping structures add up,
-    e.g. 5 = lungs and clavicles). A 2-D array in the image's row order, uint8 (uint16 above 8 channels): what
-    MONAI Label's writer and the bundle's :class:`~bundle.workflows.inference.SaveMasksd` write as they are;
-    :func:`~bundle.data.io.decode_bitmask` gives the channels back."""
+    """Binary multi-label masks ``(C, H, W)`` (``> 0.5`` is on) into one integer label map, the bundle's label
+    format: channel ``k`` sets bit ``k`` (lungs = 1, heart = 2, clavicles = 4; overlapping structures add up, e.g.
+    5 = lungs and clavicles), uint8 (uint16 above 8 channels).
+
+    The map is 2-D in MONAI's spatial order ``(x, y)`` = ``(W, H)``, the transpose of the bundle's ``(row, column)``
+    arrays, because that is what MONAI's writers expect of an image (MONAI Label's writer, like ``SaveImage``, turns
+    ``(x, y)`` arrays back into rows and columns): the stock MONAI Label app then writes the mask in the input's
+    geometry. The reference image ``ref_key`` gets the map's ``spatial_shape`` in the same order in its meta (a copy,
+    sharing the pixels), so that MONAI Label's ``Restored`` sees nothing left to resize.
+    :class:`~bundle.workflows.inference.SaveMasksd` writes the map in the input's rows and columns;
+    :func:`~bundle.data.io.decode_bitmask` of its transpose gives the channels back."""
+
+    def __init__(self, keys: KeysCollection = "pred", ref_key: str | None = "image", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.ref_key = ref_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -146,5 +156,27 @@ class BitmaskLabeld(MapTransform):
             if masks.ndim != 3:
                 raise ValueError(f"{key}: expected (C, H, W) masks, got shape {masks.shape}")
             label = encode_bitmask(masks)
-            d[key] = np.ascontiguousarray(label.astype(np.uint8) if masks.shape[0] <= 8 else label)
+            label = label.astype(np.uint8) if masks.shape[0] <= 8 else label
+            d[key] = np.ascontiguousarray(label.T)
+            ref = d.get(self.ref_key) if self.ref_key else None
+            if isinstance(ref, MetaTensor):
+                d[self.ref_key] = MetaTensor(ref.as_tensor(), meta={**ref.meta,
+                                                                   "spatial_shape": np.asarray(d[key].shape)})
         return d
+
+
+class PrepareRadiographd(Compose):
+    """The network input of every stage, defined once: the radiograph resized to ``spatial_size`` with area
+    averaging, then scaled to ``[0, 1]`` between its 0.5th and 99.5th intensity percentiles (clipped). A
+    :class:`monai.transforms.Compose` of MONAI's ``Resized`` and ``ScaleIntensityRangePercentilesd``, so that
+    ``Invertd`` over a pipeline that contains it restores the input's size (inference)."""
+
+    #: intensity percentiles mapped to 0 and 1
+    LOWER, UPPER = 0.5, 99.5
+
+    def __init__(self, keys: KeysCollection = "image", spatial_size: Sequence[int] = (128, 128)):
+        super().__init__([
+            Resized(keys=keys, spatial_size=tuple(int(s) for s in spatial_size), mode="area"),
+            ScaleIntensityRangePercentilesd(keys=keys, lower=self.LOWER, upper=self.UPPER, b_min=0.0, b_max=1.0,
+                                            clip=True),
+        ])

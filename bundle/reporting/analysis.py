@@ -367,19 +367,19 @@ def image_ids(items: Sequence[Mapping[str, Any]], image_key: str = "image") -> l
 
 def eval_transforms(task: str, image_size: Sequence[int]) -> Any:
     """The deterministic preprocessing of ``configs/train.yaml`` (``load_transforms``): the image loaded with
-    :class:`~bundle.data.transforms.LoadRadiographd`, resized (area) to ``image_size`` and percentile-scaled (0.5 to
-    99.5 -> ``[0, 1]``); the label loaded at its original size with the task's ``union_groups``."""
-    from monai.transforms import Compose, EnsureTyped, Resized, ScaleIntensityRangePercentilesd
+    :class:`~bundle.data.transforms.LoadRadiographd` and prepared for the network by
+    :class:`~bundle.data.transforms.PrepareRadiographd`; the label loaded at its original size with the task's
+    ``union_groups``."""
+    from monai.transforms import Compose, EnsureTyped
 
-    from ..data.transforms import LoadMaskd, LoadRadiographd
+    from ..data.transforms import LoadMaskd, LoadRadiographd, PrepareRadiographd
     from ..workflows.segmentation import task_spec
 
     spec = task_spec(task)
     return Compose([
         LoadRadiographd(keys="image"),
         LoadMaskd(keys="label", image_key="image", union_groups=spec.union_groups_list()),
-        Resized(keys="image", spatial_size=tuple(int(s) for s in image_size), mode="area"),
-        ScaleIntensityRangePercentilesd(keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
+        PrepareRadiographd(keys="image", spatial_size=image_size),
         EnsureTyped(keys=["image", "label"], track_meta=False),
     ])
 

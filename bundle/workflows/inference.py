@@ -70,8 +70,9 @@ def finish_inference(datalist: Sequence[Mapping[str, Any]], failure_log: Any, wr
 
 
 class SaveMasksd(MapTransform):
-    """Write each item's prediction as one file, named after its input: a bit-mask label map ``(H, W)``
-    (:class:`~bundle.data.transforms.BitmaskLabeld`) or binary multi-label masks ``(C, H, W)``.
+    """Write each item's prediction as one file, named after its input, in the input's rows and columns: a bit-mask
+    label map in MONAI's ``(x, y)`` order (:class:`~bundle.data.transforms.BitmaskLabeld`) or binary multi-label
+    masks ``(C, H, W)``.
 
     Args:
         keys: the prediction key (already inverted to the input's geometry and thresholded).
@@ -106,8 +107,8 @@ class SaveMasksd(MapTransform):
         stem = output_stem(src)
         for key in self.key_iterator(d):
             pred = torch.as_tensor(d[key]).detach().cpu().numpy()
-            if pred.ndim == 2:  # a bit-mask label map (bundle.data.transforms.BitmaskLabeld)
-                label = pred.astype(np.uint16)
+            if pred.ndim == 2:  # a bit-mask label map in MONAI's (x, y) order (bundle.data.transforms.BitmaskLabeld)
+                label = np.ascontiguousarray(pred.T).astype(np.uint16)
                 masks = decode_bitmask(label, self.num_channels or max(1, int(label.max()).bit_length()))
             else:
                 masks = (pred > 0.5).astype(np.uint8)
