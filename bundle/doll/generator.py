@@ -150,7 +150,6 @@ FLAT_SETTINGS: dict[str, tuple[str, str]] = {
     **{k: ("post", k) for k in ("smooth_sigma", "normalize", "norm_percentile", "boost", "threshold",
                                 "threshold_value", "min_component_size")},
 }
-_GROUPS = {"targets": TargetSettings, "ig": IGSettings, "post": PostprocessSettings}
 
 
 def _settings(cls: type, value: Any) -> Any:
