@@ -10,6 +10,14 @@ Network: MONAI DenseNet121 (2D, 1 input channel, 14 outputs, random init, eval m
 * DoLL mode: ``--selected K`` targets per image (a typical number of positive findings): the engine on them, and
   captum on the same K targets (both ratios are printed: against captum over all targets and over the same K).
 
+Batch mode (``--doll-batch B ...``): images/s of the DoLL stage's inferer
+(:class:`bundle.doll.inferer.DoLLInferer`: the ensemble's probabilities, then IG of ``--doll-classifiers``
+DenseNet121s for ``--selected`` labelled targets per image, batched across images and targets, and the
+post-processing of ``configs/generate_doll.yaml``) at each batch size, with the FLOPs it did (``classifiers x
+images x steps x (1 + targets) x forward``, input-gradient backward counted as one forward), the GFLOP/s reached
+and, from them, the images/s an accelerator sustaining ``--gpu-tflops`` effective TFLOP/s would give. Prints a
+table and one ``DOLL_BATCH_JSON {...}`` line; the captum comparison is skipped.
+
 Attributions are checked for equality (max abs difference relative to captum's max abs value). Reported: seconds
 per image by wall clock and by process CPU time (the latter is less disturbed by other processes on a shared
 machine), ratios, peak memory per variant (a separate untimed pass: CPU peak RSS above the start, after
@@ -27,6 +35,9 @@ Examples::
     .venv/bin/python scripts/bench_ig.py                 # 224 x 224, 14 targets x 32 steps, 1 image (~6-10 min)
     .venv/bin/python scripts/bench_ig.py --quick         # 96 x 96, 8 steps (~1 min smoke test)
     .venv/bin/python scripts/bench_ig.py --device cuda --images 8 --amp
+    .venv/bin/python scripts/bench_ig.py --doll-batch 1 4 16 --size 224 --steps 32 --selected 3   # CPU, ~10 min
+    .venv/bin/python scripts/bench_ig.py --device cuda --doll-batch 1 4 16 64 --steps 32 --selected 3 --amp \
+        --doll-ibs 512 --doll-rounds 5                                                           # GPU
 """
 
 from __future__ import annotations
@@ -50,7 +61,7 @@ _MALLOC_ENV = {
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", "--size", type=int, default=224)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--targets", type=int, default=14, help="targets explained per image (identical-work mode)")
     p.add_argument("--selected", type=int, default=2, help="targets per image in DoLL mode (0: skip)")
@@ -67,6 +78,19 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="96 x 96, 8 steps, 1 image: a ~1 minute smoke run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--doll-batch", type=int, nargs="+", default=None, metavar="B",
+                   help="batch mode: images/s of the DoLL inferer at these batch sizes (--selected targets per "
+                        "image, --steps steps) instead of the captum comparison")
+    p.add_argument("--doll-classifiers", type=int, default=2, help="batch mode: classifiers in the ensemble")
+    p.add_argument("--doll-ibs", type=int, default=None,
+                   help="batch mode: internal_batch_size of IG (interpolated images per forward pass; default "
+                        "--steps, i.e. one image's steps per chunk on CPU; on a GPU use e.g. 512)")
+    p.add_argument("--doll-rounds", type=int, default=1, help="batch mode: timed batches per batch size (median)")
+    p.add_argument("--arch", default="densenet121", choices=("densenet121",),
+                   help="network (the DoLL classifiers' architecture at 224 px)")
+    p.add_argument("--gpu-tflops", type=float, default=75.0,
+                   help="batch mode: effective TFLOP/s assumed for the expected accelerator figure (see "
+                        "docs/README.md: H100 bf16 dense peak ~990, DenseNet121 IG reaching ~7.5%% of it)")
     p.add_argument("--no-malloc-tune", action="store_true", help="do not re-exec with the MALLOC_* variables")
     args = p.parse_args(argv)
     if args.quick:
@@ -244,6 +268,9 @@ def rel_diff(a: Any, b: Any) -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     malloc_tuned = _maybe_reexec(args)
+
+    if args.doll_batch:
+        return doll_batch_main(args, malloc_tuned)
 
     import numpy as np
     import torch
@@ -436,6 +463,94 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "matmul_gflops_cpu_time": [gflops_start_cpu, gflops_end_cpu],
               "forward_gflop_per_image": f_fwd / 1e9,
               "graph_mib_per_chunk": graph, "variants": rows, "summary": summary}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+# ----------------------------------------------------------------------------------------------------------------
+def doll_batch_main(args: argparse.Namespace, malloc_tuned: bool) -> dict[str, Any]:
+    """Batch mode: images/s of :class:`bundle.doll.inferer.DoLLInferer` at each ``--doll-batch`` size."""
+    import numpy as np
+    import torch
+    from monai.networks.nets import DenseNet121
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bundle.doll.generator import ClassifierEnsemble, DoLLGenerator
+    from bundle.doll.inferer import DoLLInferer
+
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: CUDA is not available")
+    dev = args.device
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    k_out, size, steps, n_sel = 14, args.image_size, args.steps, max(1, args.selected)
+    ibs = args.doll_ibs or steps
+    nets = [DenseNet121(spatial_dims=2, in_channels=1, out_channels=k_out).to(dev).eval()
+            for _ in range(args.doll_classifiers)]
+    # the post-processing of configs/generate_doll.yaml; targets = the labelled ones (exactly --selected per image)
+    gen = DoLLGenerator(nets, targets={"source": "labels"},
+                        ig={"n_steps": steps, "method": args.method, "internal_batch_size": ibs,
+                            "amp_dtype": torch.bfloat16 if args.amp else None},
+                        post={"smooth_sigma": 4.0, "normalize": "percentile", "threshold": "percentile",
+                              "threshold_value": 95.0, "min_component_size": 16})
+    inferer, network = DoLLInferer(gen, soft=False), ClassifierEnsemble(nets)
+
+    def batch(b: int) -> tuple[Any, Any]:
+        x = torch.rand((b, 1, size, size), device=dev)
+        labels = torch.zeros((b, k_out), device=dev)
+        for i in range(b):
+            labels[i, rng.choice(np.arange(1, k_out), size=n_sel, replace=False)] = 1.0
+        return x, labels
+
+    print(f"# bench_ig --doll-batch: DoLL inferer, {args.doll_classifiers} x DenseNet121 2D 1->{k_out}, "
+          f"{size}x{size}, {n_sel} targets x {steps} {args.method} steps per image and classifier, "
+          f"internal_batch_size {ibs}, device={dev}{' bf16' if args.amp else ''}, threads={torch.get_num_threads()}, "
+          f"torch {torch.__version__}, load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    print("# MALLOC tuning: " + ("on" if malloc_tuned else "off (glibc defaults)"), flush=True)
+    gflops_start, _ = matmul_gflops(dev)
+    f_fwd = forward_flops(nets[0], (1, size, size), dev)
+    # per image: the ensemble's forward, IG (steps x (forward + one input-gradient backward per target) per
+    # classifier) and the completeness check (2 forwards per classifier: input and baseline)
+    flop_image = args.doll_classifiers * (1 + steps * (1 + n_sel) + 2) * f_fwd
+    print(f"# fp32 matmul (2048^3): {gflops_start:.1f} GFLOP/s; forward conv+linear {f_fwd / 1e9:.3f} GFLOP/image; "
+          f"DoLL {flop_image / 1e12:.3f} TFLOP/image (input-gradient backward = 1 forward)", flush=True)
+
+    # warm-up (oneDNN / cuDNN primitives for the chunk shape, allocator): one image, one target, all its steps
+    xw, lw = batch(1)
+    lw[0] = 0.0
+    lw[0, 1] = 1.0
+    inferer(xw, network, labels=lw)
+    rows = []
+    for b in args.doll_batch:
+        walls, cpus = [], []
+        for _ in range(args.doll_rounds):
+            x, labels = batch(b)
+            _sync(dev)
+            t0, c0 = time.perf_counter(), time.process_time()
+            pred = inferer(x, network, labels=labels)
+            _sync(dev)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+            assert int(pred["targets"].sum()) == b * n_sel
+        wall, cpu = float(np.median(walls)), float(np.median(cpus))
+        row = {"batch": b, "s_per_batch": wall, "images_per_s": b / wall, "cpu_s_per_batch": cpu,
+               "gflops": b * flop_image / wall / 1e9, "fraction_of_matmul": b * flop_image / wall / 1e9 / gflops_start,
+               "load": os.getloadavg()[0]}
+        rows.append(row)
+        print(f"  batch {b:3d}: {wall:8.2f} s/batch  {row['images_per_s']:8.3f} images/s  {cpu:8.2f} s CPU  "
+              f"{row['gflops']:7.1f} GFLOP/s ({row['fraction_of_matmul']:.0%} of matmul)  load {row['load']:.1f}",
+              flush=True)
+    expected = args.gpu_tflops * 1e12 / flop_image
+    print(f"\nexpected on an accelerator sustaining {args.gpu_tflops:.0f} effective TFLOP/s: "
+          f"{expected:.0f} DoLL images/s ({flop_image / 1e9:.0f} GFLOP/image)")
+    result = {"mode": "doll_batch", "device": dev, "arch": args.arch, "image_size": size, "steps": steps,
+              "targets_per_image": n_sel, "classifiers": args.doll_classifiers, "internal_batch_size": ibs,
+              "amp_bf16": bool(args.amp), "threads": torch.get_num_threads(), "matmul_gflops": gflops_start,
+              "forward_gflop_per_image": f_fwd / 1e9, "doll_gflop_per_image": flop_image / 1e9, "batches": rows,
+              "assumed_gpu_tflops": args.gpu_tflops, "expected_gpu_images_per_s": expected}
+    print("DOLL_BATCH_JSON " + json.dumps(result), flush=True)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

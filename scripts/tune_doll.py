@@ -54,7 +54,7 @@ def main() -> None:
     pipeline = ConfigParser.load_config_file(str(ROOT / "configs" / "pipeline.yaml"))["default"]
     parser.update({"data_root": str(root / "data"), "models_dir": str(root / "models"),
                    "classifier_names": [f"{c['classifier_arch']}_seed{c['seed']}" for c in pipeline["classifiers"]]})
-    gen = parser.get_parsed_content("postprocessing#generator")
+    gen = parser.get_parsed_content("doll_generator")
     preprocess = parser.get_parsed_content("preprocessing")
     items = json.loads(Path(parser.get_parsed_content("datalist")).read_text())[args.split]
     items = [it for it in items if it.get("lesion")][: args.max_images]
@@ -80,9 +80,9 @@ def main() -> None:
 
     rows = []
     for sigma, norm, boost, (thr, val), min_size in itertools.product(*GRID.values()):
-        gen.smooth_sigma, gen.normalize, gen.threshold, gen.threshold_value = sigma, norm, thr, val
-        gen.min_component_size = min_size
-        gen.boost = boost if boost != "single" else "mean"
+        gen.post.smooth_sigma, gen.post.normalize, gen.post.threshold, gen.post.threshold_value = sigma, norm, thr, val
+        gen.post.min_component_size = min_size
+        gen.post.boost = boost if boost != "single" else "mean"
         per_obs: dict[int, list[float]] = {}
         for entry in cache:
             t = entry["targets"]

@@ -266,7 +266,9 @@ def test_float64_completeness_converges():
     assert fine.attributions.dtype == torch.float64
 
 
-def test_only_needed_targets_are_backpropagated(cnn, images):
+def test_one_backward_pass_per_target_slot(cnn, images):
+    """Backward pass t sends each row the one-hot of its own image's t-th target: images with different targets
+    share the passes (max targets per image, not the union), and only the targets are backpropagated."""
     seen_columns: list[list[int]] = []
 
     def on_forward(mod, inp, out):
@@ -277,14 +279,15 @@ def test_only_needed_targets_are_backpropagated(cnn, images):
     try:
         engine = MultiTargetIntegratedGradients(cnn)
         targets = [[4], [2, 9], []]
-        engine.attribute(images, targets, n_steps=4)  # one chunk: the union {2, 4, 9}
-        assert engine.num_backward == 3
-        assert seen_columns == [[2], [4], [9]]
+        res = engine.attribute(images, targets, n_steps=4)  # one chunk: slot 0 = {4, 2}, slot 1 = {9}
+        assert engine.num_backward == 2
+        assert seen_columns == [[2, 4], [9]]
         seen_columns.clear()
-        engine.attribute(images, targets, n_steps=4, internal_batch_size=4)  # one image per chunk
-        assert engine.num_backward == 3  # {4} then {2, 9}; the image without targets is never forwarded
+        res_ibs = engine.attribute(images, targets, n_steps=4, internal_batch_size=4)  # one image per chunk
+        assert engine.num_backward == 3  # {4} then {2}, {9}; the image without targets is never forwarded
         assert sorted(seen_columns) == [[2], [4], [9]]
         assert engine.num_forward_images == 2 * 4 + 2 * 3  # interpolated images + delta forwards
+        torch.testing.assert_close(res.attributions, res_ibs.attributions, atol=1e-7, rtol=0)
         seen_columns.clear()
         engine.attribute(images, [[], [], []], n_steps=4)
         assert engine.num_backward == 0 and seen_columns == []

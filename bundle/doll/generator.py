@@ -11,13 +11,19 @@ The recipe (MISSION.md, stage 3), every step a parameter of :class:`DoLLGenerato
    ``p_m(c)``), plain mean, or max; optional test-time horizontal flip (maps of the flipped image flipped back).
 5. **threshold** (fixed, percentile or Otsu) and removal of components smaller than ``min_component_size`` pixels.
 
+The settings come in three groups, :class:`TargetSettings` (1), :class:`IGSettings` (2) and
+:class:`PostprocessSettings` (3-5), each a dataclass or a dict (the ``doll:`` block of ``configs/generate_doll.yaml``).
+
 Output per image: a ``(14, H, W)`` binary DoLL (empty channels for observations that are not targets) and the
-``(14, H, W)`` soft maps. :class:`IGToDoLL` / :class:`IGToDoLLd` are the MONAI array / dictionary transforms.
+``(14, H, W)`` soft maps. :class:`DoLLGenerator` takes a batch: IG runs on all its images at once and the
+post-processing on all its (image, target) maps at once; the result is the per-image one up to float rounding.
+The DoLL stage runs it through :class:`bundle.doll.inferer.DoLLInferer` (a MONAI ``Inferer``, the whole batch);
+:class:`IGToDoLL` / :class:`IGToDoLLd` are the per-image MONAI array / dictionary transforms.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Mapping, Sequence
@@ -54,62 +60,164 @@ class DoLLOutput:
     deltas: list[torch.Tensor] = field(default_factory=list)
 
 
+# -- settings ---------------------------------------------------------------------------------------------------
+@dataclass
+class TargetSettings:
+    """Which observations of an image are explained.
+
+    Attributes:
+        source: ``"labels_or_predicted"`` (default: labelled positive or predicted), ``"labels"`` or ``"predicted"``.
+        prob_threshold: per-class probability threshold(s) (on the mean over classifiers) above which a prediction
+            makes a target.
+        exclude: classes never explained (default: No Finding).
+    """
+
+    source: str = "labels_or_predicted"
+    prob_threshold: float | Sequence[float] = 0.5
+    exclude: Sequence[int] = (NO_FINDING,)
+
+    def __post_init__(self) -> None:
+        if self.source not in ("labels_or_predicted", "labels", "predicted"):
+            raise ValueError(f"unknown target source {self.source!r}")
+
+
+@dataclass
+class IGSettings:
+    """How each classifier is explained (:meth:`bundle.explain.ig.MultiTargetIntegratedGradients.attribute`).
+
+    Attributes:
+        n_steps, method, baselines, blur_sigma, n_baseline_draws, internal_batch_size: IG settings
+            (``internal_batch_size`` caps the interpolated images per forward pass: the memory knob).
+        output: what IG explains: ``"logits"`` (default) or ``"sigmoid"``.
+        tta_flip: also explain the horizontally flipped image and average (off by default: anatomy is asymmetric).
+        amp_dtype: optional autocast dtype for IG on CUDA (``torch.bfloat16`` / ``"bfloat16"``, ``float16``).
+    """
+
+    n_steps: int = 16
+    method: str = "gausslegendre"
+    baselines: str | float = "zeros"
+    blur_sigma: float = 10.0
+    n_baseline_draws: int = 1
+    internal_batch_size: int | None = 64
+    output: str = "logits"
+    tta_flip: bool = False
+    amp_dtype: torch.dtype | str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.amp_dtype, str):
+            self.amp_dtype = getattr(torch, self.amp_dtype.replace("torch.", ""))
+
+    def attribute_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``MultiTargetIntegratedGradients.attribute``."""
+        return {"n_steps": self.n_steps, "method": self.method, "baselines": self.baselines,
+                "blur_sigma": self.blur_sigma, "n_baseline_draws": self.n_baseline_draws,
+                "internal_batch_size": self.internal_batch_size}
+
+
+@dataclass
+class PostprocessSettings:
+    """IG maps to DoLL (:mod:`bundle.doll.postprocess`).
+
+    Attributes:
+        smooth_sigma: Gaussian smoothing of the positive evidence, pixels.
+        normalize: ``"max"`` or ``"percentile"`` (with ``norm_percentile``).
+        boost: ``"prob_weighted"`` (default), ``"mean"`` or ``"max"`` across classifiers.
+        threshold: ``"otsu"`` (default), ``"fixed"`` or ``"percentile"``; ``threshold_value`` is the fixed value,
+            the percentile (0-100), or Otsu's floor.
+        min_component_size: connected components below this many pixels are removed.
+    """
+
+    smooth_sigma: float = 2.0
+    normalize: str = "max"
+    norm_percentile: float = 99.0
+    boost: str = "prob_weighted"
+    threshold: str = "otsu"
+    threshold_value: float = 0.0
+    min_component_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.boost not in ("prob_weighted", "mean", "max"):
+            raise ValueError(f"unknown boost {self.boost!r}: use 'prob_weighted', 'mean' or 'max'")
+
+
+#: the flat keyword names of :class:`DoLLGenerator` before the settings were grouped: (group, field)
+FLAT_SETTINGS: dict[str, tuple[str, str]] = {
+    "target_source": ("targets", "source"), "prob_threshold": ("targets", "prob_threshold"),
+    "exclude": ("targets", "exclude"),
+    **{k: ("ig", k) for k in ("n_steps", "method", "baselines", "blur_sigma", "n_baseline_draws",
+                              "internal_batch_size", "tta_flip", "amp_dtype")},
+    "ig_output": ("ig", "output"),
+    **{k: ("post", k) for k in ("smooth_sigma", "normalize", "norm_percentile", "boost", "threshold",
+                                "threshold_value", "min_component_size")},
+}
+
+
+def _settings(cls: type, value: Any) -> Any:
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls(**value)
+    raise TypeError(f"{cls.__name__}: expected a {cls.__name__} or a dict, got {type(value).__name__}")
+
+
 class DoLLGenerator:
     """Distil and boost the IG explanations of ``classifiers`` into DoLL (see the module docstring).
 
     Args:
         classifiers: networks mapping ``(B, 1, H, W)`` images to ``(B, K)`` logits (put in eval mode).
         num_classes: ``K`` (14 CheXpert observations).
-        exclude: classes never explained (default: No Finding).
-        target_source: ``"labels_or_predicted"`` (default), ``"labels"`` or ``"predicted"``.
-        prob_threshold: per-class probability threshold(s) above which a prediction makes a target.
-        n_steps, method, baselines, blur_sigma, n_baseline_draws, internal_batch_size: IG settings
-            (:meth:`MultiTargetIntegratedGradients.attribute`).
-        ig_output: what IG explains: ``"logits"`` (default) or ``"sigmoid"``.
-        smooth_sigma: Gaussian smoothing of the positive evidence, pixels.
-        normalize: ``"max"`` or ``"percentile"`` (with ``norm_percentile``).
-        boost: ``"prob_weighted"`` (default), ``"mean"`` or ``"max"``.
-        tta_flip: also explain the horizontally flipped image and average (off by default: anatomy is asymmetric).
-        threshold: ``"otsu"`` (default), ``"fixed"`` or ``"percentile"``; ``threshold_value`` is the fixed value,
-            the percentile (0-100), or Otsu's floor.
-        min_component_size: connected components below this many pixels are removed.
-        amp_dtype: optional autocast dtype for IG on CUDA.
+        targets: :class:`TargetSettings` or a dict of its fields (which observations are explained).
+        ig: :class:`IGSettings` or a dict of its fields (Integrated Gradients).
+        post: :class:`PostprocessSettings` or a dict of its fields (maps to masks, boosting).
+        **flat: the settings under their flat names (:data:`FLAT_SETTINGS`: ``n_steps``, ``target_source``,
+            ``ig_output``, ``smooth_sigma``, ...); a flat name overrides its group's value, so a command-line
+            override ``--doll#n_steps 4`` still works on a grouped ``doll:`` block.
+
+    The groups are ``self.targets``, ``self.ig`` and ``self.post`` (change their fields to re-tune the
+    post-processing of cached maps, as ``scripts/tune_doll.py`` does).
     """
 
     def __init__(self, classifiers: Sequence[nn.Module], num_classes: int = NUM_OBSERVATIONS,
-                 exclude: Sequence[int] = (NO_FINDING,), target_source: str = "labels_or_predicted",
-                 prob_threshold: float | Sequence[float] = 0.5, n_steps: int = 16, method: str = "gausslegendre",
-                 baselines: str | float = "zeros", blur_sigma: float = 10.0, n_baseline_draws: int = 1,
-                 internal_batch_size: int | None = 64, ig_output: str = "logits", smooth_sigma: float = 2.0,
-                 normalize: str = "max", norm_percentile: float = 99.0, boost: str = "prob_weighted",
-                 tta_flip: bool = False, threshold: str = "otsu", threshold_value: float = 0.0,
-                 min_component_size: int = 16, amp_dtype: torch.dtype | None = None):
+                 targets: TargetSettings | Mapping[str, Any] | None = None,
+                 ig: IGSettings | Mapping[str, Any] | None = None,
+                 post: PostprocessSettings | Mapping[str, Any] | None = None, **flat: Any):
         if not classifiers:
             raise ValueError("DoLLGenerator needs at least one classifier")
-        if target_source not in ("labels_or_predicted", "labels", "predicted"):
-            raise ValueError(f"unknown target_source {target_source!r}")
-        if boost not in ("prob_weighted", "mean", "max"):
-            raise ValueError(f"unknown boost {boost!r}: use 'prob_weighted', 'mean' or 'max'")
+        unknown = sorted(set(flat) - set(FLAT_SETTINGS))
+        if unknown:
+            raise TypeError(f"DoLLGenerator: unknown setting(s) {unknown}; groups: targets, ig, post "
+                            f"(flat names: {sorted(FLAT_SETTINGS)})")
+        groups = {"targets": targets, "ig": ig, "post": post}
+        for name, value in flat.items():
+            group, fld = FLAT_SETTINGS[name]
+            current = groups[group]
+            merged = dataclasses.asdict(current) if dataclasses.is_dataclass(current) else dict(current or {})
+            merged[fld] = value
+            groups[group] = merged
+        self.targets: TargetSettings = _settings(TargetSettings, groups["targets"])
+        self.ig: IGSettings = _settings(IGSettings, groups["ig"])
+        self.post: PostprocessSettings = _settings(PostprocessSettings, groups["post"])
         self.classifiers = list(classifiers)
         for net in self.classifiers:
             net.eval()
         self.num_classes = num_classes
-        self.exclude = set(int(c) for c in exclude)
-        self.target_source = target_source
-        thr = torch.as_tensor(prob_threshold, dtype=torch.float32)
+        self.exclude = set(int(c) for c in self.targets.exclude)
+        thr = torch.as_tensor(self.targets.prob_threshold, dtype=torch.float32)
         self.prob_threshold = thr.expand(num_classes).clone() if thr.dim() == 0 else thr
-        self.ig_kwargs = {"n_steps": n_steps, "method": method, "baselines": baselines, "blur_sigma": blur_sigma,
-                          "n_baseline_draws": n_baseline_draws, "internal_batch_size": internal_batch_size}
-        self.engines = [MultiTargetIntegratedGradients(net, output=ig_output, amp_dtype=amp_dtype)
+        self.engines = [MultiTargetIntegratedGradients(net, output=self.ig.output, amp_dtype=self.ig.amp_dtype)
                         for net in self.classifiers]
-        self.smooth_sigma = smooth_sigma
-        self.normalize = normalize
-        self.norm_percentile = norm_percentile
-        self.boost = boost
-        self.tta_flip = tta_flip
-        self.threshold = threshold
-        self.threshold_value = threshold_value
-        self.min_component_size = min_component_size
+
+    @property
+    def ig_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``MultiTargetIntegratedGradients.attribute`` (from ``self.ig``)."""
+        return self.ig.attribute_kwargs()
+
+    def settings(self) -> dict[str, dict[str, Any]]:
+        """The three settings groups as plain dicts (for logging)."""
+        return {"targets": dataclasses.asdict(self.targets), "ig": dataclasses.asdict(self.ig),
+                "post": dataclasses.asdict(self.post)}
 
     # -- steps ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -119,63 +227,75 @@ class DoLLGenerator:
 
     def select_targets(self, probs: torch.Tensor, labels: torch.Tensor | None = None) -> list[list[int]]:
         """Targets per image from ``(B, K)`` mean probabilities and optional ``(B, K)`` labels (NaN = unknown)."""
+        source = self.targets.source
         predicted = probs > self.prob_threshold.to(probs.device)
-        if labels is None or self.target_source == "predicted":
-            chosen = predicted if self.target_source != "labels" else torch.zeros_like(predicted)
+        if labels is None or source == "predicted":
+            chosen = predicted if source != "labels" else torch.zeros_like(predicted)
         else:
-            positive = torch.nan_to_num(labels.float(), nan=0.0) > 0.5
-            chosen = positive if self.target_source == "labels" else positive | predicted
-        return [[c for c in range(self.num_classes) if bool(row[c]) and c not in self.exclude] for row in chosen]
+            positive = torch.nan_to_num(labels.float(), nan=0.0).to(probs.device) > 0.5
+            chosen = positive if source == "labels" else positive | predicted
+        return [[c for c in range(self.num_classes) if bool(row[c]) and c not in self.exclude]
+                for row in chosen.cpu()]
 
     def postprocess_soft(self, attributions: torch.Tensor) -> torch.Tensor:
         """Raw IG maps ``(N, C, H, W)`` to normalised soft maps ``(N, H, W)``: positive, smoothed, normalised."""
         maps = pp.positive_evidence(attributions)
-        maps = pp.gaussian_smooth(maps, self.smooth_sigma)
-        return pp.normalize_maps(maps, self.normalize, self.norm_percentile)
+        maps = pp.gaussian_smooth(maps, self.post.smooth_sigma)
+        return pp.normalize_maps(maps, self.post.normalize, self.post.norm_percentile)
 
     def binarize(self, soft: torch.Tensor) -> torch.Tensor:
         """Soft maps ``(N, H, W)`` to boolean masks: threshold, then removal of small components."""
-        masks = pp.threshold_maps(soft, self.threshold, self.threshold_value)
-        return pp.remove_small_components(masks, self.min_component_size)
+        masks = pp.threshold_maps(soft, self.post.threshold, self.post.threshold_value)
+        return pp.remove_small_components(masks, self.post.min_component_size)
 
     def boost_maps(self, per_classifier: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Combine ``(M, B, K, H, W)`` maps into ``(B, K, H, W)`` with ``(M, B, K)`` probabilities as weights."""
-        if self.boost == "max":
+        if self.post.boost == "max":
             return per_classifier.max(0).values
-        if self.boost == "mean" or per_classifier.shape[0] == 1:
+        if self.post.boost == "mean" or per_classifier.shape[0] == 1:
             return per_classifier.mean(0)
         w = probs.unsqueeze(-1).unsqueeze(-1)
         total = w.sum(0)
         weighted = (per_classifier * w).sum(0) / total.clamp_min(1e-8)
         return torch.where(total > 1e-8, weighted, per_classifier.mean(0))
 
+    @staticmethod
+    def _pairs(targets: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The (image, slot, class) index triples of every explained pair, image-major, each ``(N,)``."""
+        rows = [(i, t, c) for i, row in enumerate(targets) for t, c in enumerate(row)]
+        idx = torch.tensor(rows, dtype=torch.long).view(-1, 3).to(device)
+        return idx[:, 0], idx[:, 1], idx[:, 2]
+
     def _explain(self, m: int, images: torch.Tensor, targets: list[list[int]]) -> tuple[torch.Tensor, list]:
-        """Normalised soft maps ``(B, K, H, W)`` of classifier ``m`` for the targets, plus the deltas."""
+        """Normalised soft maps ``(B, K, H, W)`` of classifier ``m`` for the targets, plus the deltas.
+
+        IG runs on the whole batch (the engine batches images of different targets), and the post-processing on
+        all (image, target) maps at once."""
         b, _, h, w = images.shape
         out = images.new_zeros((b, self.num_classes, h, w))
         if not any(targets):
             return out, [torch.zeros(0)] * b
         with torch.enable_grad():
             res = self.engines[m].attribute(images, targets, return_convergence_delta=True, **self.ig_kwargs)
-            if self.tta_flip:
+            if self.ig.tta_flip:
                 res_f = self.engines[m].attribute(images.flip(-1), targets, return_convergence_delta=False,
                                                   **self.ig_kwargs)
         attr = res.attributions.detach()
-        if self.tta_flip:
+        if self.ig.tta_flip:
             attr = 0.5 * (attr + res_f.attributions.detach().flip(-1))
-        deltas = []
-        for i, (row, maps, delta) in enumerate(res.per_image()):
-            if row:
-                idx = torch.tensor(row, device=out.device)
-                out[i, idx] = self.postprocess_soft(attr[i, : len(row)]).to(out.dtype)
-            deltas.append(torch.zeros(0) if delta is None else delta.detach().cpu())
+        img, slot, cls = self._pairs(targets, out.device)
+        out[img, cls] = self.postprocess_soft(attr[img, slot]).to(out.dtype)
+        deltas = [torch.zeros(0) if d is None else d.detach().cpu() for _, _, d in res.per_image()]
         return out, deltas
 
     # -- all together --------------------------------------------------------------------------------------------
     def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None,
                  probs: torch.Tensor | None = None) -> DoLLOutput:
         """DoLL of a batch ``(B, 1, H, W)``; ``labels`` ``(B, K)`` with NaN for unknown; ``probs`` ``(M, B, K)``
-        when the classifiers' outputs are already known (else computed)."""
+        when the classifiers' outputs are already known (else computed).
+
+        Every image is processed as it would be alone (targets, maps, thresholds are per image and per map): a
+        batch gives the per-image results up to float rounding of the batched convolutions."""
         images = images.float()
         for net in self.classifiers:  # an evaluator may have put them back in training mode
             net.eval()
@@ -190,13 +310,11 @@ class DoLLGenerator:
         per_classifier = torch.stack(per_clf)
         soft = self.boost_maps(per_classifier, probs.to(per_classifier.device))
         masks = torch.zeros_like(soft, dtype=torch.uint8)
-        for i, row in enumerate(targets):
-            if row:
-                idx = torch.tensor(row, device=soft.device)
-                masks[i, idx] = self.binarize(soft[i, idx]).to(torch.uint8)
         keep = torch.zeros_like(soft)
-        for i, row in enumerate(targets):
-            keep[i, row] = 1.0
+        if any(targets):
+            img, _, cls = self._pairs(targets, soft.device)
+            masks[img, cls] = self.binarize(soft[img, cls]).to(torch.uint8)
+            keep[img, cls] = 1.0
         per_image_deltas = [torch.stack([d[i] for d in deltas]) if len(deltas[0][i]) else torch.zeros(len(deltas), 0)
                             for i in range(images.shape[0])]
         return DoLLOutput(masks=masks, soft=soft * keep, per_classifier=per_classifier, targets=targets,
@@ -281,8 +399,9 @@ def load_classifiers(ckpt_root: str, names: Sequence[str], device: str | torch.d
 
 
 class ClassifierEnsemble(nn.Module):
-    """Stack the sigmoid probabilities of several classifiers: ``(B, M, K)``. The evaluator of the DoLL stage runs it
-    so that :class:`IGToDoLLd` finds every classifier's prediction in ``pred``."""
+    """Stack the sigmoid probabilities of several classifiers: ``(B, M, K)``. The DoLL stage's evaluator network:
+    :class:`bundle.doll.inferer.DoLLInferer` runs it once per batch and hands the probabilities to the generator
+    (target selection and boosting weights), which then does not compute them again."""
 
     def __init__(self, classifiers: Sequence[nn.Module]):
         super().__init__()

@@ -96,7 +96,9 @@ def merge_datalist(items: Sequence[dict], doll_dir: str, image_root: str, path: 
 
 
 class DoLLWriter:
-    """Ignite handler for an evaluator whose post-processing is :class:`~bundle.doll.generator.IGToDoLLd`: after
+    """Ignite handler for an evaluator whose post-processing gives each item's DoLL keys
+    (:class:`~bundle.doll.inferer.DoLLPredd` after the batched :class:`~bundle.doll.inferer.DoLLInferer`, or the
+    per-image :class:`~bundle.doll.generator.IGToDoLLd`): after
     each iteration it writes every image's DoLL, soft maps (optional) and record (see the module docstring).
 
     Args:

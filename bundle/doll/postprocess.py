@@ -36,13 +36,21 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return out.squeeze(1)
 
 
+def rowwise_quantile(flat: torch.Tensor, q: float, max_numel: int = 1 << 24) -> torch.Tensor:
+    """``q``-quantile of each row of ``(N, P)`` ``flat`` (``torch.quantile`` per row; rows in chunks of at most
+    ``max_numel`` values, ``torch.quantile``'s input limit, so that a batch of many large maps works)."""
+    rows = max(1, max_numel // max(1, flat.shape[1]))
+    return torch.cat([torch.quantile(flat[i: i + rows], q, dim=1) for i in range(0, flat.shape[0], rows)]) \
+        if flat.shape[0] else flat.new_zeros(0)
+
+
 def normalize_maps(maps: torch.Tensor, mode: str = "max", percentile: float = 99.0) -> torch.Tensor:
     """Scale each map to ``[0, 1]``: by its maximum (``"max"``) or its ``percentile`` (``"percentile"``, clipped)."""
     flat = maps.flatten(1)
     if mode == "max":
         scale = flat.max(1).values
     elif mode == "percentile":
-        scale = torch.quantile(flat.float(), percentile / 100.0, dim=1).to(maps.dtype)
+        scale = rowwise_quantile(flat.float(), percentile / 100.0).to(maps.dtype)
     else:
         raise ValueError(f"unknown normalisation {mode!r}: use 'max' or 'percentile'")
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -66,19 +74,20 @@ def threshold_maps(maps: torch.Tensor, method: str = "otsu", value: float = 0.5)
     """Binarise each ``[0, 1]`` map: ``"fixed"`` (``> value``), ``"percentile"`` (above the map's ``value``-th
     percentile, ``value`` in 0-100) or ``"otsu"`` (Otsu's threshold of the map, at least ``value`` when given as a
     floor; pass 0 for pure Otsu). All-zero maps give empty masks."""
+    if method not in ("fixed", "percentile", "otsu"):
+        raise ValueError(f"unknown threshold method {method!r}: use 'fixed', 'percentile' or 'otsu'")
     out = torch.zeros_like(maps, dtype=torch.bool)
-    for i, m in enumerate(maps):
-        if not bool((m > 0).any()):
-            continue
-        if method == "fixed":
-            t = value
-        elif method == "percentile":
-            t = float(torch.quantile(m.flatten().float(), value / 100.0))
-        elif method == "otsu":
-            t = max(otsu_threshold(m.detach().cpu().numpy().ravel()), value)
-        else:
-            raise ValueError(f"unknown threshold method {method!r}: use 'fixed', 'percentile' or 'otsu'")
-        out[i] = m > t
+    if maps.shape[0] == 0:
+        return out
+    nonempty = (maps > 0).flatten(1).any(1)
+    if method == "fixed":
+        return (maps > value) & nonempty.view(-1, 1, 1)
+    if method == "percentile":  # all maps at once (one quantile per map, as map by map)
+        t = rowwise_quantile(maps.flatten(1).float(), value / 100.0).to(maps.dtype)
+        return (maps > t.view(-1, 1, 1)) & nonempty.view(-1, 1, 1)
+    for i in torch.nonzero(nonempty.cpu()).view(-1).tolist():
+        m = maps[i]
+        out[i] = m > max(otsu_threshold(m.detach().cpu().numpy().ravel()), value)
     return out
 
 

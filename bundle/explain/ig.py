@@ -9,9 +9,12 @@ an input ``x`` relative to a baseline ``x'``::
 with quadrature nodes ``a_s`` and weights ``w_s`` (``n_steps`` of them). ``captum.attr.IntegratedGradients``
 explains one target per call, so explaining ``T`` targets costs ``T x n_steps`` forward *and* backward passes.
 The interpolated images do not depend on the target, so this engine runs **one** forward pass per interpolated
-image and then one input-gradient backward pass per target (``torch.autograd.grad(out[:, c], xs,
-retain_graph=True)``), i.e. ``n_steps x (1 + T)`` passes instead of ``2 x T x n_steps``. Only the targets that some
-image of a step chunk needs are backpropagated; images of a chunk that do not need a target get no map for it.
+image and then one input-gradient backward pass per target *slot* (``torch.autograd.grad(out, xs, onehot,
+retain_graph=True)``), i.e. ``n_steps x (1 + T)`` passes instead of ``2 x T x n_steps``. Backward pass ``t`` of a
+chunk of interpolated images sends, for every row, a one-hot gradient on the ``t``-th target of that row's image
+(samples are independent, so each row's input gradient is that of its own target): images with *different* targets
+share the passes, and a chunk costs ``max_b T_b`` backward passes, not the size of the union of its targets. This is
+what makes batching images of different targets (:class:`bundle.doll.inferer.DoLLInferer`) pay off.
 
 The quadrature nodes and weights are exactly captum's (:mod:`captum.attr._utils.approximation_methods`), the
 interpolation ``x' + a (x - x')`` and the scaling of the gradients follow captum's operation order, so in
@@ -338,8 +341,8 @@ class MultiTargetIntegratedGradients:
 
     Equivalent to calling ``captum.attr.IntegratedGradients(model, multiply_by_inputs).attribute(x, baselines,
     target=c, n_steps=n_steps, method=method)`` once per target ``c`` (and averaging over baseline draws), but it
-    shares the forward pass of the interpolated images between targets and only backpropagates the targets that
-    some image of a step chunk needs.
+    shares the forward pass of the interpolated images between targets and backpropagates one target slot per
+    pass (the ``t``-th target of every image of a step chunk at once), so images with different targets batch.
 
     Args:
         model: a classifier (``nn.Module`` or callable) mapping ``(N, C, H, W)`` to outputs ``(N, K)``. An
@@ -505,11 +508,11 @@ class MultiTargetIntegratedGradients:
         dev, dtype = diff.device, diff.dtype
         w_all = torch.tensor(step_sizes, dtype=dtype, device=dev)
         a_all = torch.tensor(alphas, dtype=dtype, device=dev)
-        # rows = (item, step); items with no target are skipped; items with identical target sets are adjacent
+        # rows = (item, step); items with no target are skipped; items with as many targets are adjacent (a chunk
+        # costs as many backward passes as its image with the most targets has targets)
         items = [i for i in range(diff.shape[0]) if target_lists[i % n_img]]
-        items.sort(key=lambda i: tuple(sorted(target_lists[i % n_img])))
+        items.sort(key=lambda i: len(target_lists[i % n_img]))
         rows = [(i, s) for i in items for s in range(n_steps)]
-        slot = [{c: t for t, c in enumerate(row)} for row in target_lists]
 
         for start in range(0, len(rows), chunk_cap):
             chunk = rows[start: start + chunk_cap]
@@ -525,24 +528,22 @@ class MultiTargetIntegratedGradients:
                     runs[-1] = (i, runs[-1][1], r + 1)
                 else:
                     runs.append((i, r, r + 1))
-            needed = sorted({c for i, _, _ in runs for c in target_lists[i % n_img]})
+            n_slots = max(len(target_lists[i % n_img]) for i, _, _ in runs)
             w = w_all[step_idx].view(-1, *([1] * (diff.dim() - 1)))
             with torch.enable_grad():
                 out = self._forward(xs)
-                for k, c in enumerate(needed):
-                    users = [(i, r0, r1) for i, r0, r1 in runs if c in slot[i % n_img]]
-                    if len(users) == len(runs):
-                        grad_out = torch.ones_like(out[:, c])
-                    else:
-                        grad_out = torch.zeros_like(out[:, c])
-                        for _, r0, r1 in users:
-                            grad_out[r0:r1] = 1
-                    (g,) = torch.autograd.grad(out[:, c], xs, grad_outputs=grad_out,
-                                               retain_graph=k < len(needed) - 1)
+                for t in range(n_slots):
+                    # slot t: each row's gradient is taken of the t-th target of its image (one-hot per row)
+                    users = [(i, r0, r1) for i, r0, r1 in runs if len(target_lists[i % n_img]) > t]
+                    onehot = torch.zeros(out.shape, dtype=out.dtype)
+                    for i, r0, r1 in users:
+                        onehot[r0:r1, target_lists[i % n_img][t]] = 1
+                    (g,) = torch.autograd.grad(out, xs, grad_outputs=onehot.to(out.device),
+                                               retain_graph=t < n_slots - 1)
                     self.num_backward += 1
                     g = g.contiguous() * w  # captum: grad * step_size, then sum over steps
                     for i, r0, r1 in users:
-                        total[i, slot[i % n_img][c]] += g[r0:r1].sum(0)
+                        total[i, t] += g[r0:r1].sum(0)
             del out, xs
 
 
