@@ -110,6 +110,14 @@ def load_json(path: PathLike) -> Any:
         raise BundleInputError(path, f"not valid JSON ({e})") from None
 
 
+def global_rank() -> int:
+    """This process's rank under ``torch.distributed`` (0 when it is not initialised): the handlers that write files
+    or logs act on rank 0 only, so no config switches them off by position."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def set_determinism(seed: int) -> None:
     """Seed Python, NumPy and torch, and ask torch for deterministic algorithms where it has them."""
     import torch

@@ -18,7 +18,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import EarlyStopHandler
 
-from ..utils import atomic_save, hold_folder_lock, load_checkpoint, remove_stale_temp_files
+from ..utils import atomic_save, global_rank, hold_folder_lock, load_checkpoint, remove_stale_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class ResumableCheckpoint:
         best_filename: file name of the best network (a plain ``state_dict``), ``None`` to skip.
         save_interval: epochs between two ``last.pt`` writes.
         resume: restore from ``last.pt`` when it exists.
-        enabled: set to ``False`` on non-zero ranks (only rank 0 writes; every rank resumes).
+        enabled: ``False``: never write (under ``torch.distributed`` only rank 0 writes anyway; every rank resumes).
         early_stop: the early-stopping handler (MONAI ``EarlyStopHandler``) whose patience counter and best score
             are saved and restored, so that a resumed run stops at the epoch an uninterrupted one would; default:
             the ``EarlyStopHandler`` attached to the same engine, if any.
@@ -56,7 +56,7 @@ class ResumableCheckpoint:
         self.best_filename = best_filename
         self.save_interval = save_interval
         self.resume = resume
-        self.enabled = enabled
+        self.enabled = enabled and global_rank() == 0  # one writer under torch.distributed; every rank resumes
         self.early_stop = early_stop
         self.last_path = os.path.join(ckpt_dir, "last.pt")
 

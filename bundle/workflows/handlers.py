@@ -31,10 +31,12 @@ class TrainerEarlyStop(EarlyStopHandler):
 
 class ProgressBar:
     """A tqdm progress bar over iterations (ignite's), shown only when ``enabled`` and stderr is a terminal
-    (``force=True`` shows it anyway): CI logs stay readable."""
+    (``force=True`` shows it anyway): CI logs stay readable. Rank 0 only under ``torch.distributed``."""
 
     def __init__(self, enabled: bool = True, force: bool = False, output_transform: Callable | None = None):
-        self.enabled = enabled and (force or sys.stderr.isatty())
+        from ..utils import global_rank
+
+        self.enabled = enabled and (force or sys.stderr.isatty()) and global_rank() == 0
         self.output_transform = output_transform
 
     def attach(self, engine: Engine) -> None:
@@ -98,6 +100,10 @@ class ValidationCurveWriter:
         self.tags = dict(tags or {})
 
     def attach(self, engine: Engine) -> None:
+        from ..utils import global_rank
+
+        if global_rank() != 0:  # one writer under torch.distributed
+            return
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
@@ -131,10 +137,14 @@ class EpochSeed:
         seed: the run's seed.
         generator: the ``torch.Generator`` of the training data loader (``shuffle=True``), or ``None``.
         transform: the training pre-processing (a MONAI ``Compose``; its random transforms are re-seeded), or ``None``.
+
+    Under ``torch.distributed`` the seed is offset by ``1000 x rank``, so that the ranks draw different batches.
     """
 
     def __init__(self, seed: int, generator: Any = None, transform: Any = None):
-        self.seed = int(seed)
+        from ..utils import global_rank
+
+        self.seed = int(seed) + 1000 * global_rank()
         self.generator = generator
         self.transform = transform
 

@@ -1,4 +1,4 @@
-"""MLflow tracking for every stage: one store (``tracking_uri`` in ``configs/common.yaml``), consistent names and tags."""
+"""MLflow tracking for every stage: one store (``tracking_uri`` in every config), consistent names and tags."""
 
 from __future__ import annotations
 
@@ -77,13 +77,15 @@ def check_tracking_uri(tracking_uri: str | None, timeout: float = 5.0) -> None:
 class TrackingHandler(MLFlowHandler):
     """MONAI's :class:`~monai.handlers.MLFlowHandler` plus run ``tags`` and an ``enabled`` switch.
 
-    ``enabled=False`` makes a no-op that never opens the tracking store (ranks > 0 under DDP: concurrent creation of
-    one SQLite store fails). Tags (e.g. ``stage``, ``init``, ``task``, ``size``, ``seed``) are set when the run starts.
+    ``enabled=False`` makes a no-op that never opens the tracking store; so does every rank but 0 under
+    ``torch.distributed`` (concurrent creation of one SQLite store fails, and one run is logged once). Tags (e.g. ``stage``, ``init``, ``task``, ``size``, ``seed``) are set when the run starts.
     All other arguments are :class:`~monai.handlers.MLFlowHandler`'s.
     """
 
     def __init__(self, enabled: bool = True, tags: Mapping[str, Any] | None = None, **kwargs: Any):
-        self.enabled = enabled
+        from ..utils import global_rank
+
+        self.enabled = enabled and global_rank() == 0
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         if enabled:
             check_tracking_uri(kwargs.get("tracking_uri"))
