@@ -75,7 +75,7 @@ def _context() -> Any:
     import multiprocessing as mp
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(list(PRELOAD) + ["bundle.doll.generator", "bundle.workflows.checkpoint"])
+    ctx.set_forkserver_preload(list(PRELOAD) + ["bundle.doll.generator", "bundle.handlers.checkpoint"])
     return ctx
 
 

@@ -50,8 +50,8 @@ def env_with_threads(threads: int | None) -> dict[str, str]:
 #: Modules the bundle-process server imports once (:func:`process_pool`): every workflow then runs in a fresh process
 #: forked from it, so none pays the interpreter and import start-up again (about 13 s of CPU per process on this
 #: machine class, mostly MONAI's import).
-PRELOAD = ("torch", "monai", "monai.bundle", "ignite", "mlflow", "fire.parser", "bundle.workflows.segmentation",
-           "bundle.workflows.tracking", "bundle.networks")
+PRELOAD = ("torch", "monai", "monai.bundle", "ignite", "mlflow", "fire.parser", "bundle.tasks", "bundle.networks.finetune", "bundle.handlers",
+           "bundle.tracking", "bundle.networks")
 
 #: The bundle's configs folder (the file names of :func:`run_workflows` steps are under it).
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

@@ -195,7 +195,7 @@ class Pipeline:
     def finetune(self) -> None:
         """Stage 5: the low-data sweep (scripts/sweep.py): the grid configs/pipeline.yaml names in configs/sweep.yaml,
         train + evaluate runs."""
-        from bundle.workflows.segmentation import TASKS, task_spec
+        from bundle.tasks import TASKS, task_spec
         from scripts.sweep import SweepGrid, run_sweep
 
         grid = SweepGrid.from_settings(self.settings["sweep"])
@@ -227,7 +227,7 @@ class Pipeline:
         import shutil
 
         from bundle.utils import atomic_save, remove_stale_temp_files
-        from bundle.workflows.segmentation import run_name
+        from bundle.tasks import run_name
 
         src = Path(self.paths["models_dir"]) / "segmentation" / run_name("scr", "doll", "all", 0) / "model.pt"
         if not src.is_file():

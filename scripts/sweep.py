@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bundle.workflows.segmentation import INIT_CHOICES, TASKS, parse_train_size, run_name  # noqa: E402
+from bundle.tasks import INIT_CHOICES, TASKS, parse_train_size, run_name  # noqa: E402
 from scripts.processes import process_pool, run_workflows_in_child, say, threads_for  # noqa: E402
 
 #: Columns of the sweep's tidy CSV, in order (the per-run CSVs of configs/evaluate.yaml have them all).
@@ -220,7 +220,7 @@ def collect(runs: Sequence[SweepRun], output_root: str | os.PathLike, split: str
 
 def collect_curves(runs: Sequence[SweepRun], output_root: str | os.PathLike) -> Any:
     """Concatenate the validation curves (``<output_root>/segmentation/<run>/val_curve.csv``, written during
-    training by :class:`bundle.workflows.handlers.ValidationCurveWriter`) of ``runs`` into one ``DataFrame``."""
+    training by :class:`bundle.handlers.training.ValidationCurveWriter`) of ``runs`` into one ``DataFrame``."""
     import pandas as pd
 
     frames = [pd.read_csv(p, dtype={"train_size": str}) for p in
@@ -351,7 +351,7 @@ def _log_sweep(result: SweepResult, output_root: str, overrides: Mapping[str, An
     """One MLflow run for the sweep: the grid as params, mean Dice per cell as metrics, the CSV as artifact."""
     from monai.utils import path_to_sqlite_uri
 
-    from bundle.workflows.tracking import log_run
+    from bundle.tracking import log_run
 
     uri = str(overrides.get("tracking_uri") or path_to_sqlite_uri(os.path.join(output_root, "mlruns.db")))
     prefix = str(overrides.get("mlflow_experiment_prefix", "cxr_doll"))

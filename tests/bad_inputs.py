@@ -248,7 +248,7 @@ def _mask_cases() -> list[Case]:
     def size_mismatch(d: Path) -> str:
         import torch
 
-        from bundle.data.transforms import LoadMaskd, LoadRadiographd
+        from bundle.transforms import LoadMaskd, LoadRadiographd
 
         img = _save(d / "img.png", _picture(64, 64))
         mask = _save(d / "mask.png", (_picture(32, 48) > 127).astype(np.uint8) * 255)
@@ -258,7 +258,7 @@ def _mask_cases() -> list[Case]:
         return msg
 
     def half_size(d: Path) -> str:
-        from bundle.data.transforms import LoadMaskd, LoadRadiographd
+        from bundle.transforms import LoadMaskd, LoadRadiographd
 
         img = _save(d / "img.png", _picture(64, 64))
         mask = _save(d / "mask.png", (_picture(32, 32) > 127).astype(np.uint8) * 255)

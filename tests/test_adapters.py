@@ -20,7 +20,7 @@ from bundle.data.datalists import build_all_datalists, load_datalist_section, re
 from bundle.data.segsets import (check_pair, folder_datalist, folder_items, image_list_items, qata_datalist,
                                  qata_items, read_image_size, scr_datalist, scr_items)
 from bundle.data.splits import patient_split, split_datalist, subsample, subsample_order
-from bundle.data.transforms import LoadMaskd, LoadRadiographd
+from bundle.transforms import LoadMaskd, LoadRadiographd
 from bundle.utils import BundleInputError
 
 CXR = "CheXpert-v1.0-small"

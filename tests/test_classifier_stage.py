@@ -156,7 +156,8 @@ def test_verify_net_in_out_detects_a_wrong_output_count():
 
 
 def test_masked_loss_and_auroc_against_references():
-    from bundle.workflows.classification import MaskedBCEWithLogitsLoss, auroc, per_class_auroc
+    from bundle.networks.losses import MaskedBCEWithLogitsLoss
+    from bundle.metrics.classification import auroc, per_class_auroc
 
     # AUROC: hand-computed (pairs ranked correctly / all pairs, ties count half)
     scores = np.array([0.1, 0.4, 0.35, 0.8, 0.4])

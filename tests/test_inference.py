@@ -271,7 +271,7 @@ def test_bitmask_label_map_round_trip(tmp_path):
     from monai.data import MetaTensor
 
     from bundle.data.io import decode_bitmask, read_array
-    from bundle.data.transforms import BitmaskLabeld, LoadMask
+    from bundle.transforms import BitmaskLabeld, LoadMask
     from bundle.workflows.inference import SaveMasksd
 
     rng = np.random.default_rng(0)

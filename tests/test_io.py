@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bundle.data.io import load_bitmask, load_mask, load_radiograph, read_array, save_nifti, save_png, encode_bitmask
-from bundle.data.transforms import LoadMask, LoadMaskd, LoadRadiographd
+from bundle.transforms import LoadMask, LoadMaskd, LoadRadiographd
 from bundle.utils import BundleInputError
 
 # ------------------------------------------------------------------------------------------------------ helpers

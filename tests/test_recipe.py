@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from bundle.workflows import segmentation as seg
+from bundle.handlers.checkpoint import ResumableTraining
+from bundle.networks.finetune import FinetuneInit
 
 
 @pytest.mark.parametrize("arch", ["segresnet", "unet"])
@@ -34,16 +35,16 @@ def test_finetune_init_applies_the_prior_to_a_new_head_only(tmp_path: Path) -> N
     from bundle.networks.segmentation import build_segmenter, head_module_names
 
     net = build_segmenter("segresnet", out_channels=2)
-    ft = seg.FinetuneInit(net, init="scratch", output_bias_prior=0.1)
+    ft = FinetuneInit(net, init="scratch", output_bias_prior=0.1)
     head = ft.network.get_submodule(head_module_names(ft.network)[-1])
     assert torch.sigmoid(head.conv.bias).tolist() == pytest.approx([0.1, 0.1], rel=1e-5)
     assert ft.tracking_params["output_bias"] == "-2.197,-2.197"
-    plain = seg.FinetuneInit(build_segmenter("segresnet", out_channels=2), init="scratch")
+    plain = FinetuneInit(build_segmenter("segresnet", out_channels=2), init="scratch")
     assert plain.output_bias is None and "output_bias" not in plain.tracking_params
     # a command-line override "null" switches it off; a number as text is a prior
-    off = seg.FinetuneInit(build_segmenter("segresnet", out_channels=2), init="scratch", output_bias_prior="null")
+    off = FinetuneInit(build_segmenter("segresnet", out_channels=2), init="scratch", output_bias_prior="null")
     assert off.output_bias is None
-    text = seg.FinetuneInit(build_segmenter("segresnet", out_channels=2), init="scratch", output_bias_prior="0.5")
+    text = FinetuneInit(build_segmenter("segresnet", out_channels=2), init="scratch", output_bias_prior="0.5")
     assert text.output_bias == pytest.approx([0.0, 0.0])
 
 
@@ -57,7 +58,7 @@ def _trainer(tmp_path: Path, max_epochs: int, stop_at: int | None = None):
     data = [{"image": torch.zeros(2, 1, 4, 4), "label": torch.zeros(2, 1, 4, 4)}] * 3
     trainer = SupervisedTrainer(device="cpu", max_epochs=max_epochs, train_data_loader=data, network=net,
                                 optimizer=opt, loss_function=torch.nn.MSELoss(),
-                                train_handlers=[seg.ResumableTraining(str(tmp_path), net, opt)])
+                                train_handlers=[ResumableTraining(str(tmp_path), net, opt)])
     if stop_at is not None:
         trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_at), lambda e: e.terminate())
     return trainer
@@ -90,7 +91,7 @@ def test_a_killed_run_is_not_taken_for_a_stopped_one(tmp_path: Path) -> None:
 def test_validation_curve_writer_rows_and_resume(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from bundle.workflows.handlers import ValidationCurveWriter
+    from bundle.handlers.training import ValidationCurveWriter
 
     path = tmp_path / "curve.csv"
     writer = ValidationCurveWriter(str(path), steps_per_epoch=15, tags={"init": "doll", "seed": 1})

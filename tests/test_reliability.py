@@ -39,7 +39,7 @@ def test_second_run_on_a_folder_refuses_and_a_killed_holder_leaves_no_stale_lock
 
 
 def test_unreachable_tracking_server_fails_at_once():
-    from bundle.workflows.tracking import check_tracking_uri
+    from bundle.tracking import check_tracking_uri
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,8 +80,8 @@ def _train(ckpt_dir: Path, max_epochs: int, stop_after: int | None = None) -> to
     from monai.engines import SupervisedTrainer
     from monai.transforms import Compose, RandGaussianNoised
 
-    from bundle.workflows.checkpoint import ResumableCheckpoint
-    from bundle.workflows.handlers import EpochSeed
+    from bundle.handlers.checkpoint import ResumableCheckpoint
+    from bundle.handlers.training import EpochSeed
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -119,8 +119,8 @@ def test_early_stopping_state_survives_a_resume(tmp_path, named):
     the checkpoint handler finds the early-stopping handler on the trainer when the config does not name it."""
     from ignite.engine import Engine
 
-    from bundle.workflows.checkpoint import ResumableCheckpoint
-    from bundle.workflows.handlers import TrainerEarlyStop
+    from bundle.handlers.checkpoint import ResumableCheckpoint
+    from bundle.handlers.training import TrainerEarlyStop
 
     scores = iter([0.9, 0.5, 0.4, 0.3, 0.2, 0.1])
 

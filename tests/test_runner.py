@@ -60,14 +60,14 @@ def test_pipeline_settings_are_consistent():
 
 def test_concurrent_processes_share_a_new_tracking_store(tmp_path):
     """Concurrent stages (classifiers, sweep cells) open one new SQLite store at once: MLflow's schema creation and
-    experiment creation are serialised by bundle.workflows.tracking.store_lock, so every run lands."""
+    experiment creation are serialised by bundle.tracking.store_lock, so every run lands."""
     import subprocess
     import sys
 
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}"
-    code = ("import sys; from bundle.workflows.tracking import log_run; "
+    code = ("import sys; from bundle.tracking import log_run; "
             "log_run(sys.argv[1], 'cxr_doll_concurrent', 'run' + sys.argv[2], metrics={'m': float(sys.argv[2])})")
     procs = [subprocess.Popen([sys.executable, "-c", code, uri, str(i)], stderr=subprocess.PIPE, text=True)
              for i in range(4)]

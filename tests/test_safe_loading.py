@@ -60,7 +60,7 @@ def test_pickle_with_code_as_classifier_checkpoint_is_refused(tmp_path):
 def test_resume_refuses_a_last_checkpoint_with_code(tmp_path):
     from ignite.engine import Engine
 
-    from bundle.workflows.checkpoint import ResumableCheckpoint
+    from bundle.handlers.checkpoint import ResumableCheckpoint
 
     marker = tmp_path / "code_ran.txt"
     net = torch.nn.Linear(2, 2)
@@ -75,7 +75,7 @@ def test_bundle_checkpoints_load_safely(tmp_path):
     """What the bundle writes (network, optimizer, scheduler, ignite state, best metric) passes weights_only."""
     from ignite.engine import Engine
 
-    from bundle.workflows.checkpoint import ResumableCheckpoint, read_state_dict
+    from bundle.handlers.checkpoint import ResumableCheckpoint, read_state_dict
 
     net = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(net.parameters())
@@ -90,7 +90,7 @@ def test_bundle_checkpoints_load_safely(tmp_path):
 
 @pytest.mark.parametrize("kind", ["truncated", "empty", "foreign", "missing"])
 def test_bad_checkpoint_files_name_the_file(tmp_path, kind):
-    from bundle.workflows.checkpoint import read_state_dict
+    from bundle.handlers.checkpoint import read_state_dict
 
     good = tmp_path / "good.pt"
     torch.save(torch.nn.Linear(64, 64).state_dict(), good)

@@ -1,6 +1,6 @@
 """Segmentation stages: DoLL pre-training (configs/pretrain.yaml), fine-tuning (configs/train.yaml), evaluation
 (configs/evaluate.yaml), multi-process fine-tuning (configs/multi_gpu_train.yaml), the low-data sweep
-(scripts/sweep.py) and their helpers (bundle/workflows/segmentation.py).
+(scripts/sweep.py) and their helpers (bundle.tasks, bundle.networks.finetune, bundle.transforms, ...).
 
 The end-to-end tests share one tiny phantom (64 px, a few cases) and an oracle DoLL made from its true lesion masks,
 and run the configs as ``python -m monai.bundle run`` subprocesses with tiny budgets.
@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 import torch
 
-from bundle.workflows import segmentation as seg
+from bundle.handlers.checkpoint import ResumableTraining
+from bundle.handlers.training import NullHandler
+from bundle.metrics.segmentation import MultiLabelDice, per_channel_dice
+from bundle.networks.finetune import FinetuneInit, build_finetune_network
+from bundle.tasks import epochs_for, parse_train_size, run_name, subset_items, task_spec
+from bundle.transforms import RandAffineJointd, ResizeLiked
+from tests.helpers import write_oracle_doll
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -66,7 +72,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                               chexpert_valid_patients=2, scr_cases=8, qata_train=4, qata_test=2, progress=False,
                               num_workers=0)
     build_all_datalists(data / "phantom", data / "datalists", real_lungs_dir=None)
-    counts = seg.write_oracle_doll(data / "datalists" / "chexpert.json", data / "doll",
+    counts = write_oracle_doll(data / "datalists" / "chexpert.json", data / "doll",
                                    data / "datalists" / "doll.json", (64, 64))
     assert counts["training"] > 0 and counts["validation"] > 0
     overrides = {"data_root": str(data), "output_root": str(root / "eval"), "models_dir": str(root / "models"),
@@ -82,7 +88,7 @@ def _tracking_uri(output_root: Path) -> str:
 
 
 def _runs(uri: str, experiment: str) -> list[Any]:
-    from bundle.workflows.tracking import read_runs
+    from bundle.tracking import read_runs
 
     return read_runs(uri, experiment)
 
@@ -117,23 +123,23 @@ def evaluated(env: dict[str, Any], finetuned: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# helpers of bundle/workflows/segmentation.py (fast)
+# helpers of the segmentation stages (fast)
 # ----------------------------------------------------------------------------------------------------------------
 def test_task_specs_and_names() -> None:
-    assert seg.task_spec("scr").structures == ("lungs", "heart", "clavicles")
-    assert seg.task_spec("scr").union_groups_list() == [[0, 1], [2], [3, 4]]
-    assert seg.task_spec("infection").datalist == "qata.json" and seg.task_spec("infection").num_classes == 1
-    assert seg.task_spec("real_lungs").union_groups is None
+    assert task_spec("scr").structures == ("lungs", "heart", "clavicles")
+    assert task_spec("scr").union_groups_list() == [[0, 1], [2], [3, 4]]
+    assert task_spec("infection").datalist == "qata.json" and task_spec("infection").num_classes == 1
+    assert task_spec("real_lungs").union_groups is None
     with pytest.raises(ValueError, match="unknown segmentation task"):
-        seg.task_spec("liver")
-    assert seg.run_name("scr", "doll", 4, 1) == "scr_doll_n4_seed1"
-    assert seg.run_name("scr", "scratch", "all", 0, "adapter") == "scr_scratch_nall_seed0_adapter"
-    assert seg.parse_train_size("all") is None and seg.parse_train_size(-1) is None
-    assert seg.parse_train_size("8") == 8
+        task_spec("liver")
+    assert run_name("scr", "doll", 4, 1) == "scr_doll_n4_seed1"
+    assert run_name("scr", "scratch", "all", 0, "adapter") == "scr_scratch_nall_seed0_adapter"
+    assert parse_train_size("all") is None and parse_train_size(-1) is None
+    assert parse_train_size("8") == 8
     for bad in (0, -3, "few"):
         with pytest.raises(ValueError, match="train_size"):
-            seg.parse_train_size(bad)
-    assert seg.epochs_for(150, 15) == 10 and seg.epochs_for(151, 15) == 11 and seg.epochs_for(1, 15) == 1
+            parse_train_size(bad)
+    assert epochs_for(150, 15) == 10 and epochs_for(151, 15) == 11 and epochs_for(1, 15) == 1
 
 
 def test_config_ids_for_monai_label_and_sweep_grid() -> None:
@@ -164,14 +170,14 @@ def test_config_ids_for_monai_label_and_sweep_grid() -> None:
 
 def test_subset_items_nested_and_seeded() -> None:
     items = [{"image": f"/x/{i}.png", "patient": f"p{i // 2}"} for i in range(20)]
-    subsets = {n: seg.subset_items(items, n, seed=3) for n in (2, 4, 8)}
+    subsets = {n: subset_items(items, n, seed=3) for n in (2, 4, 8)}
     images = {n: {it["image"] for it in s} for n, s in subsets.items()}
     assert [len(images[n]) for n in (2, 4, 8)] == [2, 4, 8]
     assert images[2] <= images[4] <= images[8]  # nested
     assert len({it["patient"] for it in subsets[4]}) == 4  # spread over patients
-    assert subsets[4] == seg.subset_items(items, 4, seed=3)  # deterministic
-    assert images[4] != {it["image"] for it in seg.subset_items(items, 4, seed=4)}  # the seed matters
-    assert len(seg.subset_items(items, "all", seed=0)) == 20 and len(seg.subset_items(items, 50, seed=0)) == 20
+    assert subsets[4] == subset_items(items, 4, seed=3)  # deterministic
+    assert images[4] != {it["image"] for it in subset_items(items, 4, seed=4)}  # the seed matters
+    assert len(subset_items(items, "all", seed=0)) == 20 and len(subset_items(items, 50, seed=0)) == 20
 
 
 def test_multilabel_dice_and_resize() -> None:
@@ -184,17 +190,17 @@ def test_multilabel_dice_and_resize() -> None:
     pred[1, 0, :2] = 1
     ref[1, 0, :2] = 1  # dice 1
     pred[0, 1, 0, 0] = 1  # channel 1: empty references everywhere
-    metric = seg.MultiLabelDice(names=["a", "b"], ignore_empty=True, prefix="dice_")
+    metric = MultiLabelDice(names=["a", "b"], ignore_empty=True, prefix="dice_")
     engine = Engine(lambda e, b: b)
     metric.attach(engine, "mean_dice")
     engine.run([(pred, ref)], max_epochs=1)
     assert engine.state.metrics["mean_dice"] == pytest.approx((2 / 3 + 1) / 2)
     assert engine.state.metrics["dice_a"] == pytest.approx((2 / 3 + 1) / 2)
     assert "dice_b" not in engine.state.metrics  # only empty references: ignored
-    strict = seg.per_channel_dice(pred, ref, ignore_empty=False)
+    strict = per_channel_dice(pred, ref, ignore_empty=False)
     assert strict[0, 1].item() == 0.0 and strict[1, 1].item() == 1.0  # false positive vs both empty
 
-    resized = seg.ResizeLiked("pred", "label")({"pred": torch.ones(3, 8, 8), "label": torch.zeros(3, 16, 12)})
+    resized = ResizeLiked("pred", "label")({"pred": torch.ones(3, 8, 8), "label": torch.zeros(3, 16, 12)})
     assert tuple(resized["pred"].shape) == (3, 16, 12) and torch.allclose(resized["pred"], torch.ones(1))
 
 
@@ -202,9 +208,9 @@ def test_rand_affine_joint_moves_image_and_mask_together() -> None:
     square = torch.zeros(1, 32, 48)
     square[:, 8:20, 10:30] = 1
     data = {"image": square.clone(), "label": square.to(torch.uint8)}
-    identity = seg.RandAffineJointd(["image", "label"], prob=1.0, mode=["bilinear", "nearest"])(data)
+    identity = RandAffineJointd(["image", "label"], prob=1.0, mode=["bilinear", "nearest"])(data)
     assert torch.allclose(identity["image"], square, atol=1e-5) and torch.equal(identity["label"], data["label"])
-    aug = seg.RandAffineJointd(["image", "label"], prob=1.0, rotate_range=0.3, scale_range=0.1, translate_range=4,
+    aug = RandAffineJointd(["image", "label"], prob=1.0, rotate_range=0.3, scale_range=0.1, translate_range=4,
                                mode=["bilinear", "nearest"], padding_mode=["border", "zeros"])
     aug.set_random_state(seed=7)
     out = aug(data)
@@ -214,7 +220,7 @@ def test_rand_affine_joint_moves_image_and_mask_together() -> None:
     assert agree > 0.97  # the mask follows the image
     aug.set_random_state(seed=7)
     assert torch.equal(aug(data)["label"], out["label"])  # seeded
-    assert seg.RandAffineJointd(["image"], prob=0.0, rotate_range=1.0)(data)["image"] is data["image"]
+    assert RandAffineJointd(["image"], prob=0.0, rotate_range=1.0)(data)["image"] is data["image"]
 
 
 def test_resumable_training_honours_max_epochs(tmp_path: Path) -> None:
@@ -227,7 +233,7 @@ def test_resumable_training_honours_max_epochs(tmp_path: Path) -> None:
         data = [{"image": torch.zeros(2, 1, 4, 4), "label": torch.zeros(2, 1, 4, 4)}] * 3
         return SupervisedTrainer(device="cpu", max_epochs=max_epochs, train_data_loader=data, network=net,
                                  optimizer=opt, loss_function=torch.nn.MSELoss(),
-                                 train_handlers=[seg.ResumableTraining(str(tmp_path), net, opt)])
+                                 train_handlers=[ResumableTraining(str(tmp_path), net, opt)])
 
     first = trainer(1)
     first.run()
@@ -249,26 +255,26 @@ def test_finetune_init_modes_and_errors(tmp_path: Path) -> None:
     from bundle.networks.segmentation import build_segmenter, head_parameter_names
     from bundle.utils import BundleInputError
 
-    scratch = seg.FinetuneInit(seg.build_finetune_network("segresnet", 3, "warmup"), "scratch", mode="warmup",
+    scratch = FinetuneInit(build_finetune_network("segresnet", 3, "warmup"), "scratch", mode="warmup",
                                warmup_epochs=2, report_path=tmp_path / "r.json")
     assert scratch.report is None and type(scratch.handler).__name__ == "EncoderWarmupHandler"
     assert json.loads((tmp_path / "r.json").read_text())["init"] == "scratch"
 
     source = build_segmenter("segresnet", out_channels=14)
     torch.save(source.state_dict(), tmp_path / "doll.pt")
-    adapted = seg.FinetuneInit(seg.build_finetune_network("segresnet", 3, "adapter"), "doll", tmp_path / "doll.pt",
+    adapted = FinetuneInit(build_finetune_network("segresnet", 3, "adapter"), "doll", tmp_path / "doll.pt",
                                mode="adapter")
     trainable = {n for n, p in adapted.network.named_parameters() if p.requires_grad}
     assert trainable and all(".adapter." in n or n in head_parameter_names(adapted.network) for n in trainable)
-    assert isinstance(adapted.handler, seg.NullHandler)
+    assert isinstance(adapted.handler, NullHandler)
     assert adapted.tracking_params["transfer_loaded"] == len(adapted.report.loaded) > 0
 
     with pytest.raises(ValueError, match="needs a weights file"):
-        seg.FinetuneInit(seg.build_finetune_network("segresnet", 1), "external", "")
+        FinetuneInit(build_finetune_network("segresnet", 1), "external", "")
     with pytest.raises(BundleInputError, match="run configs/pretrain.yaml first"):
-        seg.FinetuneInit(seg.build_finetune_network("segresnet", 1), "doll", tmp_path / "missing.pt")
+        FinetuneInit(build_finetune_network("segresnet", 1), "doll", tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="unknown init"):
-        seg.FinetuneInit(seg.build_finetune_network("segresnet", 1), "imagenet")
+        FinetuneInit(build_finetune_network("segresnet", 1), "imagenet")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,9 +305,9 @@ def test_doll_init_loads_every_non_head_tensor(env: dict[str, Any], pretrained: 
     assert sorted(report["reinitialised"]) == sorted(head_keys)
     assert sorted(report["report"]["loaded"]) == sorted(k for k in pre if k not in head_keys)
     # and the same transfer in this process, checked tensor by tensor against the pre-training checkpoint
-    net = seg.build_finetune_network("segresnet", 3)
+    net = build_finetune_network("segresnet", 3)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    init = seg.FinetuneInit(net, "doll", pretrained)
+    init = FinetuneInit(net, "doll", pretrained)
     head = head_module_names(net)
     after = init.network.state_dict()
     for key, value in after.items():

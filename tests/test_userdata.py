@@ -20,7 +20,7 @@ from bundle.data.datalists import build_all_datalists
 from bundle.data.io import JSRT_SIDE, load_mask, load_radiograph, write_jsrt_img
 from bundle.data.segsets import (covid_qu_ex_datalist, covid_qu_ex_items, qata_datalist, read_image_size,
                                  reconcile_splits, scr_items)
-from bundle.data.transforms import LoadMaskd, LoadRadiographd
+from bundle.transforms import LoadMaskd, LoadRadiographd
 from bundle.data.userdata import load_data_spec, phantom_params, prepare_data
 from bundle.utils import BundleInputError
 from data_formats import (make_chexpert_small, make_covid_qu_ex, make_jsrt_scr, make_qata_v2,

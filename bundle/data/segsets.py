@@ -147,7 +147,7 @@ def check_pair(
 ) -> None:
     """Validate one item: the image is readable and every mask in ``label`` is readable, of the image's size or of
     another size with the image's aspect ratio (the image is then resampled to the masks' grid when loaded:
-    :class:`~bundle.data.transforms.LoadMaskd`), the masks of one item of one size, and (with
+    :class:`~bundle.transforms.LoadMaskd`), the masks of one item of one size, and (with
     ``require_nonempty``) non-empty.
 
     Args:
@@ -444,7 +444,7 @@ def scr_items(
       or PNG/BMP/TIFF.
 
     Image and masks of different sizes with the same aspect ratio are valid (JSRT 2048 with SCR 1024 is the normal
-    case): the image is resampled to the masks' grid when loaded (:class:`bundle.data.transforms.LoadMaskd`).
+    case): the image is resampled to the masks' grid when loaded (:class:`bundle.transforms.LoadMaskd`).
 
     Args:
         root: one folder holding both (``JSRT/images`` + ``SCR/masks`` as the phantom writes them, or any tree:

@@ -209,7 +209,7 @@ def prepare_data(
         phantom_summary = generate_phantom_datasets(phantom_dir, seed=seed, **params)
     summary = build_all_datalists(phantom_dir, datalist_dir, prebuilt=checked, **kwargs)
     if tracking_uri:
-        from ..workflows.tracking import log_run
+        from ..tracking import log_run
 
         params_log = {f"source_{k}": v[:240] for k, v in data_sources(summary).items()}
         metrics = {f"{k}_{sec}": float(v[sec]) for k, v in summary.items() if isinstance(v, Mapping)

@@ -382,7 +382,7 @@ def load_classifiers(ckpt_root: str, names: Sequence[str], device: str | torch.d
     ``classifier.json`` written beside them by the classifier stage), in eval mode on ``device``."""
     from ..networks.classifiers import build_classifier
     from ..utils import BundleInputError, load_json
-    from ..workflows.checkpoint import read_state_dict
+    from ..handlers.checkpoint import read_state_dict
 
     nets = []
     for name in names:

@@ -152,7 +152,7 @@ def summarize(rows: Sequence[dict], names: Sequence[str] = OBSERVATIONS) -> list
 
 def save_panel(examples: Sequence[dict], path: str, methods: Sequence[str] = ("doll", "gradcam", "ig_single")) -> str:
     """PNG panel: one row per observation: image, true lesion, then each method's mask (red) over the image."""
-    from ..reporting.figures import overlay_rgb, save_grid
+    from ..visualize import overlay_rgb, save_grid
 
     tiles, titles = [], []
     for ex in examples:
@@ -188,7 +188,7 @@ def run_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess: Cal
     overall = {f"{r['method']}_{m}": r[m] for r in table if r["observation"] == "all" for m in ("iou", "dice", "hit")}
     per_obs = {f"{r['method']}_iou_{slug(r['observation'])}": r["iou"] for r in table if r["observation"] != "all"}
     if tracking_uri:
-        from ..workflows.tracking import log_run
+        from ..tracking import log_run
 
         log_run(tracking_uri, experiment, "quality", params={"n_images": len({r['image'] for r in rows}),
                                                             "tolerance": tolerance},

@@ -35,9 +35,14 @@ interpolation, as ``numpy.percentile``). Distances are in pixels, or in physical
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
+import torch
+from ignite.engine import Engine
+from ignite.metrics import Metric
+
+from ..constants import slug
 
 __all__ = [
     "as_binary_numpy",
@@ -229,3 +234,88 @@ def segmentation_rows(
                    hd95=float(m["hd95"][c]), pred_area=int(m["pred_area"][c]), ref_area=int(m["ref_area"][c]))
         rows.append(row)
     return rows
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the validation metric of the training configs (ignite)
+# ------------------------------------------------------------------------------------------------------------------
+def _stack(x: Any) -> torch.Tensor:
+    if isinstance(x, (list, tuple)):  # a decollated batch
+        return torch.stack([torch.as_tensor(v) for v in x])
+    return torch.as_tensor(x)
+
+
+def per_channel_dice(pred: torch.Tensor, ref: torch.Tensor, ignore_empty: bool = True) -> torch.Tensor:
+    """Dice per image and channel of binary ``(B, C, H, W)`` tensors (float64 ``(B, C)``): 1.0 when both are empty,
+    ``NaN`` where the reference is empty when ``ignore_empty``."""
+    p, r = pred > 0.5, ref > 0.5
+    dims = tuple(range(2, p.dim()))
+    inter = (p & r).sum(dims).double()
+    ref_area = r.sum(dims).double()
+    total = p.sum(dims).double() + ref_area
+    d = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+    if ignore_empty:
+        d = torch.where(ref_area > 0, d, torch.full_like(d, float("nan")))
+    return d
+
+
+class MultiLabelDice(Metric):
+    """Mean Dice of multi-label binary predictions ``(B, C, H, W)`` (threshold the sigmoid first, e.g. with
+    ``AsDiscreted(threshold=0.5)``), averaged over every (image, channel) pair that counts; the per-channel means
+    are added to ``engine.state.metrics`` as ``<prefix><structure>``.
+
+    Args:
+        output_transform: gives ``(pred, label)``, e.g. ``monai.handlers.from_engine(['pred', 'label'])``.
+        names: channel names (default ``0, 1, ...``).
+        ignore_empty: skip pairs whose reference is empty (DoLL: most observations are absent from an image);
+            otherwise an empty reference with an empty prediction scores 1 and with any prediction 0.
+        prefix: prefix of the per-channel metric names (``None``: not added).
+        device: ignite's metric device.
+
+    The value is 0.0 when no pair counts (so a best-metric comparison still works). Under DDP the per-image values
+    are gathered across ranks.
+    """
+
+    def __init__(self, output_transform: Callable = lambda x: x, names: Sequence[str] | None = None,
+                 ignore_empty: bool = True, prefix: str | None = "dice_", device: str | torch.device = "cpu"):
+        self.names = None if names is None else [str(n) for n in names]
+        self.ignore_empty = ignore_empty
+        self.prefix = prefix
+        self._last: np.ndarray = np.zeros(0)
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self) -> None:
+        self._values: list[torch.Tensor] = []
+
+    def update(self, output: Sequence[Any]) -> None:
+        pred, ref = _stack(output[0]).detach(), _stack(output[1]).detach()
+        if pred.shape != ref.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and label {tuple(ref.shape)} differ in shape")
+        self._values.append(per_channel_dice(pred, ref, self.ignore_empty).cpu())
+
+    def _gathered(self) -> torch.Tensor:
+        import ignite.distributed as idist
+
+        values = torch.cat(self._values) if self._values else torch.zeros(0, len(self.names or []),
+                                                                           dtype=torch.float64)
+        if idist.get_world_size() > 1:
+            values = idist.all_gather(values)
+        return values
+
+    def compute(self) -> float:
+        values = self._gathered().numpy()
+        with np.errstate(all="ignore"):
+            finite = np.isfinite(values)
+            self._last = np.array([np.nan if not finite[:, c].any() else float(np.nanmean(values[:, c]))
+                                   for c in range(values.shape[1])]) if values.size else np.zeros(0)
+            return float(np.nanmean(values)) if finite.any() else 0.0
+
+    def completed(self, engine: Engine, name: str) -> None:
+        super().completed(engine, name)
+        if self.prefix is None:
+            return
+        for c, value in enumerate(self._last):
+            if np.isfinite(value):
+                label = self.names[c] if self.names is not None and c < len(self.names) else str(c)
+                engine.state.metrics[f"{self.prefix}{slug(label)}"] = float(value)
+

@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -54,6 +55,9 @@ from monai.networks.layers.factories import Act, Conv
 from monai.networks.nets import SegResNet, UNet
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..tasks import INIT_CHOICES
+from ..utils import BundleInputError, PathLike, atomic_write_json
 
 from .segmentation import (decoder_stage_names, encoder_module_names, head_module_names, matches_prefix,
                            network_parts, unwrap)
@@ -415,3 +419,160 @@ def default_init(doll_checkpoint: str | os.PathLike) -> str:
         f"no DoLL pre-trained checkpoint at {doll_checkpoint}: training from scratch (run configs/pretrain.yaml "
         "first, or name the initialisation with --init)")
     return "scratch"
+
+
+def build_finetune_network(arch: str, out_channels: int, mode: str = "full", in_channels: int = 1,
+                           adapter_reduction: int = 4, network_kwargs: Mapping[str, Any] | None = None,
+                           **kwargs: Any) -> nn.Module:
+    """The network as it is saved: :func:`bundle.networks.build_segmenter` with ``out_channels`` outputs, plus the
+    residual adapters in ``adapter`` mode (so a checkpoint of any mode loads into this network).
+
+    Args:
+        arch: ``segresnet`` or ``unet``.
+        out_channels: 14 for DoLL pre-training; the task's structures for fine-tuning.
+        mode: the fine-tuning mode (``adapter`` adds the adapters).
+        in_channels: 1 for radiographs.
+        adapter_reduction: bottleneck ratio of the adapters.
+        network_kwargs, kwargs: arguments of the MONAI network (e.g. ``{"init_filters": 16}``), the config-friendly
+            mapping and keywords alike.
+    """
+    from ..networks.finetune import add_adapters
+    from ..networks.segmentation import build_segmenter
+
+    net = build_segmenter(arch, in_channels=in_channels, out_channels=int(out_channels),
+                          **{**dict(network_kwargs or {}), **kwargs})
+    if str(mode).lower() == "adapter":
+        add_adapters(net, reduction=adapter_reduction)
+    return net
+
+
+def _is_rank0() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+class FinetuneInit:
+    """Initialise a downstream network and prepare it for a fine-tuning mode (instantiated by ``configs/train.yaml``).
+
+    Steps: (1) load weights by ``init``: ``doll`` (a DoLL pre-trained segmenter,
+    :func:`~bundle.networks.transfer.load_pretrained`), ``classifier_encoder`` (the encoder of a
+    ``segresnet_encoder`` classifier, :func:`~bundle.networks.transfer.load_encoder_from_classifier`), ``external``
+    (any local state-dict file, :func:`~bundle.networks.transfer.load_external`) or ``scratch`` (nothing); with
+    ``reset_head`` the head is never loaded (the downstream classes are new), so it keeps the fresh initialisation
+    of ``network`` (seeded by ``set_determinism``); (2) move to ``device``; (3)
+    :func:`~bundle.networks.finetune.prepare_finetune` (``full`` / ``warmup`` / ``adapter``). The
+    :class:`~bundle.networks.transfer.TransferReport` (loaded / skipped / re-initialised tensors) is logged and
+    written to ``report_path`` as JSON (rank 0 only).
+
+    Args:
+        network: the downstream network (:func:`build_finetune_network`), built with the task's output channels.
+        init: ``doll``, ``scratch``, ``classifier_encoder`` or ``external``.
+        checkpoint: the weights file of ``init`` (ignored for ``scratch``).
+        mode: ``full``, ``warmup`` or ``adapter``.
+        warmup_epochs: ``warmup`` mode: epochs with a frozen encoder.
+        encoder_lr: optional learning rate of the encoder's param group (``full``/``warmup``).
+        adapter_reduction: ``adapter`` mode: bottleneck ratio.
+        reset_head: never load the head (``doll``/``external``).
+        strict_shapes: ``doll``: a shape mismatch outside the head is an error (another configuration).
+        min_fraction: fail when fewer than this fraction of the non-head tensors load (``doll``/``external``).
+        output_bias_prior: start the (new) head's output logits at ``logit(prior)`` (one fraction, or one per
+            structure; :func:`bundle.networks.segmentation.set_output_bias`), so that no sigmoid channel of a small
+            structure is driven to all-negative in the first steps; ``None`` keeps MONAI's initialisation. Only
+            applied to a head that was not loaded (``reset_head`` or ``scratch``).
+        report_path: JSON file for the report (``None``: not written).
+        device: where the network goes.
+
+    Attributes:
+        network: the prepared network (on ``device``); ``params``: the optimiser's parameters (or param groups);
+        handler: the warm-up handler (``warmup`` mode) or a :class:`NullHandler`; ``report``: the
+        TransferReport (``None`` for ``scratch``); ``summary``: the fine-tuning summary.
+
+    Raises:
+        ValueError: unknown ``init``/``mode``, or no checkpoint for an ``init`` that needs one.
+        BundleInputError: missing checkpoint, or a checkpoint that does not match the network (nothing matched, a
+            non-head shape mismatch, too few tensors): the message starts with the file's path.
+    """
+
+    def __init__(self, network: nn.Module, init: str = "scratch", checkpoint: PathLike | None = None,
+                 mode: str = "full", warmup_epochs: int = 0, encoder_lr: float | None = None,
+                 adapter_reduction: int = 4, reset_head: bool = True, strict_shapes: bool = True,
+                 min_fraction: float = 0.5, output_bias_prior: float | Sequence[float] | None = None,
+                 report_path: PathLike | None = None, device: str | torch.device | None = None):
+        from ..networks.finetune import prepare_finetune
+        from ..networks.segmentation import head_module_names
+        from ..networks.transfer import load_encoder_from_classifier, load_external, load_pretrained
+
+        name = str(init).lower()
+        if name not in INIT_CHOICES:
+            raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INIT_CHOICES)}")
+        self.init = name
+        self.mode = str(mode).lower()
+        self.checkpoint = None if name == "scratch" or not checkpoint else os.fspath(checkpoint)
+        self.report = None
+        if name != "scratch":
+            if not self.checkpoint:
+                what = "--external_weights" if name == "external" else "--init_checkpoint"
+                raise ValueError(f"init={name!r} needs a weights file: set {what} to a local checkpoint path")
+            if not os.path.isfile(self.checkpoint):
+                hints = {"doll": "run configs/pretrain.yaml first, or set --init_checkpoint",
+                         "classifier_encoder": "train a segresnet_encoder classifier (configs/train_classifier.yaml "
+                                               "--classifier_arch segresnet_encoder) or set --init_checkpoint",
+                         "external": "set --external_weights to a local state-dict file"}
+                raise BundleInputError(self.checkpoint, f"{name} checkpoint not found ({hints[name]})")
+            head = head_module_names(network) if reset_head else []
+            if name == "doll":
+                self.report = load_pretrained(network, self.checkpoint, exclude=head, strict_shapes=strict_shapes,
+                                              min_fraction=min_fraction)
+            elif name == "classifier_encoder":
+                self.report = load_encoder_from_classifier(network, self.checkpoint)
+            else:
+                self.report = load_external(network, self.checkpoint, exclude=head, min_fraction=min_fraction)
+        else:
+            logger.info("init=scratch: random initialisation of %s", type(network).__name__)
+        self.output_bias = None
+        if isinstance(output_bias_prior, str):  # a command-line override: "null"/"none"/"" switch it off
+            text = output_bias_prior.strip().lower()
+            output_bias_prior = None if text in ("", "none", "null") else float(text)
+        if output_bias_prior is not None and (reset_head or name == "scratch"):
+            from ..networks.segmentation import set_output_bias
+
+            self.output_bias = set_output_bias(network, output_bias_prior)
+        if device is not None:
+            network = network.to(device)
+        self.setup = prepare_finetune(network, self.mode, warmup_epochs=int(warmup_epochs), encoder_lr=encoder_lr,
+                                      adapter_reduction=int(adapter_reduction))
+        self.network = network
+        self.summary = self.setup.summary
+        if report_path is not None and _is_rank0():
+            atomic_write_json(report_path, self.as_dict())
+
+    @property
+    def params(self) -> list[Any]:
+        """The optimiser's parameters (a list, or param groups when ``encoder_lr`` is set)."""
+        return self.setup.params
+
+    @property
+    def handler(self) -> Any:
+        """The :class:`~bundle.networks.finetune.EncoderWarmupHandler` (``warmup`` mode), else ``None``."""
+        return self.setup.handler
+
+    @property
+    def tracking_params(self) -> dict[str, Any]:
+        """Flat params for MLflow: init, checkpoint, mode, trainable/frozen counts and the transfer counts."""
+        out: dict[str, Any] = {"init": self.init, "init_checkpoint": self.checkpoint or "",
+                               "finetune_mode": self.mode, "trainable_params": self.summary.trainable,
+                               "frozen_params": self.summary.frozen}
+        if self.output_bias is not None:
+            out["output_bias"] = ",".join(f"{b:.3f}" for b in self.output_bias)
+        if self.report is not None:
+            scalars = self.report.scalars()
+            out.update({k: (int(v) if float(v).is_integer() else round(v, 4)) for k, v in scalars.items()})
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-serialisable record: init, checkpoint, the full transfer report and the fine-tuning summary."""
+        return {"init": self.init, "checkpoint": self.checkpoint, "mode": self.mode,
+                "report": None if self.report is None else self.report.as_dict(),
+                "reinitialised": None if self.report is None else list(self.report.reinitialised),
+                "finetune": self.summary.as_dict()}
+

@@ -16,6 +16,8 @@ number of channels when ``background_weight=1``.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
@@ -89,3 +91,24 @@ class WeightedDiceBCELoss(_Loss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Args: ``input`` logits and ``target`` masks in [0, 1], both ``(B, C, *spatial)``. Returns a scalar."""
         return self.components(input, target)["total"]
+
+
+class MaskedBCEWithLogitsLoss(torch.nn.Module):
+    """Binary cross-entropy with logits averaged over the labelled (non-NaN) entries only.
+
+    Args:
+        pos_weight: optional per-class weight of positives (as in ``torch.nn.BCEWithLogitsLoss``).
+    """
+
+    def __init__(self, pos_weight: Sequence[float] | torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("pos_weight", None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = ~torch.isnan(target)
+        target = torch.nan_to_num(target, nan=0.0)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, target, pos_weight=self.pos_weight, reduction="none")
+        n = valid.sum()
+        return (loss * valid).sum() / n.clamp_min(1)
+

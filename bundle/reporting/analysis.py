@@ -96,7 +96,7 @@ _UNIT = "image_mean"
 # --------------------------------------------------------------------------------------------------------------------
 def normalise_size(value: Any) -> int | str:
     """A training-set size as ``int``, or ``"all"`` (``"all"``, ``None``, ``-1``, empty)."""
-    from ..workflows.segmentation import parse_train_size
+    from ..tasks import parse_train_size
 
     n = parse_train_size(None if (isinstance(value, float) and math.isnan(value)) else value)
     return "all" if n is None else int(n)
@@ -348,7 +348,7 @@ def mean_val_curves(curves: pd.DataFrame, metric: str = "val_mean_dice") -> pd.D
 # --------------------------------------------------------------------------------------------------------------------
 def image_ids(items: Sequence[Mapping[str, Any]], image_key: str = "image") -> list[str]:
     """The ``image`` ids the evaluation gives the items (as
-    :class:`bundle.workflows.segmentation.SegmentationCSVWriter`: the file stem, made unique with ``_1``, ``_2`` ...
+    :class:`bundle.handlers.segmentation.SegmentationCSVWriter`: the file stem, made unique with ``_1``, ``_2`` ...
     in datalist order)."""
     seen: dict[str, int] = {}
     out = []
@@ -367,13 +367,13 @@ def image_ids(items: Sequence[Mapping[str, Any]], image_key: str = "image") -> l
 
 def eval_transforms(task: str, image_size: Sequence[int]) -> Any:
     """The deterministic preprocessing of ``configs/train.yaml`` (``load_transforms``): the image loaded with
-    :class:`~bundle.data.transforms.LoadRadiographd` and prepared for the network by
-    :class:`~bundle.data.transforms.PrepareRadiographd`; the label loaded at its original size with the task's
+    :class:`~bundle.transforms.LoadRadiographd` and prepared for the network by
+    :class:`~bundle.transforms.PrepareRadiographd`; the label loaded at its original size with the task's
     ``union_groups``."""
     from monai.transforms import Compose, EnsureTyped
 
-    from ..data.transforms import LoadMaskd, LoadRadiographd, PrepareRadiographd
-    from ..workflows.segmentation import task_spec
+    from ..transforms import LoadMaskd, LoadRadiographd, PrepareRadiographd
+    from ..tasks import task_spec
 
     spec = task_spec(task)
     return Compose([
@@ -394,8 +394,8 @@ def load_segmenter(checkpoint: PathLike, out_channels: int, arch: str = "segresn
     """
     import torch
 
-    from ..workflows.checkpoint import read_state_dict
-    from ..workflows.segmentation import build_finetune_network
+    from ..handlers.checkpoint import read_state_dict
+    from ..networks.finetune import build_finetune_network
 
     if not os.path.isfile(checkpoint):
         raise BundleInputError(checkpoint, "checkpoint not found")
@@ -426,7 +426,7 @@ def predict_logits(net: torch.nn.Module, image: Any) -> torch.Tensor:
 def predict_masks(net: torch.nn.Module, image: Any, size: Sequence[int] | None = None,
                   threshold: float = 0.5) -> np.ndarray:
     """Binary masks ``(C, H, W)`` of one preprocessed image: the logits resized to ``size`` (bilinear,
-    ``align_corners=False``, as the evaluation's :class:`~bundle.workflows.segmentation.ResizeLiked`), then
+    ``align_corners=False``, as the evaluation's :class:`~bundle.transforms.ResizeLiked`), then
     ``sigmoid > threshold``."""
     import torch
 
@@ -459,7 +459,7 @@ def read_mask_dir(mask_dir: PathLike, image_id: str, structures: Sequence[str], 
 
 def run_checkpoint(models_dir: PathLike, task: str, init: str, train_size: Any, seed: int, mode: str = "full") -> str:
     """``<models_dir>/segmentation/<run_name>/model.pt`` of one fine-tuning run (as ``configs/train.yaml``)."""
-    from ..workflows.segmentation import run_name
+    from ..tasks import run_name
 
     return os.path.join(os.fspath(models_dir), "segmentation", run_name(task, init, train_size, seed, mode),
                         "model.pt")
@@ -478,7 +478,7 @@ def available_models(sweep_csv: PathLike, task: str, output_root: PathLike, mode
         ``{train_size label: {"<init>_seed<seed>": mask dir or checkpoint path}}`` (a run's saved masks
         ``<output_root>/segmentation/<run>/masks_<split>`` are preferred to its checkpoint); ``{}`` without a CSV.
     """
-    from ..workflows.segmentation import run_name
+    from ..tasks import run_name
 
     if not os.path.isfile(sweep_csv):
         return {}
@@ -517,7 +517,7 @@ def sweep_models(sweep_csv: PathLike, task: str, train_size: Any, output_root: P
 
 
 def _test_items(datalist: PathLike, split: str, max_images: int | None) -> tuple[list[dict[str, Any]], list[str]]:
-    from ..workflows.segmentation import load_section
+    from ..tasks import load_section
 
     items = load_section(datalist, split, "written by configs/prepare_data.yaml")
     ids = image_ids(items)
@@ -576,8 +576,8 @@ def gradcam_analysis(
     import torch
 
     from ..explain.gradcam import SegmentationGradCAM, gradcam_overlay
-    from ..workflows.segmentation import task_spec
-    from .figures import save_grid
+    from ..tasks import task_spec
+    from ..visualize import save_grid
     from .plots import multi_overlay
 
     spec = task_spec(task)
@@ -663,8 +663,8 @@ def ensemble_analysis(
 
     from ..data.io import load_radiograph, resample_image
     from ..metrics.ensembles import ensemble_masks, ensemble_rows, synergy_rows
-    from ..workflows.segmentation import task_spec
-    from .figures import save_grid
+    from ..tasks import task_spec
+    from ..visualize import save_grid
     from .plots import multi_overlay
 
     if len(models) < 2:
@@ -690,7 +690,7 @@ def ensemble_analysis(
         syn += synergy_rows(preds, ref, image_id, spec.structures, task=task)
         if k == min(panel_image, len(items) - 1):
             # shown on the reference's grid (an image of another size than its masks, e.g. JSRT .IMG 2048 with SCR
-            # 1024, is resampled to it as in the evaluation: bundle.data.transforms.LoadMaskd)
+            # 1024, is resampled to it as in the evaluation: bundle.transforms.LoadMaskd)
             shown = {"image": resample_image(load_radiograph(item["image"])[0], ref.shape[-2:]), "ref": ref, "preds": preds, "id": image_id,
                      "ens": ensemble_masks(list(preds.values()), methods=methods)}
     table, syn_table = pd.DataFrame(rows), pd.DataFrame(syn)
@@ -984,7 +984,7 @@ def run_analysis(context: AnalysisContext, steps: Sequence[Callable[[AnalysisCon
         files.append(path)
     run_id = None
     if tracking_uri:
-        from ..workflows.tracking import log_run
+        from ..tracking import log_run
 
         params = {"task": context.task, **context.params}
         run_id = log_run(tracking_uri, experiment, "analysis", params=params, metrics=context.metrics,

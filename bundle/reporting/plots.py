@@ -244,7 +244,7 @@ def plot_grouped_bars(table: Any, path: PathLike, title: str = "", xlabel: str =
 def multi_overlay(image: np.ndarray, masks: np.ndarray | None, alpha: float = 0.35) -> np.ndarray:
     """``(H, W, 3)`` uint8: the grey image with each channel of ``masks`` ``(C, H, W)`` blended in its
     :data:`STRUCTURE_COLOURS` colour, with outlines."""
-    from .figures import contour, overlay_rgb
+    from ..visualize import contour, overlay_rgb
 
     rgb = overlay_rgb(image)
     if masks is None:

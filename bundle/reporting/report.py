@@ -903,7 +903,7 @@ def build_report(
     section_status = {s.key: s.status for s in report.sections}
     run_id = None
     if tracking_uri:
-        from ..workflows.tracking import log_run
+        from ..tracking import log_run
 
         metrics = {"n_figures": float(len(report.figures())), "n_tables": float(len(report.tables())),
                    "n_sections_not_run": float(len(not_run))}

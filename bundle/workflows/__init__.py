@@ -1,4 +1,5 @@
-"""Workflow helpers used by the stage configs: resumable checkpointing, classification pieces, distributed helpers."""
+"""Workflow helpers of the inference config: the input list, the mask writer and the end-of-run summary
+(:mod:`bundle.workflows.inference`)."""
 
 
 from .._lazy import submodule_getattr  # noqa: E402

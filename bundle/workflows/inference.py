@@ -20,7 +20,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
 from ..data.io import decode_bitmask, encode_bitmask, save_nifti, save_png
-from ..reporting.figures import overlay_rgb
+from ..visualize import overlay_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def finish_inference(datalist: Sequence[Mapping[str, Any]], failure_log: Any, wr
 
 class SaveMasksd(MapTransform):
     """Write each item's prediction as one file, named after its input, in the input's rows and columns: a bit-mask
-    label map in MONAI's ``(x, y)`` order (:class:`~bundle.data.transforms.BitmaskLabeld`) or binary multi-label
+    label map in MONAI's ``(x, y)`` order (:class:`~bundle.transforms.BitmaskLabeld`) or binary multi-label
     masks ``(C, H, W)``.
 
     Args:
@@ -107,7 +107,7 @@ class SaveMasksd(MapTransform):
         stem = output_stem(src)
         for key in self.key_iterator(d):
             pred = torch.as_tensor(d[key]).detach().cpu().numpy()
-            if pred.ndim == 2:  # a bit-mask label map in MONAI's (x, y) order (bundle.data.transforms.BitmaskLabeld)
+            if pred.ndim == 2:  # a bit-mask label map in MONAI's (x, y) order (bundle.transforms.BitmaskLabeld)
                 label = np.ascontiguousarray(pred.T).astype(np.uint16)
                 masks = decode_bitmask(label, self.num_channels or max(1, int(label.max()).bit_length()))
             else:

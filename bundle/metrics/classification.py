@@ -1,61 +1,16 @@
-"""Pieces of the multi-label classification stage: uncertain labels as NaN, a masked loss and a masked AUROC metric.
-
-Labels that the uncertainty policy leaves out of the loss (U-Ignore: ``label_mask == 0``) travel as ``NaN`` inside the
-label tensor, so MONAI's default ``prepare_batch`` (``image``, ``label``) carries them without extra keys; the loss
-and the metric skip them.
-"""
+"""Classification metrics of the classifier stage: AUROC per observation with masked (unlabelled) entries left out,
+and the ignite metric the classifier configs use (:class:`MaskedAUROC`)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from ignite.engine import Engine
 from ignite.metrics import Metric
-from monai.config import KeysCollection
-from monai.transforms import MapTransform
 
 from ..constants import OBSERVATIONS, slug
-
-
-class MaskLabelsd(MapTransform):
-    """Turn list labels into float tensors and set ``NaN`` where ``mask_key`` is 0 (the entries to ignore)."""
-
-    def __init__(self, keys: KeysCollection = "label", mask_key: str = "label_mask", allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.mask_key = mask_key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            label = torch.as_tensor(np.asarray(d[key], dtype=np.float32))
-            if self.mask_key in d:
-                mask = torch.as_tensor(np.asarray(d[self.mask_key], dtype=np.float32))
-                label = torch.where(mask > 0, label, torch.full_like(label, float("nan")))
-            d[key] = label
-        d.pop(self.mask_key, None)
-        return d
-
-
-class MaskedBCEWithLogitsLoss(torch.nn.Module):
-    """Binary cross-entropy with logits averaged over the labelled (non-NaN) entries only.
-
-    Args:
-        pos_weight: optional per-class weight of positives (as in ``torch.nn.BCEWithLogitsLoss``).
-    """
-
-    def __init__(self, pos_weight: Sequence[float] | torch.Tensor | None = None):
-        super().__init__()
-        self.register_buffer("pos_weight", None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float))
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        valid = ~torch.isnan(target)
-        target = torch.nan_to_num(target, nan=0.0)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, target, pos_weight=self.pos_weight, reduction="none")
-        n = valid.sum()
-        return (loss * valid).sum() / n.clamp_min(1)
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -123,3 +78,4 @@ class MaskedAUROC(Metric):
         for k, value in enumerate(self._last):
             if np.isfinite(value):
                 engine.state.metrics[f"auroc_{slug(self.class_names[k])}"] = float(value)
+

@@ -1,13 +1,12 @@
-"""MLflow tracking for every stage: one store (``tracking_uri`` in every config), consistent names and tags."""
+"""MLflow for every stage: one store (``tracking_uri`` in every config), created once under a lock, and one-shot runs
+(:func:`log_run`) for the stages that are not ignite engines. The ignite handler is
+:class:`bundle.handlers.tracking.TrackingHandler`."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from typing import Any, Iterator, Mapping, Sequence
-
-from ignite.engine import Engine
-from monai.handlers import MLFlowHandler
 
 
 @contextlib.contextmanager
@@ -74,36 +73,6 @@ def check_tracking_uri(tracking_uri: str | None, timeout: float = 5.0) -> None:
                            f"work (nothing lost).") from None
 
 
-class TrackingHandler(MLFlowHandler):
-    """MONAI's :class:`~monai.handlers.MLFlowHandler` plus run ``tags`` and an ``enabled`` switch.
-
-    ``enabled=False`` makes a no-op that never opens the tracking store; so does every rank but 0 under
-    ``torch.distributed`` (concurrent creation of one SQLite store fails, and one run is logged once). Tags (e.g. ``stage``, ``init``, ``task``, ``size``, ``seed``) are set when the run starts.
-    All other arguments are :class:`~monai.handlers.MLFlowHandler`'s.
-    """
-
-    def __init__(self, enabled: bool = True, tags: Mapping[str, Any] | None = None, **kwargs: Any):
-        from ..utils import global_rank
-
-        self.enabled = enabled and global_rank() == 0
-        self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
-        if enabled:
-            check_tracking_uri(kwargs.get("tracking_uri"))
-            with store_lock(kwargs.get("tracking_uri")):
-                super().__init__(**kwargs)
-
-    def attach(self, engine: Engine) -> None:
-        if self.enabled:
-            super().attach(engine)
-
-    def start(self, engine: Engine) -> None:
-        with store_lock(self.client.tracking_uri if self.client is not None else None):
-            super().start(engine)
-        if self.cur_run is not None:
-            for key, value in self.tags.items():
-                self.client.set_tag(self.cur_run.info.run_id, key, value)
-
-
 def read_runs(tracking_uri: str, experiment_name: str) -> list[Any]:
     """All runs of an experiment (newest first), read back with :class:`mlflow.MlflowClient`."""
     import mlflow
@@ -151,3 +120,4 @@ def log_run(tracking_uri: str, experiment_name: str, run_name: str, params: Mapp
             client.log_artifact(rid, path)
     client.set_terminated(rid, "FINISHED")
     return rid
+

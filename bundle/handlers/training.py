@@ -18,7 +18,7 @@ class TrainerEarlyStop(EarlyStopHandler):
     ``score_function`` typically reads the evaluator's key metric, e.g.
     ``$lambda e: @validate#evaluator.state.metrics['val_mean_auroc']``; attach it after the ``ValidationHandler``.
     ``patience`` < 1 switches the rule off (nothing is attached). The resume handler
-    (:class:`~bundle.workflows.checkpoint.ResumableCheckpoint`) finds it on the trainer and saves its counter.
+    (:class:`~bundle.handlers.checkpoint.ResumableCheckpoint`) finds it on the trainer and saves its counter.
     """
 
     def attach(self, engine: Engine) -> None:
@@ -128,7 +128,7 @@ class EpochSeed:
     shuffling generator, the random transforms, torch's and NumPy's global generators (dropout, ...).
 
     An epoch then depends only on the seed, its number and the state saved at the end of the previous epoch, so a
-    run killed at any point and resumed from its last checkpoint (:class:`~bundle.workflows.checkpoint.
+    run killed at any point and resumed from its last checkpoint (:class:`~bundle.handlers.checkpoint.
     ResumableCheckpoint`) ends with the same weights as an uninterrupted run (scripts/fault_check.py measures it).
     Attach it first among the trainer's handlers. Each epoch starts a fresh pass over the data loader (every
     training config of the bundle makes an epoch one whole pass).
@@ -170,3 +170,25 @@ class EpochSeed:
             # would otherwise create it at a moment that differs between a resumed and an uninterrupted run (at the
             # start of `run` after a resume, at the first exhausted `next` within a run)
             engine.set_data(engine.state.dataloader)
+
+
+class NullHandler:
+    """A handler that does nothing (stands in for an optional handler in a config's handler list)."""
+
+    def attach(self, engine: Engine) -> None:
+        return None
+
+
+class FinetuneHandler:
+    """Attach the fine-tuning mode's handler of a :class:`FinetuneInit` (the encoder warm-up in ``warmup`` mode;
+    nothing otherwise). A config component (a dict with ``_target_``), so tools that edit handler lists, such as
+    MONAI Label's bundle train task, can read it; attach it after the checkpoint handler so a resumed run knows its
+    epoch."""
+
+    def __init__(self, finetune: Any):
+        self.finetune = finetune
+
+    def attach(self, engine: Engine) -> None:
+        if self.finetune.handler is not None:
+            self.finetune.handler.attach(engine)
+

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..data.io import save_png
+from .data.io import save_png
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

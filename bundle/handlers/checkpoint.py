@@ -149,3 +149,68 @@ def read_state_dict(path: str, map_location: str = "cpu") -> Mapping[str, torch.
             if key in ckpt and isinstance(ckpt[key], Mapping):
                 return ckpt[key]
     return ckpt
+
+
+class ResumableTraining(ResumableCheckpoint):
+    """:class:`~bundle.handlers.checkpoint.ResumableCheckpoint` that keeps the *configured* training length.
+
+    ignite's ``Engine.load_state_dict`` restores ``max_epochs`` (and ``epoch_length``) from the checkpoint, so a run
+    resumed with a larger ``max_epochs`` would stop at the old one, and a finished run would start again from
+    epoch 0 (ignite restarts a "done" state). Here the configured values are kept: a run resumed with a larger
+    ``max_epochs`` continues after the last saved epoch; a run that already reached ``max_epochs`` does nothing
+    (logged; the trainer's ``epoch_length`` is set to 0, which MONAI's ``Workflow.run`` skips).
+
+    A run ended early by a plateau rule (:class:`monai.handlers.EarlyStopHandler` terminating the trainer) is
+    complete too: the epoch at which it stopped is saved with ``last.pt`` (``"stopped"``), and a re-run of it does
+    nothing, as for a run that reached ``max_epochs``.
+    """
+
+    class _Stopped:
+        """The epoch at which the trainer was terminated (``None``: not terminated); saved in ``last.pt``."""
+
+        def __init__(self) -> None:
+            self.epoch: int | None = None
+
+        def state_dict(self) -> dict[str, int | None]:
+            return {"epoch": self.epoch}
+
+        def load_state_dict(self, state: Mapping[str, int | None]) -> None:
+            self.epoch = state.get("epoch")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stopped = self._Stopped()
+
+    def _objects(self, engine: Engine) -> dict[str, Any]:
+        return {**super()._objects(engine), "stopped": self.stopped}
+
+    def attach(self, engine: Engine) -> None:
+        # before the parent's COMPLETED save, so the saved state knows the run was stopped
+        engine.add_event_handler(Events.TERMINATE, self._terminated)
+        super().attach(engine)
+
+    def _terminated(self, engine: Engine) -> None:
+        self.stopped.epoch = int(engine.state.epoch)
+        logger.info(f"training stopped at epoch {engine.state.epoch} (validation plateau)")
+
+    def load(self, engine: Engine) -> None:
+        max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
+        super().load(engine)
+        if self.stopped.epoch is not None:
+            logger.info(f"training already complete ({self.last_path}: stopped at epoch {self.stopped.epoch} on a "
+                        "validation plateau); nothing to do")
+            engine.state.epoch_length = 0
+            return
+        if epoch_length is not None and engine.state.epoch_length != epoch_length:
+            # an epoch of another length: continue counting whole epochs from the saved epoch
+            engine.state.iteration = engine.state.epoch * int(epoch_length)
+            engine.state.epoch_length = epoch_length
+        if max_epochs is not None:
+            engine.state.max_epochs = max_epochs
+            if engine.state.epoch >= max_epochs:
+                logger.info(f"training already complete ({self.last_path}: epoch {engine.state.epoch} of "
+                            f"max_epochs {max_epochs}); nothing to do (raise max_epochs to train more)")
+                engine.state.epoch_length = 0
+            else:
+                logger.info(f"resuming at epoch {engine.state.epoch} of {max_epochs}")
+

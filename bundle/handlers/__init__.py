@@ -1,0 +1,17 @@
+"""The ignite/MONAI handlers of the bundle's workflows, one home (as :mod:`monai.handlers`): training helpers
+(:mod:`.training`), the resumable checkpoint (:mod:`.checkpoint`), MLflow tracking (:mod:`.tracking`) and the
+segmentation evaluation writer (:mod:`.segmentation`). Handlers that write files or logs decide by rank themselves
+(:func:`bundle.utils.global_rank`): under ``torch.distributed`` only rank 0 writes, so no config switches a handler
+off by its list position."""
+
+from __future__ import annotations
+
+from .checkpoint import ResumableCheckpoint, ResumableTraining
+from .segmentation import SegmentationCSVWriter
+from .tracking import TrackingHandler
+from .training import (EpochSeed, EpochSummary, FinetuneHandler, MetricsWriter, NullHandler, ProgressBar,
+                       TrainerEarlyStop, ValidationCurveWriter)
+
+__all__ = ["EpochSeed", "EpochSummary", "FinetuneHandler", "MetricsWriter", "NullHandler", "ProgressBar",
+           "ResumableCheckpoint", "ResumableTraining", "SegmentationCSVWriter", "TrackingHandler",
+           "TrainerEarlyStop", "ValidationCurveWriter"]
