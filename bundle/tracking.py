@@ -42,7 +42,7 @@ def _create_store(db: str) -> None:
     no half-migrated store, which MLflow would refuse ever after ("out-of-date database schema")."""
     import mlflow
 
-    from ..utils import atomic_path
+    from .utils import atomic_path
 
     with atomic_path(db) as tmp:
         os.remove(tmp)  # an empty file is not a database: let MLflow create it

@@ -27,8 +27,8 @@ def write_oracle_doll(chexpert_datalist: PathLike, doll_dir: PathLike, doll_data
     """
     from PIL import Image
 
-    from ..data.io import encode_bitmask, load_bitmask, save_png
-    from ..data.phantom import LESIONS_DIR
+    from bundle.data.io import encode_bitmask, load_bitmask, save_png
+    from bundle.data.phantom import LESIONS_DIR
 
     datalist = load_json(chexpert_datalist)
     out: dict[str, list[dict[str, Any]]] = {}

@@ -436,8 +436,8 @@ def build_finetune_network(arch: str, out_channels: int, mode: str = "full", in_
         network_kwargs, kwargs: arguments of the MONAI network (e.g. ``{"init_filters": 16}``), the config-friendly
             mapping and keywords alike.
     """
-    from ..networks.finetune import add_adapters
-    from ..networks.segmentation import build_segmenter
+    from .finetune import add_adapters
+    from .segmentation import build_segmenter
 
     net = build_segmenter(arch, in_channels=in_channels, out_channels=int(out_channels),
                           **{**dict(network_kwargs or {}), **kwargs})
@@ -498,9 +498,9 @@ class FinetuneInit:
                  adapter_reduction: int = 4, reset_head: bool = True, strict_shapes: bool = True,
                  min_fraction: float = 0.5, output_bias_prior: float | Sequence[float] | None = None,
                  report_path: PathLike | None = None, device: str | torch.device | None = None):
-        from ..networks.finetune import prepare_finetune
-        from ..networks.segmentation import head_module_names
-        from ..networks.transfer import load_encoder_from_classifier, load_external, load_pretrained
+        from .finetune import prepare_finetune
+        from .segmentation import head_module_names
+        from .transfer import load_encoder_from_classifier, load_external, load_pretrained
 
         name = str(init).lower()
         if name not in INIT_CHOICES:
@@ -534,7 +534,7 @@ class FinetuneInit:
             text = output_bias_prior.strip().lower()
             output_bias_prior = None if text in ("", "none", "null") else float(text)
         if output_bias_prior is not None and (reset_head or name == "scratch"):
-            from ..networks.segmentation import set_output_bias
+            from .segmentation import set_output_bias
 
             self.output_bias = set_output_bias(network, output_bias_prior)
         if device is not None:
