@@ -48,14 +48,16 @@ def test_pipeline_settings_are_consistent():
         s = settings[name]
         names = [f"{c['classifier_arch']}_seed{c['seed']}" for c in s["classifiers"]]
         assert len(set(names)) == len(names) >= 2, "DoLL boosts across at least two distinct classifiers"
-        grid = s["sweep"]
+        from scripts.sweep import SweepGrid
+
+        grid = SweepGrid.from_settings(s["sweep"]).__dict__
         # the export stage ships the DoLL fine-tune on all images, seed 0: the sweep must produce it
         assert "doll" in grid["inits"] and "all" in [str(x) for x in grid["sizes"]] and 0 in grid["seeds"]
         assert int(s.get("jobs", 1)) >= 1 and int(s.get("doll_processes", 1)) >= 1
     assert set(STAGES) >= {"data", "classifier", "doll", "pretrain", "finetune", "export", "analysis", "report"}
     # the default grid holds the acceptance comparison: DoLL against scratch at 4 images over >= 3 seeds
-    d = settings["default"]["sweep"]
-    assert {"doll", "scratch"} <= set(d["inits"]) and 4 in d["sizes"] and len(d["seeds"]) >= 3
+    d = SweepGrid.from_settings(settings["default"]["sweep"])
+    assert {"doll", "scratch"} <= set(d.inits) and "4" in d.sizes and len(d.seeds) >= 3
 
 
 def test_concurrent_processes_share_a_new_tracking_store(tmp_path):

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from bundle.handlers.checkpoint import ResumableTraining
-from bundle.handlers.training import NullHandler
 from bundle.metrics.segmentation import MultiLabelDice, per_channel_dice
 from bundle.networks.finetune import FinetuneInit, build_finetune_network
 from bundle.tasks import epochs_for, parse_train_size, run_name, subset_items, task_spec
@@ -266,7 +265,7 @@ def test_finetune_init_modes_and_errors(tmp_path: Path) -> None:
                                mode="adapter")
     trainable = {n for n, p in adapted.network.named_parameters() if p.requires_grad}
     assert trainable and all(".adapter." in n or n in head_parameter_names(adapted.network) for n in trainable)
-    assert isinstance(adapted.handler, NullHandler)
+    assert adapted.handler is None  # only the warmup mode has a handler (FinetuneHandler attaches nothing else)
     assert adapted.tracking_params["transfer_loaded"] == len(adapted.report.loaded) > 0
 
     with pytest.raises(ValueError, match="needs a weights file"):

@@ -336,6 +336,9 @@ def test_runner_checks_the_data_file_before_any_stage(tmp_path):
     p = Pipeline(True, None, None, data=tmp_path / "good.yaml")
     assert p.data_spec == {"qata": {"root": str((tmp_path / "user").resolve())}}
     assert p.paths["data_root"] == str(RUNNER_ROOT / "quick" / "real" / "data")  # never the phantom run's folders
-    assert p.settings["sweep"]["sizes"] == ["all"] and "infection" in p.settings["real_data_sweep"]  # quick_data
+    from scripts.sweep import SweepGrid
+
+    assert SweepGrid.from_settings(p.settings["sweep"]).sizes == ["all"]  # quick_data's grid
+    assert "infection" in p.settings["real_data_sweep"]
     assert Pipeline(False, None, None, data=tmp_path / "good.yaml").paths["data_root"] == str(RUNNER_ROOT / "real" /
                                                                                             "data")
