@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bundle.handlers.checkpoint import ResumableTraining
+from bundle.handlers.checkpoint import ResumableCheckpoint
 from bundle.networks.finetune import FinetuneInit
 
 
@@ -58,7 +58,7 @@ def _trainer(tmp_path: Path, max_epochs: int, stop_at: int | None = None):
     data = [{"image": torch.zeros(2, 1, 4, 4), "label": torch.zeros(2, 1, 4, 4)}] * 3
     trainer = SupervisedTrainer(device="cpu", max_epochs=max_epochs, train_data_loader=data, network=net,
                                 optimizer=opt, loss_function=torch.nn.MSELoss(),
-                                train_handlers=[ResumableTraining(str(tmp_path), net, opt)])
+                                train_handlers=[ResumableCheckpoint(str(tmp_path), net, opt)])
     if stop_at is not None:
         trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_at), lambda e: e.terminate())
     return trainer

@@ -96,13 +96,25 @@ def _train(ckpt_dir: Path, max_epochs: int, stop_after: int | None = None) -> to
                                 optimizer=opt, loss_function=torch.nn.MSELoss(),
                                 train_handlers=[EpochSeed(0, generator, transform),
                                                 ResumableCheckpoint(str(ckpt_dir), net, opt, best_filename=None)])
-    if stop_after is not None:  # the run is cut short after this epoch, as a kill after its checkpoint would
+    if stop_after is not None:  # the run dies after this epoch's checkpoint, as a kill would (no terminate())
         from ignite.engine import Events
 
-        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda e: e.terminate())
-    trainer.run()
+        def kill(engine):
+            raise Killed(engine.state.epoch)
+
+        # registered when the run starts, after the checkpoint handler's save: the epoch's last.pt is written first
+        trainer.add_event_handler(Events.STARTED, lambda e: e.add_event_handler(
+            Events.EPOCH_COMPLETED(once=stop_after), kill))
+        with pytest.raises(Killed):
+            trainer.run()
+    else:
+        trainer.run()
     release_folder_lock(ckpt_dir)
     return net
+
+
+class Killed(Exception):
+    """Stands for a kill of the training process."""
 
 
 def test_resumed_training_ends_with_the_uninterrupted_weights(tmp_path):
@@ -139,3 +151,39 @@ def test_early_stopping_state_survives_a_resume(tmp_path, named):
     engine, stop = make()
     engine.run([0], max_epochs=10)                       # resumed: 0.4, 0.3 -> counter 3: stops at epoch 4
     assert stop._handler.best_score == 0.9 and engine.state.epoch == 4
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_rerunning_a_finished_training_does_nothing(tmp_path, stop_early):
+    """One resume handler for every training config (classifier included): a run that reached max_epochs, or that
+    early stopping ended, is finished; re-running it trains no step and leaves the weights as they were."""
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
+
+    from bundle.handlers.checkpoint import ResumableCheckpoint
+
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    data = [{"image": torch.ones(2), "label": torch.zeros(1)} for _ in range(2)]
+    steps = []
+
+    def run(max_epochs: int = 3) -> None:
+        trainer = SupervisedTrainer(device="cpu", max_epochs=max_epochs, train_data_loader=data, network=net,
+                                    optimizer=opt, loss_function=torch.nn.MSELoss(),
+                                    train_handlers=[ResumableCheckpoint(str(tmp_path), net, opt, best_filename=None)])
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append(e.state.iteration))
+        if stop_early:
+            trainer.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda e: e.terminate())
+        trainer.run()
+        release_folder_lock(tmp_path)
+
+    run()
+    done = len(steps)
+    assert done == (4 if stop_early else 6)
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    run()
+    assert len(steps) == done, "a finished run trained again"
+    assert all(torch.equal(weights[k], v) for k, v in net.state_dict().items())
+    if not stop_early:  # asking for more epochs continues after the saved one
+        run(4)
+        assert len(steps) == done + 2

@@ -84,7 +84,7 @@ def test_bundle_checkpoints_load_safely(tmp_path):
     engine.run([0, 1], max_epochs=1)
     ResumableCheckpoint(str(tmp_path), net, opt, sched).save(engine)
     ckpt = load_checkpoint(tmp_path / "last.pt")
-    assert set(ckpt) == {"network", "trainer", "optimizer", "lr_scheduler"}
+    assert set(ckpt) == {"network", "trainer", "optimizer", "lr_scheduler", "stopped"}
     assert torch.equal(read_state_dict(str(tmp_path / "last.pt"))["weight"], net.weight)
 
 

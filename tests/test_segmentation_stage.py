@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from bundle.handlers.checkpoint import ResumableTraining
+from bundle.handlers.checkpoint import ResumableCheckpoint
 from bundle.metrics.segmentation import MultiLabelDice, per_channel_dice
 from bundle.networks.finetune import FinetuneInit, build_finetune_network
 from bundle.tasks import epochs_for, parse_train_size, run_name, subset_items, task_spec
@@ -155,7 +155,7 @@ def test_config_ids_for_monai_label_and_sweep_grid() -> None:
     targets = [h["_target_"].rsplit(".", 1)[-1] for h in parser.get("train#handlers")]
     assert targets[0] == "EpochSeed"          # first, so that a resumed run re-seeds every epoch as a whole run does
     # the plateau rule runs after the validation and before the checkpoint handler saves its counter
-    assert targets.index("ValidationHandler") < targets.index("TrainerEarlyStop") < targets.index("ResumableTraining")
+    assert targets.index("ValidationHandler") < targets.index("TrainerEarlyStop") < targets.index("ResumableCheckpoint")
     sys.path.insert(0, str(REPO / "scripts"))
     import sweep
 
@@ -232,7 +232,7 @@ def test_resumable_training_honours_max_epochs(tmp_path: Path) -> None:
         data = [{"image": torch.zeros(2, 1, 4, 4), "label": torch.zeros(2, 1, 4, 4)}] * 3
         return SupervisedTrainer(device="cpu", max_epochs=max_epochs, train_data_loader=data, network=net,
                                  optimizer=opt, loss_function=torch.nn.MSELoss(),
-                                 train_handlers=[ResumableTraining(str(tmp_path), net, opt)])
+                                 train_handlers=[ResumableCheckpoint(str(tmp_path), net, opt)])
 
     first = trainer(1)
     first.run()

@@ -6,12 +6,12 @@ off by its list position."""
 
 from __future__ import annotations
 
-from .checkpoint import ResumableCheckpoint, ResumableTraining
+from .checkpoint import ResumableCheckpoint
 from .segmentation import SegmentationCSVWriter
 from .tracking import TrackingHandler
 from .training import (EpochSeed, EpochSummary, FinetuneHandler, MetricsWriter, NullHandler, ProgressBar,
                        TrainerEarlyStop, ValidationCurveWriter)
 
 __all__ = ["EpochSeed", "EpochSummary", "FinetuneHandler", "MetricsWriter", "NullHandler", "ProgressBar",
-           "ResumableCheckpoint", "ResumableTraining", "SegmentationCSVWriter", "TrackingHandler",
+           "ResumableCheckpoint", "SegmentationCSVWriter", "TrackingHandler",
            "TrainerEarlyStop", "ValidationCurveWriter"]

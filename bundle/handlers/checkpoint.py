@@ -43,7 +43,27 @@ class ResumableCheckpoint:
         early_stop: the early-stopping handler (MONAI ``EarlyStopHandler``) whose patience counter and best score
             are saved and restored, so that a resumed run stops at the epoch an uninterrupted one would; default:
             the ``EarlyStopHandler`` attached to the same engine, if any.
+
+    The *configured* training length is kept on resume: ignite's ``Engine.load_state_dict`` would restore
+    ``max_epochs`` (and ``epoch_length``) from the checkpoint, so a run resumed with a larger ``max_epochs`` would stop
+    at the old one and a finished run would start again from epoch 0 (ignite restarts a "done" state). Here a run
+    resumed with a larger ``max_epochs`` continues after the last saved epoch, and a finished run does nothing
+    (logged; the trainer's ``epoch_length`` is set to 0, which MONAI's ``Workflow.run`` skips). A run ended early
+    (``engine.terminate()``, e.g. by a plateau rule) is finished too: the epoch at which it stopped is saved with
+    ``last.pt`` (``"stopped"``), and its early-stopping state is restored for the record.
     """
+
+    class _Stopped:
+        """The epoch at which the trainer was terminated (``None``: not terminated); saved in ``last.pt``."""
+
+        def __init__(self) -> None:
+            self.epoch: int | None = None
+
+        def state_dict(self) -> dict[str, int | None]:
+            return {"epoch": self.epoch}
+
+        def load_state_dict(self, state: Mapping[str, int | None]) -> None:
+            self.epoch = state.get("epoch")
 
     def __init__(self, ckpt_dir: str, network: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                  lr_scheduler: Any = None, evaluator: Engine | None = None, best_filename: str | None = "model.pt",
@@ -59,6 +79,7 @@ class ResumableCheckpoint:
         self.enabled = enabled and global_rank() == 0  # one writer under torch.distributed; every rank resumes
         self.early_stop = early_stop
         self.last_path = os.path.join(ckpt_dir, "last.pt")
+        self.stopped = self._Stopped()
 
     def _objects(self, engine: Engine) -> dict[str, Any]:
         objs: dict[str, Any] = {"network": _unwrap(self.network), "trainer": engine}
@@ -66,9 +87,12 @@ class ResumableCheckpoint:
             objs["optimizer"] = self.optimizer
         if self.lr_scheduler is not None:
             objs["lr_scheduler"] = self.lr_scheduler
+        objs["stopped"] = self.stopped
         return objs
 
     def attach(self, engine: Engine) -> None:
+        # before the COMPLETED save, so that the saved state knows the run was stopped
+        engine.add_event_handler(Events.TERMINATE, self._terminated)
         if self.enabled:  # one writer per checkpoint folder: a second run on it refuses (bundle.utils)
             hold_folder_lock(self.ckpt_dir)
             for name in ("last.pt", self.best_filename):  # temporary files of a killed earlier run
@@ -88,7 +112,12 @@ class ResumableCheckpoint:
             engine.add_event_handler(Events.COMPLETED, self.save)
             self._registered = True
 
+    def _terminated(self, engine: Engine) -> None:
+        self.stopped.epoch = int(engine.state.epoch)
+        logger.info(f"training stopped at epoch {engine.state.epoch} (early stopping)")
+
     def load(self, engine: Engine) -> None:
+        max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
         ckpt = load_checkpoint(self.last_path, map_location="cpu")  # weights_only=True: tensors and plain values
         for name, obj in self._objects(engine).items():
             if name in ckpt:
@@ -101,6 +130,23 @@ class ResumableCheckpoint:
             self.evaluator.state.best_metric = best["best_metric"]
             self.evaluator.state.best_metric_epoch = best["best_metric_epoch"]
         logger.info(f"resumed from {self.last_path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+        if self.stopped.epoch is not None:
+            logger.info(f"training already complete ({self.last_path}: stopped early at epoch {self.stopped.epoch}); "
+                        "nothing to do")
+            engine.state.epoch_length = 0
+            return
+        if epoch_length is not None and engine.state.epoch_length != epoch_length:
+            # an epoch of another length: continue counting whole epochs from the saved epoch
+            engine.state.iteration = engine.state.epoch * int(epoch_length)
+            engine.state.epoch_length = epoch_length
+        if max_epochs is not None:
+            engine.state.max_epochs = max_epochs
+            if engine.state.epoch >= max_epochs:
+                logger.info(f"training already complete ({self.last_path}: epoch {engine.state.epoch} of "
+                            f"max_epochs {max_epochs}); nothing to do (raise max_epochs to train more)")
+                engine.state.epoch_length = 0
+            else:
+                logger.info(f"resuming at epoch {engine.state.epoch} of {max_epochs}")
 
     def _restore_early_stop(self, engine: Engine, state: Mapping[str, Any]) -> None:
         handler = self._early_stopping(engine)
@@ -108,10 +154,6 @@ class ResumableCheckpoint:
             logger.warning(f"{self.last_path} holds an early-stopping state but no early-stopping handler is attached")
             return
         handler.load_state_dict(state)
-        if handler.counter >= handler.patience:  # the saved run had been stopped early: it is finished
-            logger.info(f"{self.last_path}: training had stopped early at epoch {engine.state.epoch} "
-                        f"(patience {handler.patience}); nothing to do")
-            engine.terminate()
 
     def _early_stopping(self, engine: Engine) -> Any:
         """ignite's ``EarlyStopping`` of ``early_stop``, else of the :class:`monai.handlers.EarlyStopHandler`
@@ -149,68 +191,3 @@ def read_state_dict(path: str, map_location: str = "cpu") -> Mapping[str, torch.
             if key in ckpt and isinstance(ckpt[key], Mapping):
                 return ckpt[key]
     return ckpt
-
-
-class ResumableTraining(ResumableCheckpoint):
-    """:class:`~bundle.handlers.checkpoint.ResumableCheckpoint` that keeps the *configured* training length.
-
-    ignite's ``Engine.load_state_dict`` restores ``max_epochs`` (and ``epoch_length``) from the checkpoint, so a run
-    resumed with a larger ``max_epochs`` would stop at the old one, and a finished run would start again from
-    epoch 0 (ignite restarts a "done" state). Here the configured values are kept: a run resumed with a larger
-    ``max_epochs`` continues after the last saved epoch; a run that already reached ``max_epochs`` does nothing
-    (logged; the trainer's ``epoch_length`` is set to 0, which MONAI's ``Workflow.run`` skips).
-
-    A run ended early by a plateau rule (:class:`monai.handlers.EarlyStopHandler` terminating the trainer) is
-    complete too: the epoch at which it stopped is saved with ``last.pt`` (``"stopped"``), and a re-run of it does
-    nothing, as for a run that reached ``max_epochs``.
-    """
-
-    class _Stopped:
-        """The epoch at which the trainer was terminated (``None``: not terminated); saved in ``last.pt``."""
-
-        def __init__(self) -> None:
-            self.epoch: int | None = None
-
-        def state_dict(self) -> dict[str, int | None]:
-            return {"epoch": self.epoch}
-
-        def load_state_dict(self, state: Mapping[str, int | None]) -> None:
-            self.epoch = state.get("epoch")
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.stopped = self._Stopped()
-
-    def _objects(self, engine: Engine) -> dict[str, Any]:
-        return {**super()._objects(engine), "stopped": self.stopped}
-
-    def attach(self, engine: Engine) -> None:
-        # before the parent's COMPLETED save, so the saved state knows the run was stopped
-        engine.add_event_handler(Events.TERMINATE, self._terminated)
-        super().attach(engine)
-
-    def _terminated(self, engine: Engine) -> None:
-        self.stopped.epoch = int(engine.state.epoch)
-        logger.info(f"training stopped at epoch {engine.state.epoch} (validation plateau)")
-
-    def load(self, engine: Engine) -> None:
-        max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
-        super().load(engine)
-        if self.stopped.epoch is not None:
-            logger.info(f"training already complete ({self.last_path}: stopped at epoch {self.stopped.epoch} on a "
-                        "validation plateau); nothing to do")
-            engine.state.epoch_length = 0
-            return
-        if epoch_length is not None and engine.state.epoch_length != epoch_length:
-            # an epoch of another length: continue counting whole epochs from the saved epoch
-            engine.state.iteration = engine.state.epoch * int(epoch_length)
-            engine.state.epoch_length = epoch_length
-        if max_epochs is not None:
-            engine.state.max_epochs = max_epochs
-            if engine.state.epoch >= max_epochs:
-                logger.info(f"training already complete ({self.last_path}: epoch {engine.state.epoch} of "
-                            f"max_epochs {max_epochs}); nothing to do (raise max_epochs to train more)")
-                engine.state.epoch_length = 0
-            else:
-                logger.info(f"resuming at epoch {engine.state.epoch} of {max_epochs}")
-
