@@ -184,6 +184,18 @@ class PeakMemory:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _setup(args: argparse.Namespace) -> tuple[str, Any]:
+    """Threads, device check and seeds of a benchmark run: the device and a seeded NumPy generator."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: CUDA is not available")
+    torch.manual_seed(args.seed)
+    return args.device, np.random.default_rng(args.seed)
+
+
 def matmul_gflops(device: str, n: int = 2048, reps: int = 8) -> tuple[float, float]:
     """Best-of fp32 matmul GFLOP/s for ``n x n`` matrices: by wall time, and by CPU time per thread (less
     sensitive to other processes on a shared machine; equals the wall figure when nothing else runs)."""
@@ -280,12 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bundle.explain.ig import MultiTargetIntegratedGradients
 
-    torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: CUDA is not available")
-    dev = args.device
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    dev, rng = _setup(args)
     k_out = 14
     size, steps, n_t = args.image_size, args.steps, args.targets
     model = DenseNet121(spatial_dims=2, in_channels=1, out_channels=k_out).to(dev).eval()
@@ -479,12 +486,7 @@ def doll_batch_main(args: argparse.Namespace, malloc_tuned: bool) -> dict[str, A
     from bundle.doll.generator import ClassifierEnsemble, DoLLGenerator
     from bundle.doll.inferer import DoLLInferer
 
-    torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: CUDA is not available")
-    dev = args.device
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    dev, rng = _setup(args)
     k_out, size, steps, n_sel = 14, args.image_size, args.steps, max(1, args.selected)
     ibs = args.doll_ibs or steps
     nets = [DenseNet121(spatial_dims=2, in_channels=1, out_channels=k_out).to(dev).eval()
