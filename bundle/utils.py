@@ -6,12 +6,10 @@ import contextlib
 import glob
 import json
 import os
-import random
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 
 PathLike = str | os.PathLike
 
@@ -116,16 +114,6 @@ def global_rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def set_determinism(seed: int) -> None:
-    """Seed Python, NumPy and torch, and ask torch for deterministic algorithms where it has them."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def resolve(path: PathLike, root: PathLike | None = None) -> str:

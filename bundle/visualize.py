@@ -40,13 +40,18 @@ def overlay_rgb(image: np.ndarray, mask: np.ndarray | None = None, color: Sequen
     return rgb.astype(np.uint8)
 
 
+def colormap(values: np.ndarray, name: str = "jet") -> np.ndarray:
+    """matplotlib's colour map ``name``: values in ``[0, 1]`` (clipped) -> RGB float ``(..., 3)`` in ``[0, 1]``."""
+    import matplotlib
+
+    return np.asarray(matplotlib.colormaps[name](np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)))[..., :3]
+
+
 def heatmap_rgb(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """``(H, W, 3)`` uint8: the grey image with a ``[0, 1]`` heatmap blended in a jet-like colour map."""
+    """``(H, W, 3)`` uint8: the grey image with a ``[0, 1]`` heatmap blended in matplotlib's jet colour map, each pixel
+    by ``alpha`` times its heat."""
     h = np.clip(np.asarray(heat, dtype=np.float32), 0, 1)
-    r = np.clip(1.5 - np.abs(4 * h - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * h - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * h - 1), 0, 1)
-    colour = np.stack([r, g, b], -1) * 255
+    colour = colormap(h) * 255
     grey = np.repeat(to_uint8(image)[..., None], 3, axis=-1).astype(np.float32)
     a = alpha * h[..., None]
     return ((1 - a) * grey + a * colour).astype(np.uint8)

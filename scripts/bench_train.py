@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     import torch
     from ignite.engine import Events
 
-    from bundle.utils import set_determinism
+    from monai.utils import set_determinism
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,7 +18,6 @@ from bundle.explain.gradcam import (
     default_target_layer,
     gradcam_overlay,
     gradcam_segmentation,
-    jet_colormap,
     save_gradcam,
 )
 
@@ -199,8 +198,11 @@ def test_regions_softmax_empty_and_errors():
 def test_colormap_overlay_and_save(tmp_path):
     from PIL import Image
 
-    np.testing.assert_allclose(jet_colormap(np.array([0.0, 0.5, 1.0])),
-                               [[0, 0, 0.5], [0.5, 1, 0.5], [0.5, 0, 0]])
+    from bundle.visualize import colormap
+
+    jet = colormap(np.array([-1.0, 0.0, 0.5, 1.0, 2.0]))   # matplotlib's jet: dark blue .. green .. dark red, clipped
+    np.testing.assert_allclose(jet[[0, 1, 3, 4]], [[0, 0, 0.5], [0, 0, 0.5], [0.5, 0, 0], [0.5, 0, 0]], atol=0.01)
+    assert jet[2, 1] > 0.9 and jet[2, 1] > jet[2, 0] and jet[2, 1] > jet[2, 2]
     img = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     heat = np.zeros((2, 8, 8), np.float32)
     heat[0, 2:5, 2:5] = 1.0

@@ -51,6 +51,7 @@ from monai.visualize import GradCAM
 from torch import nn
 
 from ..utils import PathLike, atomic_save
+from ..visualize import colormap
 
 __all__ = [
     "HiResCAM",
@@ -59,7 +60,6 @@ __all__ = [
     "box_to_mask",
     "default_target_layer",
     "gradcam_segmentation",
-    "jet_colormap",
     "gradcam_overlay",
     "save_gradcam",
 ]
@@ -361,14 +361,6 @@ def gradcam_segmentation(
     return cam(x.to(device), structures=structures, regions=regions).cpu().numpy().astype(np.float32)
 
 
-def jet_colormap(values: np.ndarray) -> np.ndarray:
-    """A jet-like colour map: values in ``[0, 1]`` -> RGB float ``(..., 3)`` in ``[0, 1]`` (blue, cyan, yellow,
-    red), ``r = clip(1.5 - |4v - 3|)``, ``g = clip(1.5 - |4v - 2|)``, ``b = clip(1.5 - |4v - 1|)``."""
-    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)[..., None]
-    centres = np.array([3.0, 2.0, 1.0])
-    return np.clip(1.5 - np.abs(4.0 * v - centres), 0.0, 1.0)
-
-
 def gradcam_overlay(
     image: np.ndarray,
     heatmap: np.ndarray,
@@ -388,7 +380,7 @@ def gradcam_overlay(
         raise ValueError(f"image {img.shape} and heatmap {heat.shape} must have the same (H, W) shape")
     lo, hi = float(img.min()), float(img.max())
     grey = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-    rgb = (1.0 - alpha) * grey[..., None] + alpha * jet_colormap(heat)
+    rgb = (1.0 - alpha) * grey[..., None] + alpha * colormap(heat, "jet")
     out = np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
     if mask is not None:
         m = np.asarray(mask) != 0

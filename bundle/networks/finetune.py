@@ -101,7 +101,7 @@ def replace_head(net: nn.Module, out_channels: int) -> nn.Module:
     """Give ``net`` a new, randomly initialised head with ``out_channels`` outputs (in place; returns ``net``).
 
     The new head is built the way the network builds it (PyTorch's default initialisation, drawn from the global
-    torch RNG: seed with :func:`bundle.utils.set_determinism` for a reproducible head) on the old head's device and
+    torch RNG: seed with :func:`monai.utils.set_determinism` for a reproducible head) on the old head's device and
     dtype; ``net.out_channels`` is updated. SegResNet: ``conv_final.2`` (1x1 conv) is replaced; UNet: ``model.2``
     (the outermost up layer, transposed conv [+ residual unit]) is rebuilt.
 
