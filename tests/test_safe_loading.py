@@ -75,7 +75,8 @@ def test_bundle_checkpoints_load_safely(tmp_path):
     """What the bundle writes (network, optimizer, scheduler, ignite state, best metric) passes weights_only."""
     from ignite.engine import Engine
 
-    from bundle.handlers.checkpoint import ResumableCheckpoint, read_state_dict
+    from bundle.handlers.checkpoint import ResumableCheckpoint
+    from bundle.networks.transfer import read_state_dict
 
     net = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(net.parameters())
@@ -85,12 +86,12 @@ def test_bundle_checkpoints_load_safely(tmp_path):
     ResumableCheckpoint(str(tmp_path), net, opt, sched).save(engine)
     ckpt = load_checkpoint(tmp_path / "last.pt")
     assert set(ckpt) == {"network", "trainer", "optimizer", "lr_scheduler", "stopped"}
-    assert torch.equal(read_state_dict(str(tmp_path / "last.pt"))["weight"], net.weight)
+    assert torch.equal(read_state_dict(str(tmp_path / "last.pt"))[0]["weight"], net.weight)
 
 
 @pytest.mark.parametrize("kind", ["truncated", "empty", "foreign", "missing"])
 def test_bad_checkpoint_files_name_the_file(tmp_path, kind):
-    from bundle.handlers.checkpoint import read_state_dict
+    from bundle.networks.transfer import read_state_dict
 
     good = tmp_path / "good.pt"
     torch.save(torch.nn.Linear(64, 64).state_dict(), good)

@@ -382,7 +382,7 @@ def load_classifiers(ckpt_root: str, names: Sequence[str], device: str | torch.d
     ``classifier.json`` written beside them by the classifier stage), in eval mode on ``device``."""
     from ..networks.classifiers import build_classifier
     from ..utils import BundleInputError, load_json
-    from ..handlers.checkpoint import read_state_dict
+    from ..networks.transfer import read_state_dict
 
     nets = []
     for name in names:
@@ -393,7 +393,7 @@ def load_classifiers(ckpt_root: str, names: Sequence[str], device: str | torch.d
             raise BundleInputError(weights, f"classifier {name!r} has no trained weights (run the classifier stage)")
         net = build_classifier(spec["arch"], in_channels=spec.get("in_channels", 1),
                                num_classes=spec.get("num_classes", NUM_OBSERVATIONS), **spec.get("kwargs", {}))
-        net.load_state_dict(read_state_dict(weights))
+        net.load_state_dict(read_state_dict(weights)[0])
         nets.append(net.to(device).eval())
     return nets
 

@@ -180,14 +180,3 @@ class ResumableCheckpoint:
         atomic_save(self.last_path, lambda tmp: torch.save(state, tmp))
 
 
-def read_state_dict(path: str, map_location: str = "cpu") -> Mapping[str, torch.Tensor]:
-    """Network weights from a checkpoint file: a bare ``state_dict`` or a dict with ``network``/``model`` in it.
-
-    Loaded with ``weights_only=True`` (:func:`bundle.utils.load_checkpoint`): a file that needs pickled code is
-    refused with a :class:`~bundle.utils.BundleInputError` naming it, before anything in it runs."""
-    ckpt = load_checkpoint(path, map_location=map_location)
-    if isinstance(ckpt, Mapping):
-        for key in ("network", "model", "state_dict", "net"):
-            if key in ckpt and isinstance(ckpt[key], Mapping):
-                return ckpt[key]
-    return ckpt

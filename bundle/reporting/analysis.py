@@ -394,12 +394,12 @@ def load_segmenter(checkpoint: PathLike, out_channels: int, arch: str = "segresn
     """
     import torch
 
-    from ..handlers.checkpoint import read_state_dict
+    from ..networks.transfer import read_state_dict
     from ..networks.finetune import build_finetune_network
 
     if not os.path.isfile(checkpoint):
         raise BundleInputError(checkpoint, "checkpoint not found")
-    state = read_state_dict(os.fspath(checkpoint), map_location="cpu")
+    state, _ = read_state_dict(os.fspath(checkpoint), map_location="cpu")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     mode = "adapter" if any(".adapter." in k for k in state) else "full"
     net = build_finetune_network(arch, int(out_channels), mode, **kwargs)
