@@ -142,7 +142,9 @@ def run_name(task: str, init: str, train_size: int | str | None, seed: int, mode
 
 #: ``init`` ids of ``configs/train.yaml`` -> strategies of :func:`bundle.networks.transfer.initialise_segmenter`.
 INIT_CHOICES: dict[str, str] = {"doll": "doll", "scratch": "random", "classifier_encoder": "classifier",
-                                "external": "external"}
+                                "external": "external",
+                                # pre-trained on control labels (bundle.doll.controls): loaded as the DoLL checkpoint
+                                "doll_shuffled": "doll", "doll_oracle": "doll"}
 
 
 def epochs_for(num_iterations: int, epoch_length: int) -> int:

@@ -423,3 +423,39 @@ def test_multi_gpu_train_two_processes(env: dict[str, Any]) -> None:
     runs = [r for r in _runs(env["tracking_uri"], f"{PREFIX}_finetune") if r.info.run_name == "scr_scratch_n4_seed5"]
     assert len(runs) == 1, out[-3000:]  # rank 0 only
     assert runs[0].data.params["n_train"] == "4"
+
+
+def test_train_config_alone_passes_monai_property_checks(env: dict[str, Any]) -> None:
+    """The Model Zoo's entry point: ``create_workflow`` on configs/train.yaml alone (no other config) is a valid MONAI
+    "train" workflow (every required and optional property MONAI checks)."""
+    from monai.bundle import create_workflow
+
+    for name in ("train.yaml", "pretrain.yaml"):
+        wf = create_workflow(config_file=str(CONFIGS / name), workflow_type="train",
+                             meta_file=str(CONFIGS / "metadata.json"), init="scratch", **env["overrides"])
+        assert wf.check_properties() == [], name
+
+
+def test_pretraining_controls_through_the_configs(env: dict[str, Any]) -> None:
+    """configs/pretrain.yaml --pretrain_labels shuffled|oracle: the labels of the control, its own checkpoint folder,
+    and the matching fine-tuning init of configs/train.yaml."""
+    from monai.bundle import ConfigParser
+
+    def parsed(name: str, **overrides: Any) -> ConfigParser:
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / name))
+        parser.update({**env["overrides"], **overrides})
+        return parser
+
+    doll = parsed("pretrain.yaml").get_parsed_content("train_items")
+    for labels in ("shuffled", "oracle"):
+        p = parsed("pretrain.yaml", pretrain_labels=labels)
+        assert p.get_parsed_content("ckpt_dir").endswith(f"pretrain/segresnet_{labels}")
+        items = p.get_parsed_content("train_items")
+        assert [i["image"] for i in items] == [i["image"] for i in doll]
+        if labels == "shuffled":
+            assert all(a["label"] != b["label"] for a, b in zip(items, doll))
+        else:
+            assert [i["label"] for i in items] == [i["lesion"] for i in doll]
+        t = parsed("train.yaml", init=f"doll_{labels}")
+        assert t.get_parsed_content("init_checkpoint") == p.get_parsed_content("ckpt_dir") + "/model.pt"

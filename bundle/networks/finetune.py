@@ -515,12 +515,14 @@ class FinetuneInit:
                 raise ValueError(f"init={name!r} needs a weights file: set {what} to a local checkpoint path")
             if not os.path.isfile(self.checkpoint):
                 hints = {"doll": "run configs/pretrain.yaml first, or set --init_checkpoint",
+                         "doll_shuffled": "run configs/pretrain.yaml --pretrain_labels shuffled first",
+                         "doll_oracle": "run configs/pretrain.yaml --pretrain_labels oracle first",
                          "classifier_encoder": "train a segresnet_encoder classifier (configs/train_classifier.yaml "
                                                "--classifier_arch segresnet_encoder) or set --init_checkpoint",
                          "external": "set --external_weights to a local state-dict file"}
                 raise BundleInputError(self.checkpoint, f"{name} checkpoint not found ({hints[name]})")
             head = head_module_names(network) if reset_head else []
-            if name == "doll":
+            if INIT_CHOICES[name] == "doll":
                 self.report = load_pretrained(network, self.checkpoint, exclude=head, strict_shapes=strict_shapes,
                                               min_fraction=min_fraction)
             elif name == "classifier_encoder":

@@ -1,0 +1,48 @@
+"""Pre-training label controls (bundle.doll.controls): known answers."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from bundle.doll.controls import control_items, derangement
+from bundle.utils import BundleInputError
+
+
+def items(n: int) -> list[dict]:
+    return [{"image": f"img{i}.png", "label": f"doll{i}.png", "targets": [i % 3, 5], "lesion": f"lesion{i}.png",
+             "patient": f"p{i}"} for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [2, 3, 10, 101])
+def test_derangement_moves_every_item(n):
+    for seed in range(5):
+        perm = derangement(n, seed)
+        assert sorted(perm.tolist()) == list(range(n)) and not np.any(perm == np.arange(n))
+    assert derangement(n, 1).tolist() == derangement(n, 1).tolist()  # seeded
+
+
+def test_shuffled_control_keeps_the_label_statistics_and_moves_every_mask():
+    src = items(12)
+    out = control_items(src, "shuffled", seed=3)
+    assert [o["image"] for o in out] == [s["image"] for s in src]           # same images, same order
+    assert Counter(o["label"] for o in out) == Counter(s["label"] for s in src)  # every mask used once
+    targets = lambda xs: Counter(t for x in xs for t in x["targets"])  # noqa: E731
+    assert targets(out) == targets(src)                                      # each observation's label count kept
+    assert all(o["label"] != s["label"] for o, s in zip(out, src))           # no image keeps its own DoLL
+    for o in out:                                                            # the targets travel with their mask
+        donor = next(s for s in src if s["image"] == o["label_from"])
+        assert o["label"] == donor["label"] and o["targets"] == donor["targets"]
+    assert src[0]["label"] == "doll0.png"                                    # the input is not modified
+
+
+def test_oracle_control_reproduces_the_true_masks_and_doll_is_unchanged():
+    src = items(4)
+    assert [o["label"] for o in control_items(src, "oracle")] == [s["lesion"] for s in src]
+    assert control_items(src, "doll") == src
+    with pytest.raises(BundleInputError, match="img1.png"):
+        control_items([src[0], {"image": "img1.png", "label": "x.png"}], "oracle")
+    with pytest.raises(ValueError, match="unknown pretrain_labels"):
+        control_items(src, "gradcam")
