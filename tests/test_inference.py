@@ -292,3 +292,24 @@ def test_bitmask_label_map_round_trip(tmp_path):
     # a single label file of a 3-structure task is a bit mask; a list of per-structure files is read as such
     loaded = LoadMask(num_bitmask_channels=3, union_groups=[[0, 1], [2], [3, 4]])(written)
     np.testing.assert_array_equal(loaded.numpy(), masks)
+
+
+def test_export_writes_measured_eval_metrics(tmp_path):
+    """metadata.json's eval_metrics come from the shipped model's evaluation file (bundle.metadata), the rest kept."""
+    from bundle.metadata import eval_metrics_from, write_eval_metrics
+    from bundle.utils import BundleInputError
+
+    metrics = tmp_path / "metrics_test.json"
+    metrics.write_text(json.dumps({"task": "scr", "init": "doll", "seed": 0, "metrics": {
+        "test_mean_dice": 0.912345, "test_dice_lungs": 0.98, "test_hd95_heart": 2.5, "test_pred_area": 7.0}}))
+    got = eval_metrics_from(metrics)
+    assert got == {"mean_dice": 0.9123, "dice_lungs": 0.98, "hd95_heart": 2.5, "task": "scr", "init": "doll", "seed": 0}
+    meta = tmp_path / "metadata.json"
+    meta.write_text(json.dumps({"version": "0.1.0", "eval_metrics": {"mean_dice": 0.0}}))
+    write_eval_metrics(meta, got, data="phantom")
+    written = json.loads(meta.read_text())
+    assert written["version"] == "0.1.0" and written["eval_metrics"]["mean_dice"] == 0.9123
+    assert written["eval_metrics"]["data"] == "phantom"
+    metrics.write_text(json.dumps({"metrics": {"test_loss": 1.0}}))
+    with pytest.raises(BundleInputError, match="metrics_test.json"):
+        eval_metrics_from(metrics)
