@@ -283,7 +283,7 @@ def test_resume_after_killed_process(reference: tuple[Path, dict], tmp_path: Pat
     code = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {BUNDLE_ROOT!r})
-        import bundle.data.phantom as P
+        import bundle.data.phantom.writer as P
         run = P._run_task
         def slow(args):
             out = run(args)
