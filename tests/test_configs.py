@@ -12,7 +12,7 @@ from monai.bundle import ConfigParser
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 #: workflow configs a user runs alone (``python -m monai.bundle run --config_file configs/<name>``)
 STANDALONE = ("train.yaml", "pretrain.yaml", "train_classifier.yaml", "generate_doll.yaml", "prepare_data.yaml",
-              "analysis.yaml", "report.yaml")
+              "analysis.yaml", "report.yaml", "export_doll.yaml")
 #: overlays and the workflow config each is read after
 OVERLAYS = {"evaluate.yaml": "train.yaml", "multi_gpu_train.yaml": "train.yaml",
             "evaluate_classifier.yaml": "train_classifier.yaml",
