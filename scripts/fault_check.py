@@ -19,7 +19,6 @@ end; its outputs must equal the reference's (files byte for byte, checkpoints te
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource

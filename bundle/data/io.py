@@ -32,9 +32,8 @@ is read as Analyze/NIfTI instead.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 

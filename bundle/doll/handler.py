@@ -12,7 +12,6 @@ Layout under ``doll_dir`` for an image ``<image_root>/<rel>.<ext>``:
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
