@@ -9,9 +9,9 @@ from __future__ import annotations
 from .checkpoint import ResumableCheckpoint
 from .segmentation import SegmentationCSVWriter
 from .tracking import TrackingHandler
-from .training import (EpochSeed, EpochSummary, FinetuneHandler, MetricsWriter, NullHandler, ProgressBar,
+from .training import (EpochSeed, EpochSummary, FinetuneHandler, MetricsWriter, ProgressBar,
                        TrainerEarlyStop, ValidationCurveWriter)
 
-__all__ = ["EpochSeed", "EpochSummary", "FinetuneHandler", "MetricsWriter", "NullHandler", "ProgressBar",
+__all__ = ["EpochSeed", "EpochSummary", "FinetuneHandler", "MetricsWriter", "ProgressBar",
            "ResumableCheckpoint", "SegmentationCSVWriter", "TrackingHandler",
            "TrainerEarlyStop", "ValidationCurveWriter"]

@@ -172,13 +172,6 @@ class EpochSeed:
             engine.set_data(engine.state.dataloader)
 
 
-class NullHandler:
-    """A handler that does nothing (stands in for an optional handler in a config's handler list)."""
-
-    def attach(self, engine: Engine) -> None:
-        return None
-
-
 class FinetuneHandler:
     """Attach the fine-tuning mode's handler of a :class:`FinetuneInit` (the encoder warm-up in ``warmup`` mode;
     nothing otherwise). A config component (a dict with ``_target_``), so tools that edit handler lists, such as

@@ -484,7 +484,7 @@ class FinetuneInit:
 
     Attributes:
         network: the prepared network (on ``device``); ``params``: the optimiser's parameters (or param groups);
-        handler: the warm-up handler (``warmup`` mode) or a :class:`NullHandler`; ``report``: the
+        handler: the warm-up handler (``warmup`` mode) or ``None``; ``report``: the
         TransferReport (``None`` for ``scratch``); ``summary``: the fine-tuning summary.
 
     Raises:
