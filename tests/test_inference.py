@@ -313,3 +313,28 @@ def test_export_writes_measured_eval_metrics(tmp_path):
     metrics.write_text(json.dumps({"metrics": {"test_loss": 1.0}}))
     with pytest.raises(BundleInputError, match="metrics_test.json"):
         eval_metrics_from(metrics)
+
+
+def test_model_zoo_verify_bundle_steps(tmp_path):
+    """The Model Zoo CI's ci/verify_bundle.py steps that need no network: metadata.json with its version in the
+    changelog, the large files listed with their hashes, the checkpoint exported to TorchScript through
+    ``network_def`` of configs/inference.yaml, and the shipped models/model.ts loading and agreeing with it."""
+    import hashlib
+
+    import yaml
+    from monai.bundle import ckpt_export
+
+    root = CONFIGS.parent
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    for entry in yaml.safe_load((root / "large_files.yml").read_text())["large_files"]:
+        digest = hashlib.new(entry["hash_type"], (root / entry["path"]).read_bytes()).hexdigest()
+        assert digest == entry["hash_val"], entry["path"]
+    exported = tmp_path / "verify_model.ts"
+    ckpt_export(net_id="network_def", filepath=str(exported), ckpt_file=str(root / "models" / "model.pt"),
+                meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "inference.yaml"),
+                bundle_root=str(root))
+    x = torch.rand(1, 1, 64, 64)
+    ours, shipped = torch.jit.load(str(exported)).eval(), torch.jit.load(str(root / "models" / "model.ts")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), shipped(x))
