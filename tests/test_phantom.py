@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import shutil
 import signal
@@ -161,6 +162,47 @@ def test_lesion_mask_path() -> None:
     assert lesion_mask_path("/d/CheXpert-v1.0-small/valid/p/s/v.jpg") == "/d/CheXpert-v1.0-small-lesions/valid/p/s/v.png"
     with pytest.raises(ValueError):
         lesion_mask_path("/d/other/v.jpg")
+
+
+#: SHA-256 of every array of three 128 px frontal drawings (``phantom_rng(seed, "demo", 0)``) as
+#: (findings, infection, hashes), pinned when draw_frontal was split into step functions: any change
+#: to the drawing (or to the order in which it consumes its generators) changes them. Float hashes
+#: assume the same numpy/scipy/Pillow builds; after a deliberate change, recompute and update them.
+FRONTAL_PINS = {
+    0: ((), False, {
+        "image": "937c2f68b5eb6eb8953b816f2b7bc92823ea2284eccc884ce9d3ade3a7b0ecdf",
+        "anatomy": "3b2f4096b743b2cbbbedaf3561759df0e4bdfd33b1d8b94a235d243ab3dca0b8",
+        "lesions": "d2a23a7de3af6bf70d164a0ce45201371aca7624e30079d30cccab1cb6cf52e3",
+        "body": "e3166eabb641980e5fd3e1d155b731f8bcec31fd04910740ade2f5987bc22af0",
+        "infection": None,
+    }),
+    1: (tuple(OBSERVATIONS[1:]), True, {
+        "image": "4009ac0c67b2dde5c01054e491c9b3886c385b2ebdd9142533641815842bc252",
+        "anatomy": "a3a2cf650b860bb17039d6d9ec677ecd4dfd6a8ab134c8d29c262e2b1e604175",
+        "lesions": "0ed0d3ed1b7a7bde419611ef8312c3dbb62a35fa94777e3acf9354ac6350ec93",
+        "body": "af1077b5eb5700d12073d779c317df6ff913588fbdc7373bbe26df56837d3287",
+        "infection": "5f69e6ea4f71eb91970845c9021dc850b416db154739de3483976f69c584f5c6",
+    }),
+    2: (("Cardiomegaly", "Pneumothorax", "Fracture", "Support Devices"), False, {
+        "image": "9eae92f1f2e3c7b11c047904d99a76cac5af9658c08e5bfb7ec82af9f6aac460",
+        "anatomy": "74b3c409beec817bb5a44c71541222fe3ae4a1210545b113757c00daeb26979d",
+        "lesions": "29cef4d66249cb814c0373f9e74a289e19df8d0d1c43b2fd554425c7579691ec",
+        "body": "afb9ab0abc12ee032ea2469981b889d9496dfc40548b7ac3a4a8ed359c591cb9",
+        "infection": None,
+    }),
+}
+
+
+@pytest.mark.parametrize("seed", sorted(FRONTAL_PINS))
+def test_frontal_drawing_is_pinned(seed: int) -> None:
+    """The drawing is bit-identical to the pinned one: image and every mask (regression guard)."""
+    findings, infection, expected = FRONTAL_PINS[seed]
+    ph = draw_frontal(phantom_rng(seed, "demo", 0), 128, findings, infection=infection)
+    arrays = {"image": ph.image, "anatomy": ph.anatomy, "lesions": ph.lesions, "body": ph.body,
+              "infection": ph.infection}
+    got = {k: None if a is None else hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+           for k, a in arrays.items()}
+    assert got == expected
 
 
 # ------------------------------------------------------------------------------------------------- datasets

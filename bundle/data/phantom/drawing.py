@@ -429,6 +429,526 @@ def _vessel_tree(sc: _Scene, rng: np.random.Generator, hila: Sequence[tuple[floa
     return thick.reshape(size, size), thin.reshape(size, size)
 
 
+@dataclass
+class _Chest:
+    """The normal anatomy of one frontal drawing, which the lesions are drawn on (read-only).
+
+    Dictionaries are keyed by side: -1 = image left (the patient's right), +1 = image right.
+    """
+
+    sc: _Scene
+    body: np.ndarray  #: anti-aliased body coverage
+    body_bin: np.ndarray  #: body mask (bool)
+    sd: dict[int, np.ndarray]  #: signed distance to each lung field (heart not removed)
+    field_soft: dict[int, np.ndarray]  #: anti-aliased lung fields
+    field_bin: dict[int, np.ndarray]  #: lung field masks (bool)
+    field_any_soft: np.ndarray  #: both lung fields, anti-aliased
+    med_sd: np.ndarray  #: signed distance to the mediastinum
+    sil_sd: np.ndarray  #: signed distance to the cardiomediastinal silhouette
+    sil: np.ndarray  #: anti-aliased silhouette inside the body
+    heart_top: float  #: v where the heart mask starts
+    heart_bin: np.ndarray  #: heart mask (bool, SCR convention)
+    lung_bin: dict[int, np.ndarray]  #: lung masks without the silhouette (bool, SCR convention)
+    lung_any: np.ndarray  #: both lung masks
+    visible: np.ndarray  #: lung not hidden by the heart or mediastinum
+
+
+@dataclass
+class _LesionLayers:
+    """What the findings add to a frontal drawing, filled in place by the lesion steps."""
+
+    dA: np.ndarray  #: added density (attenuation)
+    tex_keep: np.ndarray  #: multiplies the lung texture (pneumothorax, effusion remove it)
+    tex_extra: np.ndarray  #: extra interstitial texture (edema)
+    masks: np.ndarray  #: uint8 ``(14, H, W)``, one mask per observation
+    params: dict[str, Any]  #: the drawn parameters, in :attr:`Phantom.params`
+
+    @classmethod
+    def empty(cls, size: int, pose: Mapping[str, float]) -> _LesionLayers:
+        """No lesion yet, on a ``(size, size)`` image; the parameters start with the ``pose``."""
+        zeros = np.zeros((size, size), np.float32)
+        return cls(dA=zeros, tex_keep=np.ones_like(zeros), tex_extra=zeros.copy(),
+                   masks=np.zeros((NUM_OBSERVATIONS, size, size), np.uint8), params={"pose": pose})
+
+
+def _frontal_body(sc: _Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Body outline (neck widening into the shoulders) and soft tissue, thicker in the middle.
+
+    Returns:
+        ``(body, body_bin, soft)``: anti-aliased coverage, mask (bool) and soft-tissue attenuation.
+    """
+    an, u, v = sc.an, sc.u, sc.v
+    half = an.neck_w + (an.shoulder_w - an.neck_w) * np.sqrt(_smoothstep(-1.02, -0.62, v))
+    body_sd = np.minimum(half - sc.abs_u, 1.2 - v)
+    body = _aa(body_sd, sc.px)
+    thick = np.sqrt(np.clip(1.0 - (u / np.maximum(half, 1e-3)) ** 2, 0.0, 1.0))
+    return body, body_sd > 0, body * (an.soft * (0.5 + 0.5 * thick))
+
+
+def _frontal_chest(sc: _Scene, body: np.ndarray, body_bin: np.ndarray) -> _Chest:
+    """Lung fields, heart and mediastinum (one smooth cardiomediastinal silhouette), their masks."""
+    u, v, px = sc.u, sc.v, sc.px
+    lung_box = {-1: (-0.95, 0.02, -0.82, 0.82), 1: (-0.02, 0.95, -0.82, 0.82)}
+    sd = {s: sc.local(lambda uu, vv, s=s: sc.lung_sd(s * uu, vv, s), lung_box[s], -1.0)
+          for s in (-1, 1)}
+    field_soft = {s: _aa(sd[s], px) for s in (-1, 1)}
+    field_bin = {s: sd[s] > 0 for s in (-1, 1)}
+    field_any_soft = np.maximum(field_soft[-1], field_soft[1])
+    # cardiomediastinal silhouette: the mediastinum blends smoothly into the heart
+    med_half = np.where(u > 0, sc.med_half(v, +1), sc.med_half(v, -1))
+    med_sd = np.minimum(med_half - sc.abs_u, 0.5 - v)
+    sil_sd = _smooth_union(sc.heart_sd(u, v), med_sd, 0.09)
+    sil = _aa(sil_sd, px) * body
+    heart_top = sc.heart_top()
+    sil_bin = sil_sd > 0
+    lung_bin = {s: field_bin[s] & ~sil_bin for s in (-1, 1)}
+    return _Chest(sc=sc, body=body, body_bin=body_bin, sd=sd, field_soft=field_soft,
+                  field_bin=field_bin, field_any_soft=field_any_soft, med_sd=med_sd, sil_sd=sil_sd,
+                  sil=sil, heart_top=heart_top, heart_bin=sil_bin & (v > heart_top) & body_bin,
+                  lung_bin=lung_bin, lung_any=lung_bin[-1] | lung_bin[1],
+                  visible=field_any_soft * (1.0 - sil))
+
+
+def _lung_air(ch: _Chest) -> np.ndarray:
+    """Air of the lung fields (subtracted), darker in their centre (less overlapping tissue)."""
+    depth = _blur(ch.field_any_soft, 0.045 / ch.sc.px)
+    return ch.sc.an.air * ch.field_any_soft * (0.55 + 0.45 * depth) * (1.0 - 0.85 * ch.sil)
+
+
+def _trachea_and_spine(sc: _Scene, body: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Midline structures: ``(trachea, spine, pedicles)`` layers (spine with vertebral banding)."""
+    an, u, v, px, a = sc.an, sc.u, sc.v, sc.px, sc.abs_u
+    trachea = (_aa(np.minimum(0.032 - np.abs(u + 0.01 * (v + 0.6)), -0.12 - v), px)
+               * _smoothstep(-1.1, -0.7, v))
+    spine_sd = 0.062 - a
+    vert = 0.8 + 0.2 * _smoothstep(-0.4, 0.4, np.cos((v - an.rib_first) * (2 * np.pi / 0.1)))
+    spine = _aa(spine_sd, px) * vert * body
+    pedicles = (np.exp(-(((a - 0.045) / 0.012) ** 2)) * _aa(spine_sd + 0.01, px)
+                * (vert - 0.8) * 4.0)
+    return trachea, spine, pedicles
+
+
+def _hilar_blob(du: np.ndarray, dv: np.ndarray) -> np.ndarray:
+    """Dense hilar vessels: a Gaussian blob at offset ``(du, dv)`` from the hilum."""
+    return np.exp(-((du / 0.06) ** 2 + (dv / 0.09) ** 2))
+
+
+def _frontal_vessels(ch: _Chest, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Pulmonary vessel trees from the hila (a little below the aortic knob) and the dense hilar
+    vessels: ``(vessels, hilum)`` layers. Draws the trees from ``rng`` (the texture generator)."""
+    sc = ch.sc
+    hila = [(-0.15, 0.0, -1), (0.16, -0.03, 1)]
+    thick_c, thin_c = _vessel_tree(sc, rng, hila, ch.field_bin[-1] | ch.field_bin[1], generations=6)
+    scale = sc.size / 256.0
+    vessels = np.maximum(_blur_lines(thick_c, max(0.6, 0.9 * scale)),
+                         _blur_lines(thin_c, max(0.5, 0.55 * scale)))
+    hilum = np.zeros_like(sc.u)
+    for hu, hv, _ in hila:  # dense hilar vessels
+        hilum += sc.local(lambda uu, vv, hu=hu, hv=hv: _hilar_blob(uu - hu, vv - hv),
+                          (hu - 0.2, hu + 0.2, hv - 0.3, hv + 0.3), 0.0)
+    return vessels, hilum
+
+
+def _rib_index(sc: _Scene, vq: np.ndarray) -> np.ndarray:
+    """Fractional posterior rib number at height ``vq`` along the rib course."""
+    sp, g = sc.an.rib_spacing, sc.an.rib_growth
+    return (-sp + np.sqrt(np.maximum(sp * sp + 4 * g * vq, 0.0))) / (2 * g)
+
+
+def _rib_profile(edge: np.ndarray, lower: np.ndarray, px: float) -> np.ndarray:
+    """Bone band of signed distance ``edge``: sharper, brighter inferior cortex where ``lower``."""
+    return 0.8 * _aa(edge, px) + (0.25 + 0.5 * lower) * np.exp(-((edge / max(px, 0.006)) ** 2))
+
+
+def _posterior_ribs(sc: _Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Posterior rib arcs inside the rib cage.
+
+    Returns:
+        ``(ribs, k_idx, cage_soft)``: the rib layer, the fractional rib number of every pixel and
+        the anti-aliased rib cage.
+    """
+    an, v, px, a = sc.an, sc.v, sc.px, sc.abs_u
+    sp, g = an.rib_spacing, an.rib_growth
+    # posterior arc: rises from the spine, falls along the lateral wall
+    k_idx = _rib_index(sc, v - _rib_arc(a) - an.rib_first)
+    cage = (_pow(np.abs(a - an.lung_a0) / (an.lung_ra + 0.08), an.lung_p)
+            + _pow(np.abs(v - an.lung_v0 + 0.03) / (an.lung_rv + 0.05), an.lung_p))
+    cage_soft = _aa((1.0 - cage) * 0.3, px) * _smoothstep(0.035, 0.12, a)
+    frac = np.abs(k_idx - np.round(k_idx))
+    spacing_here = sp + 2 * g * np.clip(k_idx, 0, 12)
+    ribs = _rib_profile((an.rib_width / 2 - frac) * spacing_here, k_idx > np.round(k_idx), px)
+    ribs = ribs * cage_soft
+    ribs *= (k_idx > -0.5) & (k_idx < 10.5)
+    ribs *= 0.6 + 0.4 * _smoothstep(0.08, 0.3, a)
+    return ribs, k_idx, cage_soft
+
+
+def _fracture(ch: _Chest, r: np.random.Generator, ribs: np.ndarray, k_idx: np.ndarray,
+              cage_soft: np.ndarray, out: _LesionLayers) -> np.ndarray:
+    """Fracture: the lateral fragment of one posterior rib displaced and angulated, gap and callus.
+
+    Adds the callus density, the mask and the parameters to ``out``; returns the broken rib layer.
+    """
+    sc = ch.sc
+    an, u, v, px, a = sc.an, sc.u, sc.v, sc.px, sc.abs_u
+    sp, g = an.rib_spacing, an.rib_growth
+    f_side = 1 if r.random() < 0.5 else -1
+    f_k = int(r.integers(2, 8))
+    f_a = r.uniform(0.42, 0.62)
+    f_gap = max(r.uniform(0.01, 0.016), 0.7 * px)
+    width = an.rib_width * (sp + 2 * g * f_k)
+    shift = r.uniform(0.6, 0.9) * width * (1 if r.random() < 0.5 else -1)
+    tilt = r.uniform(0.12, 0.3) * (1 if r.random() < 0.5 else -1)
+    on_side = (u > 0) == (f_side > 0)
+    this_rib = on_side & (np.abs(k_idx - f_k) < 0.5)
+    ribs = np.where(this_rib & (a > f_a - f_gap), 0.0, ribs)  # remove the original lateral part
+    kq = _rib_index(sc, v - shift - tilt * (a - f_a) - _rib_arc(a) - an.rib_first)
+    frag = _rib_profile((an.rib_width / 2 - np.abs(kq - f_k)) * (sp + 2 * g * f_k), kq > f_k, px)
+    ribs = np.maximum(ribs, frag * on_side * _aa(a - f_a - f_gap, px) * cage_soft)
+    f_v = an.rib_first + (f_k * sp + g * f_k * f_k) + _rib_arc(f_a)
+    f_sd, _ = _ellipse_sd(u, v, f_side * f_a, f_v + shift / 2, 0.07, 0.06)
+    # callus: a bright fusiform thickening around the break, crossed by the lucent fracture line
+    _, cq = _ellipse_sd(u, v, f_side * f_a, f_v + shift / 2, max(0.05, 2 * px),
+                        max(0.032, 1.5 * px))
+    callus = np.exp(-2.5 * cq * cq) * (1.0 - 0.7 * np.exp(-(((a - f_a) / max(f_gap, px)) ** 2)))
+    out.dA += 0.14 * callus
+    out.masks[12] = (f_sd > 0) & ch.body_bin
+    out.params["fracture"] = {"side": f_side, "rib": f_k, "a": f_a, "shift": shift, "tilt": tilt}
+    return ribs
+
+
+def _anterior_ribs(sc: _Scene, cage_soft: np.ndarray) -> np.ndarray:
+    """Faint anterior ribs, descending medially."""
+    an, v, px, a = sc.an, sc.v, sc.px, sc.abs_u
+    sp = an.rib_spacing
+    ka = (v - an.rib_first + 0.25 - 0.45 * (0.75 - a)) / (sp * 1.15)
+    fa = np.abs(ka - np.round(ka))
+    return (_aa((0.18 - fa) * sp, px) * cage_soft * _smoothstep(0.15, 0.35, a) * (ka > 0.5)
+            * (ka < 7.5) * 0.4)
+
+
+def _clavicle_sd(uu: np.ndarray, vv: np.ndarray, an: Anatomy, s: int) -> np.ndarray:
+    """Signed distance to the S-shaped clavicle on side ``s`` (thin in the middle, round ends)."""
+    aa = s * uu
+    a_m = 0.07
+    t = (aa - a_m) / an.clav_len
+    tc = np.clip(t, 0.0, 1.0)
+    vc = an.clav_v + an.clav_slope * (aa - a_m) + 0.028 * np.sin(2 * np.pi * tc)
+    ends = np.sqrt(np.clip(np.minimum(t, 1.0 - t) / 0.08, 0.0, 1.0))  # rounded ends
+    half_w = (0.016 + 0.014 * (1.0 - tc) ** 2 + 0.012 * tc ** 4) * ends
+    return np.where((t > 0) & (t < 1), half_w - np.abs(vv - vc), -np.abs(vv - vc) - 0.05)
+
+
+def _clavicles(sc: _Scene) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Both clavicles: ``(layer with a bright cortex, {side: mask})``."""
+    an, px = sc.an, sc.px
+    clav = np.zeros_like(sc.u)
+    clav_bin = {}
+    a_end = 0.07 + an.clav_len
+    v_lo = an.clav_v + an.clav_slope * an.clav_len - 0.08
+    for s in (-1, 1):
+        box = (-a_end - 0.02, -0.05) if s < 0 else (0.05, a_end + 0.02)
+        csd = sc.local(lambda uu, vv, s=s: _clavicle_sd(uu, vv, an, s),
+                       (*box, v_lo, an.clav_v + 0.08), -1.0)
+        clav = np.maximum(clav, _aa(csd, px) * (1.0 + 0.5 * np.exp(-((csd / max(px, 0.006)) ** 2))))
+        clav_bin[s] = csd > 0
+    return clav, clav_bin
+
+
+def _normal_attenuation(ch: _Chest, soft: np.ndarray, hilum: np.ndarray, ribs: np.ndarray,
+                        ant: np.ndarray, clav: np.ndarray) -> np.ndarray:
+    """Composite the normal anatomy into the attenuation image: soft tissue, silhouette, trachea,
+    abdomen below the domes, hila, lung air, bones (spine, ribs, clavicles), gastric bubble."""
+    sc = ch.sc
+    an, u, v, px = sc.an, sc.u, sc.v, sc.px
+    air = _lung_air(ch)
+    trachea, spine, pedicles = _trachea_and_spine(sc, ch.body)
+    dome_v = np.where(u > 0, sc.dome(u, +1), sc.dome(-u, -1))
+    abdomen = _aa(v - dome_v, px) * ch.body * _smoothstep(0.85, 0.6, sc.abs_u)
+    A = soft + 0.12 * ch.sil - 0.12 * trachea + 0.08 * abdomen + 0.05 * hilum * ch.field_any_soft
+    A = A - air
+    rib_vis = 0.6 * (0.5 + 0.5 * ch.field_any_soft)
+    A = A + an.bone * (0.9 * spine + 0.25 * pedicles + rib_vis * (ribs + ant) * ch.body
+                       + 1.2 * clav)
+    if an.gastric_bubble:
+        gb, _ = _ellipse_sd(u, v, 0.36, float(sc.dome(np.asarray(0.36), +1)) + 0.11, 0.10, 0.055)
+        A = A - 0.22 * _aa(gb, px) * _aa(v - sc.dome(u, +1) - 0.02, px)
+    return A
+
+
+def _lung_point(ch: _Chest, r: np.random.Generator, side: int | None,
+                cond: np.ndarray | None = None, margin: float = 0.0) -> tuple[int, float, float]:
+    """A random point ``(side, u, v)`` inside the visible lung (optionally on ``side`` and where
+    ``cond``), preferably ``margin`` inside its border; random side when ``side`` is None."""
+    s = side if side is not None else (1 if r.random() < 0.5 else -1)
+    base = ch.lung_bin[s]
+    inner = base & (ch.sd[s] > margin) & (ch.sil_sd < -margin)
+    cands = [inner & cond, base & cond, inner, base] if cond is not None else [inner, base]
+    cands.append(ch.lung_bin[-s] | ch.lung_bin[s] | ch.body_bin)
+    row, col = _choose_pixel(r, *cands)
+    return s, float(ch.sc.u[row, col]), float(ch.sc.v[row, col])
+
+
+def _enlarged_cardiomediastinum(ch: _Chest, r: np.random.Generator, out: _LesionLayers) -> None:
+    """Enlarged Cardiomediastinum: the upper mediastinum (widened by the scene) and its mask."""
+    v = ch.sc.v
+    out.masks[1] = (ch.med_sd > 0) & (v > -0.62) & (v < ch.heart_top + 0.02) & ch.body_bin
+    out.dA += 0.06 * (out.masks[1] * ch.body)
+    out.params["ecm_widen"] = ch.sc.ecm_widen
+
+
+def _cardiomegaly(ch: _Chest, r: np.random.Generator, out: _LesionLayers) -> None:
+    """Cardiomegaly: the enlarged heart (drawn by the scene) is the mask."""
+    out.masks[2] = ch.heart_bin
+    out.params["heart_scale"] = ch.sc.heart_scale
+
+
+def _pneumothorax(ch: _Chest, r: np.random.Generator, out: _LesionLayers) -> None:
+    """Pneumothorax: collapsed lung, no texture peripheral to the visceral pleural line."""
+    sc = ch.sc
+    u, v, px = sc.u, sc.v, sc.px
+    s = 1 if r.random() < 0.5 else -1
+    f0 = r.uniform(0.62, 0.8)
+    hc_a, hc_v = 0.16, -0.02
+    f = f0 + (1.0 - f0) * _smoothstep(-0.05, 0.40, v)
+    aa = s * u
+    csd = sc.lung_sd(hc_a + (aa - hc_a) / f, hc_v + (v - hc_v) / f, s) * f
+    ptx = ch.field_bin[s] & (csd <= 0)
+    ptx_soft = ch.field_soft[s] * _aa(-csd, px)
+    if not ptx.any():
+        ptx = ch.field_bin[s] & (ch.sd[s] < 2 * px) & (v < -0.3)
+    line = np.exp(-((csd / max(0.6 * px, 0.004)) ** 2)) * ch.field_soft[s] * (v < 0.3)
+    out.tex_keep *= 1.0 - ptx_soft
+    out.dA += 0.18 * line + 0.04 * ch.field_soft[s] * _aa(csd, px) - 0.07 * ptx_soft
+    out.masks[9] = ptx
+    out.params["pneumothorax"] = {"side": s, "collapse": f0}
+
+
+def _pleural_effusion(ch: _Chest, r: np.random.Generator, out: _LesionLayers) -> None:
+    """Pleural Effusion: basal meniscus blunting the costophrenic angle, no texture below it."""
+    sc = ch.sc
+    u, v, px = sc.u, sc.v, sc.px
+    s = 1 if r.random() < 0.5 else -1
+    hgt = r.uniform(0.10, 0.28)
+    aa = s * u
+    v_med = float(sc.dome(np.asarray(0.2), s)) - 0.35 * hgt
+    v_m = v_med - 0.9 * hgt * np.clip((aa - 0.2) / 0.5, 0.0, 1.2) ** 2
+    fl = ch.field_bin[s] & (v > v_m)
+    if not fl.any():
+        fl = ch.field_bin[s] & (v > np.max(np.where(ch.field_bin[s], v, -9.0)) - 2 * px)
+    fl_soft = ch.field_soft[s] * _smoothstep(-0.01, 0.06, v - v_m)
+    out.dA += 0.45 * fl_soft
+    out.tex_keep *= 1.0 - fl_soft
+    out.masks[10] = fl
+    out.params["effusion"] = {"side": s, "height": hgt}
+
+
+def _lung_opacity(ch: _Chest, r: np.random.Generator, out: _LesionLayers) -> None:
+    """Lung Opacity: hazy irregular patch in the middle zones."""
+    u, v, size = ch.sc.u, ch.sc.v, ch.sc.size
+    s, cu, cv = _lung_point(ch, r, None, (v > -0.45) & (v < 0.3), 0.05)
+    rx, ry = r.uniform(0.10, 0.17), r.uniform(0.10, 0.19)
+    _, q = _ellipse_sd(u, v, cu, cv, rx, ry, r.uniform(0, np.pi))
+    bound = 1.0 + 0.3 * _smooth_noise(r, size, 7)
+    patch = _smoothstep(0.0, 0.55, bound - q) * (0.8 + 0.2 * _smooth_noise(r, size, 14))
+    region = (bound - q > 0.1) & ch.lung_bin[s]
+    if not region.any():
+        region = (q < 1.0) & ch.lung_bin[s]
+    out.dA += 0.26 * patch * ch.visible * ch.field_soft[s]
+    out.masks[3] = region
+
+
+def _lung_lesion(ch: _Chest, r: np.random.Generator, out: _LesionLayers) -> None:
+    """Lung Lesion: one to three small round nodules."""
+    u, v, px = ch.sc.u, ch.sc.v, ch.sc.px
+    for _ in range(int(r.choice([1, 1, 1, 2, 2, 3]))):
+        rad = max(r.uniform(0.035, 0.06), 1.2 * px)
+        _, cu, cv = _lung_point(ch, r, None, None, rad + 0.02)
+        nd, q = _ellipse_sd(u, v, cu, cv, rad, rad)
+        out.dA += 0.40 * np.sqrt(np.clip(1.0 - q * q, 0.0, 1.0)) + 0.08 * _aa(nd, px)
+        out.masks[4] |= (nd > 0) | ((np.abs(u - cu) < 0.5 * px) & (np.abs(v - cv) < 0.5 * px))
+    out.masks[4] &= ch.lung_any
+
+
+def _edema(ch: _Chest, r: np.random.Generator, out: _LesionLayers) -> None:
+    """Edema: bilateral perihilar haze (with extra interstitial texture) and Kerley B lines."""
+    u, v, px = ch.sc.u, ch.sc.v, ch.sc.px
+    m5 = np.zeros_like(ch.lung_any)
+    for s in (-1, 1):
+        rx, ry = r.uniform(0.20, 0.27), r.uniform(0.26, 0.34)
+        _, q = _ellipse_sd(u, v, s * r.uniform(0.20, 0.26), r.uniform(-0.02, 0.06), rx, ry, s * 0.3)
+        haze = np.exp(-1.6 * q * q) * ch.field_soft[s]
+        out.dA += 0.24 * haze * ch.visible
+        out.tex_extra += 0.9 * haze
+        # Kerley B lines: short horizontal lines along the lateral lower lung border
+        band = ch.field_bin[s] & (ch.sd[s] < 0.05) & (s * u > 0.42) & (v > 0.1) & (v < 0.5)
+        period = max(r.uniform(0.045, 0.06), 3 * px)
+        ph = r.uniform(0, 1)
+        lines = np.abs(((v / period + ph) % 1.0) - 0.5) * period
+        kerley = _aa(0.5 * max(0.006, 0.7 * px) - (0.5 * period - lines), px) * band
+        out.dA += 0.22 * kerley
+        m5 |= ((q < 1.0) | band) & ch.lung_bin[s]
+    out.masks[5] = m5
+
+
+def _consolidation(ch: _Chest, r: np.random.Generator, out: _LesionLayers) -> None:
+    """Consolidation: dense homogeneous region (lobulated, or lobar with a straight fissure border)
+    with air bronchograms."""
+    sc = ch.sc
+    u, v, px, size = sc.u, sc.v, sc.px, sc.size
+    s, cu, cv = _lung_point(ch, r, None, (v > -0.45) & (v < 0.3), 0.1)
+    rx, ry = r.uniform(0.17, 0.26), r.uniform(0.15, 0.24)
+    cd, _ = _ellipse_sd(u, v, cu, cv, rx, ry, r.uniform(0, np.pi))
+    cd = cd + 0.035 * _smooth_noise(r, size, 9)  # lobulated border
+    if r.random() < 0.5:  # lobar: one straight, sharp (fissure) border
+        th = r.uniform(-0.5, 0.5) + (np.pi / 2 if r.random() < 0.5 else 0.0)
+        off = r.uniform(0.3, 0.8) * min(rx, ry)
+        fissure = off - ((np.cos(th) * (u - cu) + np.sin(th) * (v - cv))
+                         * (1 if r.random() < 0.5 else -1))
+        csd = np.minimum(cd, fissure)
+        edge = np.minimum(_smoothstep(-0.012, 0.02, cd), _aa(fissure, px))
+    else:
+        csd = cd
+        edge = _smoothstep(-0.012, 0.02, cd)
+    cons = edge * ch.visible * ch.field_soft[s] * (0.9 + 0.1 * _smooth_noise(r, size, 24))
+    region = (csd > 0) & ch.lung_bin[s]
+    if not region.any():
+        region = (cd > -px) & ch.lung_bin[s]
+    b_thick, b_thin = _vessel_tree(sc, r, [(s * 0.15, 0.0, s)], csd > 0.01, trunks=(7, 9),
+                                   generations=4, trunk_length=0.2)
+    scale = size / 256.0
+    bronchi = np.maximum(_blur_lines(b_thick, max(0.6, 0.9 * scale)),
+                         _blur_lines(b_thin, max(0.5, 0.6 * scale)))
+    out.dA += 0.4 * cons - 0.25 * cons * bronchi
+    out.tex_keep *= 1.0 - 0.8 * np.clip(cons, 0.0, 1.0)
+    out.masks[6] = region
+
+
+def _pneumonia(ch: _Chest, r: np.random.Generator, out: _LesionLayers) -> None:
+    """Pneumonia: patchy textured density in a lower zone."""
+    sc = ch.sc
+    u, v, size = sc.u, sc.v, sc.size
+    s = 1 if r.random() < 0.5 else -1
+    low_zone = v > np.maximum(-0.02, sc.dome(s * u, s) - 0.38)
+    s, cu, cv = _lung_point(ch, r, s, low_zone, 0.06)
+    rx, ry = r.uniform(0.15, 0.21), r.uniform(0.12, 0.17)
+    _, q = _ellipse_sd(u, v, cu, cv, rx, ry, r.uniform(0, np.pi))
+    env = _smoothstep(1.0, 0.6, q)
+    blots = (_smoothstep(-0.5, 0.5, _smooth_noise(r, size, 20))
+             * (0.75 + 0.25 * _smooth_noise(r, size, 44)))
+    out.dA += 0.42 * env * np.clip(blots, 0, 1) * ch.visible * ch.field_soft[s]
+    out.masks[7] = (q < 1.0) & ch.lung_bin[s]
+
+
+def _atelectasis(ch: _Chest, r: np.random.Generator, out: _LesionLayers) -> None:
+    """Atelectasis: plate-like (discoid) band or basal wedge above the diaphragm."""
+    sc = ch.sc
+    u, v, px = sc.u, sc.v, sc.px
+    s = 1 if r.random() < 0.5 else -1
+    aa = s * u
+    above = sc.dome(aa, s) - v
+    base_zone = (above > 0.05) & (above < 0.22) & (aa > 0.22) & (aa < 0.6)
+    s, cu, cv = _lung_point(ch, r, s, base_zone, 0.03)
+    if r.random() < 0.55:  # plate (discoid) atelectasis
+        ln = r.uniform(0.11, 0.17)
+        th = r.uniform(-0.3, 0.3)
+        hw = max(r.uniform(0.012, 0.02), 0.7 * px)
+        dx, dy = ln * math.cos(th), ln * math.sin(th)
+        asd = _segment_sd(u, v, (cu - dx, cv - dy), (cu + dx, cv + dy), hw)
+    else:  # wedge: base on the diaphragm, apex towards the hilum
+        b0, b1 = s * (abs(cu) - 0.1), s * (abs(cu) + 0.12)
+        p0 = (b0, float(sc.dome(np.asarray(abs(b0)), s)) + 0.03)
+        p1 = (b1, float(sc.dome(np.asarray(abs(b1)), s)) + 0.03)
+        apex = (s * max(abs(cu) - 0.12, 0.2), cv - r.uniform(0.12, 0.2))
+        asd = _triangle_sd(u, v, p0, p1, apex)
+    ate = _aa(asd, px) * ch.field_soft[s]
+    out.dA += 0.36 * ate * (1.0 - 0.6 * ch.sil)
+    region = (asd > 0) & ch.lung_bin[s]
+    if not region.any():
+        region = (asd > -px) & ch.lung_bin[s]
+    if not region.any():
+        rr, cc = _choose_pixel(r, base_zone & ch.lung_bin[s], ch.lung_bin[s])
+        region = np.zeros_like(ch.lung_any)
+        region[rr, cc] = True
+    out.masks[8] = region
+
+
+def _pleural_other(ch: _Chest, r: np.random.Generator, out: _LesionLayers) -> None:
+    """Pleural Other: wavy pleural thickening along the lateral chest wall."""
+    u, v, px = ch.sc.u, ch.sc.v, ch.sc.px
+    sd = ch.sd
+    s = 1 if r.random() < 0.5 else -1
+    v1 = r.uniform(-0.45, 0.0)
+    v2 = v1 + r.uniform(0.35, 0.55)
+    tk = (max(r.uniform(0.022, 0.038), 1.2 * px)
+          * (1.0 + 0.35 * np.sin(v * r.uniform(25, 45) + r.uniform(0, 6))))
+    span = _smoothstep(v1 - 0.03, v1 + 0.03, v) * _smoothstep(v2 + 0.03, v2 - 0.03, v)
+    lateral = (s * u > 0.45)
+    band_sd = np.minimum(tk - sd[s], sd[s] + 0.5 * px)
+    band = _aa(band_sd, px) * span * lateral
+    out.dA += 0.38 * band
+    region = (band_sd > 0) & (span > 0.5) & lateral & ch.field_bin[s]
+    if not region.any():
+        region = (sd[s] > 0) & (sd[s] < 2 * px) & lateral & (span > 0)
+    out.masks[11] = region
+
+
+def _support_device_layer(ch: _Chest, r: np.random.Generator, out: _LesionLayers) -> None:
+    """Support Devices: tubes, lines, ECG leads, pacemaker (see :func:`_support_devices`)."""
+    dev, dev_bin, kinds = _support_devices(ch.sc, r, ch.body_bin)
+    out.dA += 0.75 * dev
+    out.masks[13] = dev_bin
+    out.params["devices"] = kinds
+
+
+_LesionStep = Callable[[_Chest, np.random.Generator, _LesionLayers], None]
+
+#: The lesion steps after the anatomy (Fracture is drawn with the ribs), in the order their density
+#: is summed: floating-point addition is not associative, so reordering them can change the image.
+_LESION_STEPS: tuple[tuple[int, _LesionStep], ...] = (
+    (1, _enlarged_cardiomediastinum), (2, _cardiomegaly), (9, _pneumothorax),
+    (10, _pleural_effusion), (3, _lung_opacity), (4, _lung_lesion), (5, _edema),
+    (6, _consolidation), (7, _pneumonia), (8, _atelectasis), (11, _pleural_other),
+    (13, _support_device_layer),
+)
+
+
+def _infection(ch: _Chest, r: np.random.Generator, out: _LesionLayers) -> np.ndarray:
+    """COVID-19-like peripheral ground-glass opacities (QaTa-COV19) on one or both sides: adds their
+    density to ``out`` and returns their mask (bool, never empty)."""
+    v, size = ch.sc.v, ch.sc.size
+    sd, lung_bin = ch.sd, ch.lung_bin
+    sides = [-1, 1] if r.random() < 0.75 else [1 if r.random() < 0.5 else -1]
+    inf_mask = np.zeros_like(ch.lung_any)
+    for s in sides:
+        width = r.uniform(0.14, 0.24)
+        v_lo = r.uniform(-0.4, -0.05)
+        noise = _smooth_noise(r, size, 9)
+        zone = _smoothstep(width, width * 0.4, sd[s]) * _smoothstep(v_lo - 0.05, v_lo + 0.1, v)
+        gg = zone * _smoothstep(-0.9, 0.3, noise) * ch.field_soft[s] * ch.visible
+        out.dA += 0.2 * gg * (0.8 + 0.2 * _smooth_noise(r, size, 30))
+        inf_mask |= (gg > 0.2) & lung_bin[s]
+    if not inf_mask.any():
+        s = sides[0]
+        inf_mask = lung_bin[s] & (sd[s] < 0.12) & (v > -0.2)
+        if not inf_mask.any():
+            inf_mask = lung_bin[s].copy()
+        out.dA += 0.14 * inf_mask
+    return inf_mask
+
+
+def _lung_texture_and_lesions(ch: _Chest, A: np.ndarray, vessels: np.ndarray,
+                              rng: np.random.Generator, out: _LesionLayers) -> np.ndarray:
+    """Add the lung texture (vessels and fine noise from ``rng``, modulated by the lesions) and the
+    lesions' density to the attenuation ``A``."""
+    an = ch.sc.an
+    tex_weight = ch.visible + ch.field_any_soft * ch.sil * 0.3
+    fine = _smooth_noise(rng, ch.sc.size, 48)
+    keep, extra = out.tex_keep, out.tex_extra
+    A = A + (an.vessel * vessels * (keep + extra) + 0.02 * fine * (keep + 3.0 * extra)) * tex_weight
+    return A + out.dA * ch.body
+
+
 def draw_frontal(
     rng: np.random.Generator,
     image_size: int = 256,
@@ -436,14 +956,18 @@ def draw_frontal(
     anatomy: Anatomy | None = None,
     infection: bool = False,
 ) -> Phantom:
-    """Draw one frontal chest radiograph with the visual signatures of ``findings`` and the true masks.
+    """Draw one frontal radiograph with the visual signatures of ``findings`` and the true masks.
+
+    The steps (functions above) run in a fixed order, each purpose with its own child generator:
+    body, lungs and silhouette, vessels, ribs (and Fracture), clavicles, normal attenuation, the
+    other findings (:data:`_LESION_STEPS`), infection, lung texture, exposure.
 
     Args:
-        rng: the image's generator (see :func:`phantom_rng`); the result depends only on its state and the
-            other arguments.
+        rng: the image's generator (see :func:`phantom_rng`); the result depends only on its state
+            and the other arguments.
         image_size: output height = width in pixels (at least 32).
-        findings: observations to draw (names or indices of :data:`~bundle.constants.OBSERVATIONS`; "No
-            Finding" is ignored).
+        findings: observations to draw (names or indices of :data:`~bundle.constants.OBSERVATIONS`;
+            "No Finding" is ignored).
         anatomy: the patient's anatomy (default: sampled from ``rng``).
         infection: also draw COVID-19-like peripheral ground-glass opacities (QaTa-COV19), mask in
             :attr:`Phantom.infection`.
@@ -456,7 +980,8 @@ def draw_frontal(
         raise ValueError(f"image_size must be at least 32, got {image_size}")
     wanted = sorted({_obs_index(f) for f in findings} - {0})
     seeds = rng.integers(0, 2**63 - 1, size=NUM_OBSERVATIONS + 4)
-    sub = [np.random.default_rng(int(s)) for s in seeds]  # one child generator per purpose
+    # one child generator per purpose: anatomy, pose, texture, noise, each lesion, infection
+    sub = [np.random.default_rng(int(s)) for s in seeds]
     an = anatomy if anatomy is not None else sample_anatomy(sub[0])
     pose = _pose(sub[1])
     has = set(wanted)
@@ -464,351 +989,30 @@ def draw_frontal(
     # two observations change the anatomy itself
     sc = _Scene(size, an, pose, ecm_widen=lesion_rngs[1].uniform(0.07, 0.11) if 1 in has else 0.0,
                 heart_scale=lesion_rngs[2].uniform(1.28, 1.42) if 2 in has else 1.0)
-    u, v, px, H = sc.u, sc.v, sc.px, size
-    lesions = np.zeros((NUM_OBSERVATIONS, H, H), np.uint8)
-    params: dict[str, Any] = {"pose": pose}
-
-    # body ------------------------------------------------------------------------------------------------------
-    half = an.neck_w + (an.shoulder_w - an.neck_w) * np.sqrt(_smoothstep(-1.02, -0.62, v))
-    body_sd = np.minimum(half - sc.abs_u, 1.2 - v)
-    body = _aa(body_sd, px)
-    body_bin = body_sd > 0
-    thick = np.sqrt(np.clip(1.0 - (u / np.maximum(half, 1e-3)) ** 2, 0.0, 1.0))
-    A = body * (an.soft * (0.5 + 0.5 * thick))
-
-    # lungs, heart, mediastinum ---------------------------------------------------------------------------------
-    a_r, a_l = -u, u  # distance from the midline towards each side
-    a = sc.abs_u
-    lung_box = {-1: (-0.95, 0.02, -0.82, 0.82), 1: (-0.02, 0.95, -0.82, 0.82)}
-    sd = {s: sc.local(lambda uu, vv, s=s: sc.lung_sd(s * uu, vv, s), lung_box[s], -1.0) for s in (-1, 1)}
-    field_soft = {s: _aa(sd[s], px) for s in (-1, 1)}
-    field_bin = {s: sd[s] > 0 for s in (-1, 1)}
-    field_any_soft = np.maximum(field_soft[-1], field_soft[1])
-    # cardiomediastinal silhouette: the mediastinum blends smoothly into the heart
-    med_half = np.where(u > 0, sc.med_half(v, +1), sc.med_half(v, -1))
-    med_sd = np.minimum(med_half - a, 0.5 - v)
-    heart_sd = sc.heart_sd(u, v)
-    sil_sd = _smooth_union(heart_sd, med_sd, 0.09)
-    sil = _aa(sil_sd, px) * body
-    heart_top = sc.heart_top()
-    heart_bin = (sil_sd > 0) & (v > heart_top) & body_bin
-    sil_bin = sil_sd > 0
-    lung_bin = {s: field_bin[s] & ~sil_bin for s in (-1, 1)}
-    lung_any = lung_bin[-1] | lung_bin[1]
-    visible = field_any_soft * (1.0 - sil)  # lung not hidden by the heart or mediastinum
-    # lungs are darker in their centre (less overlapping tissue): blur the field
-    depth = _blur(field_any_soft, 0.045 / px)
-    air = an.air * field_any_soft * (0.55 + 0.45 * depth) * (1.0 - 0.85 * sil)
-    # trachea, spine
-    trachea = _aa(np.minimum(0.032 - np.abs(u + 0.01 * (v + 0.6)), -0.12 - v), px) * _smoothstep(-1.1, -0.7, v)
-    spine_sd = 0.062 - a
-    vert = 0.8 + 0.2 * _smoothstep(-0.4, 0.4, np.cos((v - an.rib_first) * (2 * np.pi / 0.1)))
-    spine = _aa(spine_sd, px) * vert * body
-    pedicles = np.exp(-(((a - 0.045) / 0.012) ** 2)) * _aa(spine_sd + 0.01, px) * (vert - 0.8) * 4.0
-
-    # vessel trees (hila a little below the aortic knob)
-    tex_rng = sub[2]
-    hila = [(-0.15, 0.0, -1), (0.16, -0.03, 1)]
-    thick_c, thin_c = _vessel_tree(sc, tex_rng, hila, field_bin[-1] | field_bin[1], generations=6)
-    scale = size / 256.0
-    vessels = np.maximum(_blur_lines(thick_c, max(0.6, 0.9 * scale)), _blur_lines(thin_c, max(0.5, 0.55 * scale)))
-    hilum = np.zeros_like(u)
-    for hu, hv, _ in hila:  # dense hilar vessels
-        hilum += sc.local(lambda uu, vv, hu=hu, hv=hv: np.exp(-(((uu - hu) / 0.06) ** 2 + ((vv - hv) / 0.09) ** 2)),
-                          (hu - 0.2, hu + 0.2, hv - 0.3, hv + 0.3), 0.0)
-    tex_weight = visible + field_any_soft * sil * 0.3
-
-    # ribs (posterior arcs + faint anterior ribs), clavicles -------------------------------------------------------
-    h = _rib_arc(a)  # posterior arc: rises from the spine, falls along the lateral wall
-    vp = v - h - an.rib_first
-    sp, g = an.rib_spacing, an.rib_growth
-    k_idx = (-sp + np.sqrt(np.maximum(sp * sp + 4 * g * vp, 0.0))) / (2 * g)
-    cage = (_pow(np.abs(a - an.lung_a0) / (an.lung_ra + 0.08), an.lung_p)
-            + _pow(np.abs(v - an.lung_v0 + 0.03) / (an.lung_rv + 0.05), an.lung_p))
-    cage_soft = _aa((1.0 - cage) * 0.3, px) * _smoothstep(0.035, 0.12, a)
-    frac = np.abs(k_idx - np.round(k_idx))
-    spacing_here = sp + 2 * g * np.clip(k_idx, 0, 12)
-
-    def rib_profile(edge: np.ndarray, lower: np.ndarray) -> np.ndarray:
-        # bone band with a sharper, brighter inferior cortex
-        return 0.8 * _aa(edge, px) + (0.25 + 0.5 * lower) * np.exp(-((edge / max(px, 0.006)) ** 2))
-
-    ribs = rib_profile((an.rib_width / 2 - frac) * spacing_here, k_idx > np.round(k_idx)) * cage_soft
-    ribs *= (k_idx > -0.5) & (k_idx < 10.5)
-    ribs *= 0.6 + 0.4 * _smoothstep(0.08, 0.3, a)
-    if 12 in has:  # Fracture: the lateral fragment of one posterior rib displaced and angulated, gap and callus
-        fr = lesion_rngs[12]
-        f_side = 1 if fr.random() < 0.5 else -1
-        f_k = int(fr.integers(2, 8))
-        f_a = fr.uniform(0.42, 0.62)
-        f_gap = max(fr.uniform(0.01, 0.016), 0.7 * px)
-        width = an.rib_width * (sp + 2 * g * f_k)
-        shift = fr.uniform(0.6, 0.9) * width * (1 if fr.random() < 0.5 else -1)
-        tilt = fr.uniform(0.12, 0.3) * (1 if fr.random() < 0.5 else -1)
-        on_side = (u > 0) == (f_side > 0)
-        this_rib = on_side & (np.abs(k_idx - f_k) < 0.5)
-        ribs = np.where(this_rib & (a > f_a - f_gap), 0.0, ribs)  # remove the original lateral part
-        vq = v - shift - tilt * (a - f_a) - _rib_arc(a) - an.rib_first
-        kq = (-sp + np.sqrt(np.maximum(sp * sp + 4 * g * vq, 0.0))) / (2 * g)
-        frag = rib_profile((an.rib_width / 2 - np.abs(kq - f_k)) * (sp + 2 * g * f_k), kq > f_k)
-        ribs = np.maximum(ribs, frag * on_side * _aa(a - f_a - f_gap, px) * cage_soft)
-        f_v = an.rib_first + (f_k * sp + g * f_k * f_k) + _rib_arc(f_a)
-        f_sd, _ = _ellipse_sd(u, v, f_side * f_a, f_v + shift / 2, 0.07, 0.06)
-        # callus: a bright fusiform thickening around the break, crossed by the lucent fracture line
-        _, cq = _ellipse_sd(u, v, f_side * f_a, f_v + shift / 2, max(0.05, 2 * px), max(0.032, 1.5 * px))
-        callus = np.exp(-2.5 * cq * cq) * (1.0 - 0.7 * np.exp(-(((a - f_a) / max(f_gap, px)) ** 2)))
-        frac_dA = 0.14 * callus
-        lesions[12] = (f_sd > 0) & body_bin
-        params["fracture"] = {"side": f_side, "rib": f_k, "a": f_a, "shift": shift, "tilt": tilt}
-    # anterior ribs: faint, descending medially
-    ka = (v - an.rib_first + 0.25 - 0.45 * (0.75 - a)) / (sp * 1.15)
-    fa = np.abs(ka - np.round(ka))
-    ant = _aa((0.18 - fa) * sp, px) * cage_soft * _smoothstep(0.15, 0.35, a) * (ka > 0.5) * (ka < 7.5) * 0.4
-    # clavicles: S-shaped, thinner in the middle
-    clav = np.zeros_like(u)
-    clav_bin = {}
-    for s in (-1, 1):
-        def clavicle_sd(uu: np.ndarray, vv: np.ndarray, s: int = s) -> np.ndarray:
-            aa = s * uu
-            a_m = 0.07
-            t = (aa - a_m) / an.clav_len
-            tc = np.clip(t, 0.0, 1.0)
-            vc = an.clav_v + an.clav_slope * (aa - a_m) + 0.028 * np.sin(2 * np.pi * tc)
-            ends = np.sqrt(np.clip(np.minimum(t, 1.0 - t) / 0.08, 0.0, 1.0))  # rounded ends
-            half_w = (0.016 + 0.014 * (1.0 - tc) ** 2 + 0.012 * tc ** 4) * ends
-            return np.where((t > 0) & (t < 1), half_w - np.abs(vv - vc), -np.abs(vv - vc) - 0.05)
-
-        a_end = 0.07 + an.clav_len
-        box = (-a_end - 0.02, -0.05) if s < 0 else (0.05, a_end + 0.02)
-        v_lo = an.clav_v + an.clav_slope * an.clav_len - 0.08
-        csd = sc.local(clavicle_sd, (*box, v_lo, an.clav_v + 0.08), -1.0)
-        clav = np.maximum(clav, _aa(csd, px) * (1.0 + 0.5 * np.exp(-((csd / max(px, 0.006)) ** 2))))
-        clav_bin[s] = csd > 0
-
-    # composite the normal attenuation ------------------------------------------------------------------------
-    dome_v = np.where(u > 0, sc.dome(a_l, +1), sc.dome(a_r, -1))
-    abdomen = _aa(v - dome_v, px) * body * _smoothstep(0.85, 0.6, a)
-    A = A + 0.12 * sil - 0.12 * trachea + 0.08 * abdomen + 0.05 * hilum * field_any_soft
-    A = A - air
-    rib_vis = 0.6 * (0.5 + 0.5 * field_any_soft)
-    A = A + an.bone * (0.9 * spine + 0.25 * pedicles + rib_vis * (ribs + ant) * body + 1.2 * clav)
-    if an.gastric_bubble:
-        gb, _ = _ellipse_sd(u, v, 0.36, float(sc.dome(np.asarray(0.36), +1)) + 0.11, 0.10, 0.055)
-        A = A - 0.22 * _aa(gb, px) * _aa(v - sc.dome(a_l, +1) - 0.02, px)
-    # lesions ----------------------------------------------------------------------------------------------------
-    dA = np.zeros_like(u)  # added density
+    out = _LesionLayers.empty(size, pose)
+    body, body_bin, soft = _frontal_body(sc)
+    ch = _frontal_chest(sc, body, body_bin)
+    vessels, hilum = _frontal_vessels(ch, sub[2])
+    ribs, k_idx, cage_soft = _posterior_ribs(sc)
     if 12 in has:
-        dA += frac_dA
-    tex_keep = np.ones_like(u)  # multiplies the lung texture (pneumothorax, effusion remove it)
-    tex_extra = np.zeros_like(u)  # extra interstitial texture (edema)
-
-    def lung_point(r: np.random.Generator, side: int | None, cond: np.ndarray | None = None,
-                   margin: float = 0.0) -> tuple[int, float, float]:
-        """A random point (side, u, v) inside the visible lung (optionally on ``side`` and where ``cond``)."""
-        s = side if side is not None else (1 if r.random() < 0.5 else -1)
-        base = lung_bin[s]
-        inner = base & (sd[s] > margin) & (sil_sd < -margin)
-        cands = [inner & cond, base & cond, inner, base] if cond is not None else [inner, base]
-        cands.append(lung_bin[-s] | lung_bin[s] | body_bin)
-        row, col = _choose_pixel(r, *cands)
-        return s, float(u[row, col]), float(v[row, col])
-
-    if 1 in has:  # Enlarged Cardiomediastinum: widened upper mediastinum
-        lesions[1] = (med_sd > 0) & (v > -0.62) & (v < heart_top + 0.02) & body_bin
-        dA += 0.06 * (lesions[1] * body)
-        params["ecm_widen"] = sc.ecm_widen
-    if 2 in has:  # Cardiomegaly: enlarged heart
-        lesions[2] = heart_bin
-        params["heart_scale"] = sc.heart_scale
-    if 9 in has:  # Pneumothorax: collapsed lung, no texture peripheral to the visceral pleural line
-        r = lesion_rngs[9]
-        s = 1 if r.random() < 0.5 else -1
-        f0 = r.uniform(0.62, 0.8)
-        hc_a, hc_v = 0.16, -0.02
-        f = f0 + (1.0 - f0) * _smoothstep(-0.05, 0.40, v)
-        aa = s * u
-        csd = sc.lung_sd(hc_a + (aa - hc_a) / f, hc_v + (v - hc_v) / f, s) * f
-        ptx = field_bin[s] & (csd <= 0)
-        ptx_soft = field_soft[s] * _aa(-csd, px)
-        if not ptx.any():
-            ptx = field_bin[s] & (sd[s] < 2 * px) & (v < -0.3)
-        line = np.exp(-((csd / max(0.6 * px, 0.004)) ** 2)) * field_soft[s] * (v < 0.3)
-        tex_keep *= 1.0 - ptx_soft
-        dA += 0.18 * line + 0.04 * field_soft[s] * _aa(csd, px) - 0.07 * ptx_soft
-        lesions[9] = ptx
-        params["pneumothorax"] = {"side": s, "collapse": f0}
-    if 10 in has:  # Pleural Effusion: basal meniscus
-        r = lesion_rngs[10]
-        s = 1 if r.random() < 0.5 else -1
-        hgt = r.uniform(0.10, 0.28)
-        aa = s * u
-        v_med = float(sc.dome(np.asarray(0.2), s)) - 0.35 * hgt
-        v_m = v_med - 0.9 * hgt * np.clip((aa - 0.2) / 0.5, 0.0, 1.2) ** 2
-        fl = field_bin[s] & (v > v_m)
-        if not fl.any():
-            fl = field_bin[s] & (v > np.max(np.where(field_bin[s], v, -9.0)) - 2 * px)
-        fl_soft = field_soft[s] * _smoothstep(-0.01, 0.06, v - v_m)
-        dA += 0.45 * fl_soft
-        tex_keep *= 1.0 - fl_soft
-        lesions[10] = fl
-        params["effusion"] = {"side": s, "height": hgt}
-    if 3 in has:  # Lung Opacity: hazy irregular patch
-        r = lesion_rngs[3]
-        s, cu, cv = lung_point(r, None, (v > -0.45) & (v < 0.3), 0.05)
-        rx, ry = r.uniform(0.10, 0.17), r.uniform(0.10, 0.19)
-        _, q = _ellipse_sd(u, v, cu, cv, rx, ry, r.uniform(0, np.pi))
-        bound = 1.0 + 0.3 * _smooth_noise(r, H, 7)
-        patch = _smoothstep(0.0, 0.55, bound - q) * (0.8 + 0.2 * _smooth_noise(r, H, 14))
-        region = (bound - q > 0.1) & lung_bin[s]
-        if not region.any():
-            region = (q < 1.0) & lung_bin[s]
-        dA += 0.26 * patch * visible * field_soft[s]
-        lesions[3] = region
-    if 4 in has:  # Lung Lesion: small round nodule(s)
-        r = lesion_rngs[4]
-        for _ in range(int(r.choice([1, 1, 1, 2, 2, 3]))):
-            rad = max(r.uniform(0.035, 0.06), 1.2 * px)
-            s, cu, cv = lung_point(r, None, None, rad + 0.02)
-            nd, q = _ellipse_sd(u, v, cu, cv, rad, rad)
-            dA += 0.40 * np.sqrt(np.clip(1.0 - q * q, 0.0, 1.0)) + 0.08 * _aa(nd, px)
-            lesions[4] |= (nd > 0) | ((np.abs(u - cu) < 0.5 * px) & (np.abs(v - cv) < 0.5 * px))
-        lesions[4] &= lung_any
-    if 5 in has:  # Edema: bilateral perihilar haze + Kerley B lines
-        r = lesion_rngs[5]
-        m5 = np.zeros_like(lung_any)
-        for s in (-1, 1):
-            rx, ry = r.uniform(0.20, 0.27), r.uniform(0.26, 0.34)
-            _, q = _ellipse_sd(u, v, s * r.uniform(0.20, 0.26), r.uniform(-0.02, 0.06), rx, ry, s * 0.3)
-            haze = np.exp(-1.6 * q * q) * field_soft[s]
-            dA += 0.24 * haze * visible
-            tex_extra += 0.9 * haze
-            # Kerley B lines: short horizontal lines along the lateral lower lung border
-            band = field_bin[s] & (sd[s] < 0.05) & (s * u > 0.42) & (v > 0.1) & (v < 0.5)
-            period = max(r.uniform(0.045, 0.06), 3 * px)
-            ph = r.uniform(0, 1)
-            lines = np.abs(((v / period + ph) % 1.0) - 0.5) * period
-            kerley = _aa(0.5 * max(0.006, 0.7 * px) - (0.5 * period - lines), px) * band
-            dA += 0.22 * kerley
-            m5 |= ((q < 1.0) | band) & lung_bin[s]
-        lesions[5] = m5
-    if 6 in has:  # Consolidation: dense homogeneous region with air bronchograms
-        r = lesion_rngs[6]
-        s, cu, cv = lung_point(r, None, (v > -0.45) & (v < 0.3), 0.1)
-        rx, ry = r.uniform(0.17, 0.26), r.uniform(0.15, 0.24)
-        cd, _ = _ellipse_sd(u, v, cu, cv, rx, ry, r.uniform(0, np.pi))
-        cd = cd + 0.035 * _smooth_noise(r, H, 9)  # lobulated border
-        if r.random() < 0.5:  # lobar: one straight, sharp (fissure) border
-            th = r.uniform(-0.5, 0.5) + (np.pi / 2 if r.random() < 0.5 else 0.0)
-            off = r.uniform(0.3, 0.8) * min(rx, ry)
-            fissure = off - (np.cos(th) * (u - cu) + np.sin(th) * (v - cv)) * (1 if r.random() < 0.5 else -1)
-            csd = np.minimum(cd, fissure)
-            edge = np.minimum(_smoothstep(-0.012, 0.02, cd), _aa(fissure, px))
-        else:
-            csd = cd
-            edge = _smoothstep(-0.012, 0.02, cd)
-        cons = edge * visible * field_soft[s] * (0.9 + 0.1 * _smooth_noise(r, H, 24))
-        region = (csd > 0) & lung_bin[s]
-        if not region.any():
-            region = (cd > -px) & lung_bin[s]
-        b_thick, b_thin = _vessel_tree(sc, r, [(s * 0.15, 0.0, s)], csd > 0.01, trunks=(7, 9), generations=4,
-                                       trunk_length=0.2)
-        bronchi = np.maximum(_blur_lines(b_thick, max(0.6, 0.9 * scale)), _blur_lines(b_thin, max(0.5, 0.6 * scale)))
-        dA += 0.4 * cons - 0.25 * cons * bronchi
-        tex_keep *= 1.0 - 0.8 * np.clip(cons, 0.0, 1.0)
-        lesions[6] = region
-    if 7 in has:  # Pneumonia: patchy textured density in a lower zone
-        r = lesion_rngs[7]
-        s = 1 if r.random() < 0.5 else -1
-        low_zone = v > np.maximum(-0.02, sc.dome(s * u, s) - 0.38)
-        s, cu, cv = lung_point(r, s, low_zone, 0.06)
-        rx, ry = r.uniform(0.15, 0.21), r.uniform(0.12, 0.17)
-        _, q = _ellipse_sd(u, v, cu, cv, rx, ry, r.uniform(0, np.pi))
-        env = _smoothstep(1.0, 0.6, q)
-        blots = _smoothstep(-0.5, 0.5, _smooth_noise(r, H, 20)) * (0.75 + 0.25 * _smooth_noise(r, H, 44))
-        dA += 0.42 * env * np.clip(blots, 0, 1) * visible * field_soft[s]
-        region = (q < 1.0) & lung_bin[s]
-        lesions[7] = region
-    if 8 in has:  # Atelectasis: plate-like band or basal wedge
-        r = lesion_rngs[8]
-        s = 1 if r.random() < 0.5 else -1
-        aa = s * u
-        above = sc.dome(aa, s) - v
-        base_zone = (above > 0.05) & (above < 0.22) & (aa > 0.22) & (aa < 0.6)
-        s, cu, cv = lung_point(r, s, base_zone, 0.03)
-        if r.random() < 0.55:  # plate (discoid) atelectasis
-            ln = r.uniform(0.11, 0.17)
-            th = r.uniform(-0.3, 0.3)
-            hw = max(r.uniform(0.012, 0.02), 0.7 * px)
-            dx, dy = ln * math.cos(th), ln * math.sin(th)
-            asd = _segment_sd(u, v, (cu - dx, cv - dy), (cu + dx, cv + dy), hw)
-        else:  # wedge: base on the diaphragm, apex towards the hilum
-            b0, b1 = s * (abs(cu) - 0.1), s * (abs(cu) + 0.12)
-            p0 = (b0, float(sc.dome(np.asarray(abs(b0)), s)) + 0.03)
-            p1 = (b1, float(sc.dome(np.asarray(abs(b1)), s)) + 0.03)
-            apex = (s * max(abs(cu) - 0.12, 0.2), cv - r.uniform(0.12, 0.2))
-            asd = _triangle_sd(u, v, p0, p1, apex)
-        ate = _aa(asd, px) * field_soft[s]
-        dA += 0.36 * ate * (1.0 - 0.6 * sil)
-        region = (asd > 0) & lung_bin[s]
-        if not region.any():
-            region = (asd > -px) & lung_bin[s]
-        if not region.any():
-            rr, cc = _choose_pixel(r, base_zone & lung_bin[s], lung_bin[s])
-            region = np.zeros_like(lung_any)
-            region[rr, cc] = True
-        lesions[8] = region
-    if 11 in has:  # Pleural Other: pleural thickening along the lateral wall
-        r = lesion_rngs[11]
-        s = 1 if r.random() < 0.5 else -1
-        v1 = r.uniform(-0.45, 0.0)
-        v2 = v1 + r.uniform(0.35, 0.55)
-        tk = max(r.uniform(0.022, 0.038), 1.2 * px) * (1.0 + 0.35 * np.sin(v * r.uniform(25, 45) + r.uniform(0, 6)))
-        span = _smoothstep(v1 - 0.03, v1 + 0.03, v) * _smoothstep(v2 + 0.03, v2 - 0.03, v)
-        lateral = (s * u > 0.45)
-        band_sd = np.minimum(tk - sd[s], sd[s] + 0.5 * px)
-        band = _aa(band_sd, px) * span * lateral
-        dA += 0.38 * band
-        region = (band_sd > 0) & (span > 0.5) & lateral & field_bin[s]
-        if not region.any():
-            region = (sd[s] > 0) & (sd[s] < 2 * px) & lateral & (span > 0)
-        lesions[11] = region
-    if 13 in has:  # Support Devices
-        r = lesion_rngs[13]
-        dev, dev_bin, kinds = _support_devices(sc, r, body_bin)
-        dA += 0.75 * dev
-        lesions[13] = dev_bin
-        params["devices"] = kinds
-    inf_mask = None
-    if infection:  # COVID-19-like peripheral ground-glass opacities (QaTa-COV19)
-        r = sub[4 + NUM_OBSERVATIONS - 1]  # its own generator: the rest of the picture is unchanged
-        sides = [-1, 1] if r.random() < 0.75 else [1 if r.random() < 0.5 else -1]
-        inf_mask = np.zeros_like(lung_any)
-        for s in sides:
-            width = r.uniform(0.14, 0.24)
-            v_lo = r.uniform(-0.4, -0.05)
-            noise = _smooth_noise(r, H, 9)
-            zone = _smoothstep(width, width * 0.4, sd[s]) * _smoothstep(v_lo - 0.05, v_lo + 0.1, v)
-            gg = zone * _smoothstep(-0.9, 0.3, noise) * field_soft[s] * visible
-            dA += 0.2 * gg * (0.8 + 0.2 * _smooth_noise(r, H, 30))
-            inf_mask |= (gg > 0.2) & lung_bin[s]
-        if not inf_mask.any():
-            s = sides[0]
-            inf_mask = lung_bin[s] & (sd[s] < 0.12) & (v > -0.2)
-            if not inf_mask.any():
-                inf_mask = lung_bin[s].copy()
-            dA += 0.14 * inf_mask
-    fine = _smooth_noise(tex_rng, H, 48)
-    A = A + (an.vessel * vessels * (tex_keep + tex_extra) + 0.02 * fine * (tex_keep + 3.0 * tex_extra)) * tex_weight
-    A = A + dA * body
-    # exposure, film response, noise
-    img = _expose(A, pose, sub[3])
-    anat = np.stack([lung_bin[1], lung_bin[-1], heart_bin, clav_bin[1], clav_bin[-1]]).astype(np.uint8)
-    lesions[0] = 0
+        ribs = _fracture(ch, lesion_rngs[12], ribs, k_idx, cage_soft, out)
+    clav, clav_bin = _clavicles(sc)
+    A = _normal_attenuation(ch, soft, hilum, ribs, _anterior_ribs(sc, cage_soft), clav)
+    for k, step in _LESION_STEPS:
+        if k in has:
+            step(ch, lesion_rngs[k], out)
+    # the infection has its own generator: the rest of the picture is unchanged
+    inf_mask = _infection(ch, sub[4 + NUM_OBSERVATIONS - 1], out) if infection else None
+    A = _lung_texture_and_lesions(ch, A, vessels, sub[2], out)
+    img = _expose(A, pose, sub[3])  # exposure, film response, noise
+    anat = np.stack([ch.lung_bin[1], ch.lung_bin[-1], ch.heart_bin, clav_bin[1], clav_bin[-1]])
+    out.masks[0] = 0
     # the masks only where the signature is: inside the body
-    lesions &= body_bin[None].astype(np.uint8)
-    return Phantom(image=img, anatomy=anat, lesions=lesions, body=body_bin.astype(np.uint8),
-                   findings=tuple(wanted), infection=None if inf_mask is None else inf_mask.astype(np.uint8),
-                   params=params)
+    out.masks &= body_bin[None].astype(np.uint8)
+    return Phantom(image=img, anatomy=anat.astype(np.uint8), lesions=out.masks,
+                   body=body_bin.astype(np.uint8), findings=tuple(wanted),
+                   infection=None if inf_mask is None else inf_mask.astype(np.uint8),
+                   params=out.params)
 
 
 def _triangle_sd(u: np.ndarray, v: np.ndarray, p0: tuple[float, float], p1: tuple[float, float],
