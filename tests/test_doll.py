@@ -49,6 +49,30 @@ def test_threshold_methods_and_empty_maps():
         pp.threshold_maps(m, "magic")
 
 
+def test_per_map_and_per_observation_thresholds():
+    """One threshold value per map (hand-computed counts on a 0..1 ramp of 100 pixels), and the generator's
+    per-observation values: a Fracture map at the 99th percentile keeps 1 pixel where the default 90th keeps 10."""
+    from bundle.constants import OBSERVATIONS
+    from bundle.doll.generator import PostprocessSettings
+
+    ramp = torch.linspace(0, 1, 100).view(1, 10, 10)
+    maps = ramp.repeat(3, 1, 1)
+    counts = pp.threshold_maps(maps, "percentile", torch.tensor([90.0, 50.0, 90.0])).flatten(1).sum(1)
+    assert counts.tolist() == [10, 50, 10]
+    assert pp.threshold_maps(maps, "fixed", torch.tensor([0.5, 0.8, 0.95])).flatten(1).sum(1).tolist() == [50, 20, 5]
+    with pytest.raises(ValueError, match="one per map"):
+        pp.threshold_maps(maps, "fixed", torch.tensor([0.5, 0.5]))
+    gen = DoLLGenerator(_tiny_classifiers(1), post={"threshold": "percentile", "threshold_value": 90.0,
+                                                     "min_component_size": 1,
+                                                     "class_threshold_values": {"Fracture": 99.0}})
+    fracture, edema = OBSERVATIONS.index("Fracture"), OBSERVATIONS.index("Edema")
+    masks = gen.binarize(maps[:2], [fracture, edema])
+    assert masks.flatten(1).sum(1).tolist() == [1, 10]
+    assert gen.binarize(maps[:1]).sum() == 10  # no classes given: the common value
+    with pytest.raises(ValueError, match="unknown observation"):
+        PostprocessSettings(class_threshold_values={"Fractures": 99.0})
+
+
 def test_remove_small_components_keeps_large_ones():
     mask = np.zeros((1, 20, 20), dtype=bool)
     mask[0, 2:8, 2:8] = True       # 36 px

@@ -70,24 +70,32 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
-def threshold_maps(maps: torch.Tensor, method: str = "otsu", value: float = 0.5) -> torch.Tensor:
+def threshold_maps(maps: torch.Tensor, method: str = "otsu", value: float | torch.Tensor = 0.5) -> torch.Tensor:
     """Binarise each ``[0, 1]`` map: ``"fixed"`` (``> value``), ``"percentile"`` (above the map's ``value``-th
     percentile, ``value`` in 0-100) or ``"otsu"`` (Otsu's threshold of the map, at least ``value`` when given as a
-    floor; pass 0 for pure Otsu). All-zero maps give empty masks."""
+    floor; pass 0 for pure Otsu). ``value`` is one number or one per map (``(N,)``). All-zero maps give empty
+    masks."""
     if method not in ("fixed", "percentile", "otsu"):
         raise ValueError(f"unknown threshold method {method!r}: use 'fixed', 'percentile' or 'otsu'")
     out = torch.zeros_like(maps, dtype=torch.bool)
     if maps.shape[0] == 0:
         return out
+    values = torch.as_tensor(value, dtype=torch.float32).flatten().cpu()
+    if values.numel() not in (1, maps.shape[0]):
+        raise ValueError(f"threshold value: one number or one per map ({maps.shape[0]}), got {values.numel()}")
+    values = values.expand(maps.shape[0])
     nonempty = (maps > 0).flatten(1).any(1)
     if method == "fixed":
-        return (maps > value) & nonempty.view(-1, 1, 1)
-    if method == "percentile":  # all maps at once (one quantile per map, as map by map)
-        t = rowwise_quantile(maps.flatten(1).float(), value / 100.0).to(maps.dtype)
+        return (maps > values.to(maps.device, maps.dtype).view(-1, 1, 1)) & nonempty.view(-1, 1, 1)
+    if method == "percentile":  # the maps of one percentile at once (one quantile per map, as map by map)
+        t = torch.empty(maps.shape[0], dtype=maps.dtype, device=maps.device)
+        for q in torch.unique(values).tolist():
+            rows = torch.nonzero(values == q).view(-1).to(maps.device)
+            t[rows] = rowwise_quantile(maps[rows].flatten(1).float(), q / 100.0).to(maps.dtype)
         return (maps > t.view(-1, 1, 1)) & nonempty.view(-1, 1, 1)
     for i in torch.nonzero(nonempty.cpu()).view(-1).tolist():
         m = maps[i]
-        out[i] = m > max(otsu_threshold(m.detach().cpu().numpy().ravel()), value)
+        out[i] = m > max(otsu_threshold(m.detach().cpu().numpy().ravel()), float(values[i]))
     return out
 
 

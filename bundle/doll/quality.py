@@ -115,7 +115,7 @@ def evaluate_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess
                     if method == "doll":
                         pred = out.masks[i, c].cpu().numpy() > 0
                     elif c in row_targets:
-                        pred = generator.binarize(m[i, c][None].detach())[0].cpu().numpy()
+                        pred = generator.binarize(m[i, c][None].detach(), [c])[0].cpu().numpy()
                     else:
                         pred = np.zeros(truth.shape, dtype=bool)
                     iou, dice, hit = _scores(pred, soft, truth, tolerance)
