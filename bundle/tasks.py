@@ -144,7 +144,8 @@ def run_name(task: str, init: str, train_size: int | str | None, seed: int, mode
 INIT_CHOICES: dict[str, str] = {"doll": "doll", "scratch": "random", "classifier_encoder": "classifier",
                                 "external": "external",
                                 # pre-trained on control labels (bundle.doll.controls): loaded as the DoLL checkpoint
-                                "doll_shuffled": "doll", "doll_oracle": "doll"}
+                                "doll_shuffled": "doll", "doll_oracle": "doll", "doll_ig_single": "doll",
+                                "doll_gradcam": "doll"}
 
 
 def epochs_for(num_iterations: int, epoch_length: int) -> int:

@@ -7,7 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from bundle.doll.controls import control_items, derangement
+from bundle.doll.controls import (control_items, derangement, doll_datalist_name, doll_folder_name, explainer_of,
+                                   gradcam_layer_for)
 from bundle.utils import BundleInputError
 
 
@@ -45,4 +46,25 @@ def test_oracle_control_reproduces_the_true_masks_and_doll_is_unchanged():
     with pytest.raises(BundleInputError, match="img1.png"):
         control_items([src[0], {"image": "img1.png", "label": "x.png"}], "oracle")
     with pytest.raises(ValueError, match="unknown pretrain_labels"):
-        control_items(src, "gradcam")
+        control_items(src, "noise")
+
+
+def test_generated_label_controls_have_their_own_data_sets(tmp_path):
+    """ig_single and gradcam are DoLL data sets of their own (folder, datalist, explainer), taken as generated;
+    shuffled and oracle rearrange the DoLL datalist; unknown names are refused."""
+    import json
+
+    assert [doll_datalist_name(x) for x in ("doll", "shuffled", "oracle", "ig_single", "gradcam")] == \
+        ["doll.json", "doll.json", "doll.json", "doll_ig_single.json", "doll_gradcam.json"]
+    assert [doll_folder_name(x) for x in ("doll", "ig_single", "gradcam")] == ["doll", "doll_ig_single", "doll_gradcam"]
+    assert [explainer_of(x) for x in ("doll", "ig_single", "gradcam")] == ["ig", "ig", "gradcam"]
+    with pytest.raises(ValueError, match="not generated"):
+        doll_folder_name("shuffled")
+    with pytest.raises(ValueError, match="unknown pretrain_labels"):
+        doll_datalist_name("noise")
+    items = [{"image": f"i{k}.png", "label": f"d{k}.png"} for k in range(3)]
+    assert control_items(items, "gradcam") == items and control_items(items, "ig_single") == items
+    (tmp_path / "clf").mkdir()
+    (tmp_path / "clf" / "classifier.json").write_text(json.dumps({"arch": "densenet_small"}))
+    assert gradcam_layer_for("doll", str(tmp_path), ["clf"]) is None
+    assert gradcam_layer_for("gradcam", str(tmp_path), ["clf"]) == "class_layers.relu"

@@ -436,7 +436,7 @@ def test_gradcam_maps_match_captum_layer_gradcam():
     display normalisation."""
     from captum.attr import LayerAttribution, LayerGradCam
 
-    from bundle.doll.quality import gradcam_maps
+    from bundle.explain.gradcam import gradcam_maps
     from bundle.networks.classifiers import build_classifier
 
     torch.manual_seed(0)
@@ -454,6 +454,35 @@ def test_gradcam_maps_match_captum_layer_gradcam():
             torch.testing.assert_close(maps[i, c], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()) + 1e-12)
     assert nonzero >= 3                      # the comparison is not between empty maps
     assert maps[0, [c for c in range(14) if c not in targets[0]]].abs().sum() == 0
+
+
+def test_gradcam_explainer_gives_the_postprocessed_gradcam_masks():
+    """explainer='gradcam' (the Grad-CAM label control): the soft maps and masks are the DoLL post-processing of
+    gradcam_maps for the same targets (one classifier: no boosting), and they differ from the IG path's."""
+    from bundle.explain.gradcam import gradcam_maps
+
+    net = _tiny_classifiers(1)
+    post = {"smooth_sigma": 1.0, "normalize": "percentile", "threshold": "percentile", "threshold_value": 90.0,
+            "min_component_size": 1}
+    gen = DoLLGenerator(net, targets={"source": "labels"}, post=post,
+                        ig={"n_steps": 4, "explainer": "gradcam", "gradcam_layer": "class_layers.relu"})
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.zeros(2, 14)
+    labels[0, [2, 5]] = 1
+    labels[1, 8] = 1
+    out = gen(x, labels)
+    cams = gradcam_maps(net[0], "class_layers.relu", x, out.targets, 14)
+    assert out.targets == [[2, 5], [8]]
+    for i, row in enumerate(out.targets):
+        soft = gen.postprocess_soft(cams[i, row])
+        torch.testing.assert_close(out.soft[i, row], soft)
+        assert torch.equal(out.masks[i, row].bool(), gen.binarize(soft, row))
+    ig = DoLLGenerator(net, targets={"source": "labels"}, post=post, ig={"n_steps": 4})(x, labels)
+    assert not torch.allclose(ig.soft, out.soft)
+    with pytest.raises(ValueError, match="gradcam_layer"):
+        DoLLGenerator(net, ig={"explainer": "gradcam"})
+    with pytest.raises(ValueError, match="unknown explainer"):
+        DoLLGenerator(net, ig={"explainer": "lime"})
 
 
 def test_generation_on_error_skip_lists_bad_images_and_a_rerun_retries_them(tmp_path):

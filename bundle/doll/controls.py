@@ -8,13 +8,20 @@
   effect, not diagnosis-oriented localisation.
 - ``oracle``: the true lesion masks of the phantom (items with ``lesion``), the ceiling of what localisation labels
   can give. Real datasets have no true lesions: asking for it there is an error naming the datalist item.
+- ``ig_single``: labels from the IG of one classifier (no boosting across classifiers), and ``gradcam``: labels from
+  that classifier's Grad-CAM instead of IG; both through the same targets and post-processing as the DoLL. They are
+  DoLL data sets of their own, written by ``configs/generate_doll.yaml --doll_labels ig_single|gradcam`` under
+  ``<data_root>/doll_<labels>`` with the datalist ``doll_<labels>.json`` (:func:`doll_datalist_name`); they tell
+  whether IG and the boosting matter, or any explanation would do.
 
-Fine-tuning takes these checkpoints as inits ``doll``, ``doll_shuffled`` and ``doll_oracle``
-(``bundle.tasks.INIT_CHOICES``); the pre-training writes each under ``<models_dir>/pretrain/<arch>_<labels>``.
+Fine-tuning takes these checkpoints as inits ``doll``, ``doll_shuffled``, ``doll_oracle``, ``doll_ig_single`` and
+``doll_gradcam`` (``bundle.tasks.INIT_CHOICES``); the pre-training writes each under
+``<models_dir>/pretrain/<arch>_<labels>``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,7 +30,40 @@ import numpy as np
 from ..utils import BundleInputError
 
 #: ``pretrain_labels`` of configs/pretrain.yaml
-PRETRAIN_LABELS: tuple[str, ...] = ("doll", "shuffled", "oracle")
+PRETRAIN_LABELS: tuple[str, ...] = ("doll", "shuffled", "oracle", "ig_single", "gradcam")
+#: the label sets that are generated DoLL data sets of their own (``configs/generate_doll.yaml --doll_labels``)
+GENERATED_LABELS: tuple[str, ...] = ("doll", "ig_single", "gradcam")
+
+
+def doll_datalist_name(labels: str = "doll") -> str:
+    """The datalist file (under ``datalist_dir``) that holds the labels of control ``labels``: ``doll.json`` for the
+    DoLL and its rearrangements (shuffled, oracle), ``doll_<labels>.json`` for a generated control."""
+    if labels not in PRETRAIN_LABELS:
+        raise ValueError(f"unknown pretrain_labels {labels!r}; choose one of {', '.join(PRETRAIN_LABELS)}")
+    return f"doll_{labels}.json" if labels in GENERATED_LABELS[1:] else "doll.json"
+
+
+def doll_folder_name(labels: str = "doll") -> str:
+    """The folder (under ``data_root``) of generated label set ``labels`` (``doll``, ``doll_ig_single``, ...)."""
+    if labels not in GENERATED_LABELS:
+        raise ValueError(f"doll_labels {labels!r} is not generated; choose one of {', '.join(GENERATED_LABELS)}")
+    return "doll" if labels == "doll" else f"doll_{labels}"
+
+
+def explainer_of(labels: str = "doll") -> str:
+    """The explainer (``IGSettings.explainer``) of generated label set ``labels``: ``gradcam`` or ``ig``."""
+    doll_folder_name(labels)  # validates
+    return "gradcam" if labels == "gradcam" else "ig"
+
+
+def gradcam_layer_for(labels: str, classifier_dir: str, classifier_names: Sequence[str]) -> str | None:
+    """The Grad-CAM layer of the first classifier when ``labels`` is ``gradcam`` (read from its checkpoint folder,
+    :func:`bundle.networks.classifiers.gradcam_layer_of`), else ``None``."""
+    if explainer_of(labels) != "gradcam":
+        return None
+    from ..networks.classifiers import gradcam_layer_of
+
+    return gradcam_layer_of(os.path.join(classifier_dir, classifier_names[0]))
 
 
 def derangement(n: int, seed: int = 0) -> np.ndarray:
@@ -45,7 +85,7 @@ def control_items(items: Sequence[Mapping[str, Any]], labels: str = "doll", seed
         BundleInputError: ``oracle`` on an item without a true lesion mask (names the item's image).
     """
     out = [dict(it) for it in items]
-    if labels == "doll":
+    if labels in GENERATED_LABELS:  # the labels as generated (their own datalist)
         return out
     if labels == "shuffled":
         if len(out) < 2:

@@ -35,6 +35,7 @@ from monai.transforms import MapTransform, Transform
 from torch import nn
 
 from ..constants import NO_FINDING, NUM_OBSERVATIONS, OBSERVATIONS
+from ..explain.gradcam import gradcam_maps
 from ..explain.ig import MultiTargetIntegratedGradients
 from . import postprocess as pp
 
@@ -91,6 +92,9 @@ class IGSettings:
         output: what IG explains: ``"logits"`` (default) or ``"sigmoid"``.
         tta_flip: also explain the horizontally flipped image and average (off by default: anatomy is asymmetric).
         amp_dtype: optional autocast dtype for IG on CUDA (``torch.bfloat16`` / ``"bfloat16"``, ``float16``).
+        explainer: ``"ig"`` (the method) or ``"gradcam"``: MONAI's Grad-CAM of ``gradcam_layer`` instead of IG, the
+            rest of the recipe unchanged (the Grad-CAM-label control of the pre-training, ``bundle.doll.controls``).
+        gradcam_layer: the classifiers' Grad-CAM layer (``bundle.networks.classifiers.gradcam_layer_of``).
     """
 
     n_steps: int = 16
@@ -102,8 +106,14 @@ class IGSettings:
     output: str = "logits"
     tta_flip: bool = False
     amp_dtype: torch.dtype | str | None = None
+    explainer: str = "ig"
+    gradcam_layer: str | None = None
 
     def __post_init__(self) -> None:
+        if self.explainer not in ("ig", "gradcam"):
+            raise ValueError(f"unknown explainer {self.explainer!r}: use 'ig' or 'gradcam'")
+        if self.explainer == "gradcam" and not self.gradcam_layer:
+            raise ValueError("explainer 'gradcam' needs gradcam_layer (the classifiers' last feature layer)")
         if isinstance(self.amp_dtype, str):
             self.amp_dtype = getattr(torch, self.amp_dtype.replace("torch.", ""))
 
@@ -165,7 +175,7 @@ FLAT_SETTINGS: dict[str, tuple[str, str]] = {
     "target_source": ("targets", "source"), "prob_threshold": ("targets", "prob_threshold"),
     "exclude": ("targets", "exclude"),
     **{k: ("ig", k) for k in ("n_steps", "method", "baselines", "blur_sigma", "n_baseline_draws",
-                              "internal_batch_size", "tta_flip", "amp_dtype")},
+                              "internal_batch_size", "tta_flip", "amp_dtype", "explainer", "gradcam_layer")},
     "ig_output": ("ig", "output"),
     **{k: ("post", k) for k in ("smooth_sigma", "normalize", "norm_percentile", "boost", "threshold",
                                 "threshold_value", "class_threshold_values", "min_component_size")},
@@ -297,6 +307,12 @@ class DoLLGenerator:
         out = images.new_zeros((b, self.num_classes, h, w))
         if not any(targets):
             return out, [torch.zeros(0)] * b
+        if self.ig.explainer == "gradcam":
+            cams = gradcam_maps(self.classifiers[m], self.ig.gradcam_layer, images, targets, self.num_classes)
+            img, _, cls = self._pairs(targets, out.device)
+            out[img, cls] = self.postprocess_soft(cams.to(out.device)[img, cls]).to(out.dtype)
+            # Grad-CAM has no completeness axiom: its "deltas" are 0 (the records keep their per-target shape)
+            return out, [torch.zeros(len(row)) for row in targets]
         with torch.enable_grad():
             res = self.engines[m].attribute(images, targets, return_convergence_delta=True, **self.ig_kwargs)
             if self.ig.tta_flip:

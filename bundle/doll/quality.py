@@ -23,6 +23,7 @@ import torch
 
 from ..constants import OBSERVATIONS, slug
 from ..data.io import load_bitmask, resize_mask
+from ..explain.gradcam import gradcam_maps
 from .generator import DoLLGenerator
 
 logger = logging.getLogger(__name__)
@@ -49,24 +50,6 @@ def _scores(pred: np.ndarray, soft: np.ndarray, truth: np.ndarray, tolerance: in
         y, x = np.unravel_index(int(np.argmax(soft)), soft.shape)
         hit = float(region[y, x])
     return iou, dice, hit
-
-
-def gradcam_maps(classifier: torch.nn.Module, layer: str, images: torch.Tensor,
-                 targets: list[list[int]], num_classes: int) -> torch.Tensor:
-    """``(B, K, H, W)`` Grad-CAM maps (MONAI's :class:`~monai.visualize.GradCAM`) of ``classifier`` for each image's
-    targets (zero elsewhere), un-normalised: ReLU of the gradient-weighted activations of ``layer``, upsampled to
-    the image size. MONAI's default post-processing is replaced by the identity, because it *flips* magnitudes
-    (it maps (min, max) to (1, 0), a display convention): the DoLL post-processing normalises the maps itself."""
-    from monai.visualize import GradCAM
-
-    cam = GradCAM(nn_module=classifier, target_layers=layer, postprocessing=lambda x: x)
-    b, _, h, w = images.shape
-    out = torch.zeros((b, num_classes, h, w))
-    with torch.enable_grad():
-        for i, row in enumerate(targets):
-            for c in row:
-                out[i, c] = cam(images[i: i + 1], class_idx=c)[0, 0].detach().float().cpu()
-    return out
 
 
 def evaluate_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess: Callable[[dict], dict],

@@ -55,6 +55,7 @@ from ..visualize import colormap
 
 __all__ = [
     "HiResCAM",
+    "gradcam_maps",
     "SegmentationGradCAM",
     "SegmentationScore",
     "box_to_mask",
@@ -326,6 +327,24 @@ def _temporary_hooks(net: nn.Module) -> Iterator[None]:
                 del module._backward_hooks[key]
             if inplace is not None:
                 module.__dict__["inplace"] = inplace
+
+
+def gradcam_maps(classifier: torch.nn.Module, layer: str, images: torch.Tensor,
+                 targets: list[list[int]], num_classes: int) -> torch.Tensor:
+    """``(B, K, H, W)`` Grad-CAM maps (MONAI's :class:`~monai.visualize.GradCAM`) of ``classifier`` for each image's
+    targets (zero elsewhere), un-normalised: ReLU of the gradient-weighted activations of ``layer``, upsampled to
+    the image size. MONAI's default post-processing is replaced by the identity, because it *flips* magnitudes
+    (it maps (min, max) to (1, 0), a display convention): the DoLL post-processing normalises the maps itself."""
+    from monai.visualize import GradCAM
+
+    cam = GradCAM(nn_module=classifier, target_layers=layer, postprocessing=lambda x: x)
+    b, _, h, w = images.shape
+    out = torch.zeros((b, num_classes, h, w))
+    with torch.enable_grad():
+        for i, row in enumerate(targets):
+            for c in row:
+                out[i, c] = cam(images[i: i + 1], class_idx=c)[0, 0].detach().float().cpu()
+    return out
 
 
 def gradcam_segmentation(

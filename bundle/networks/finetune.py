@@ -517,6 +517,10 @@ class FinetuneInit:
                 hints = {"doll": "run configs/pretrain.yaml first, or set --init_checkpoint",
                          "doll_shuffled": "run configs/pretrain.yaml --pretrain_labels shuffled first",
                          "doll_oracle": "run configs/pretrain.yaml --pretrain_labels oracle first",
+                         "doll_ig_single": "run configs/generate_doll.yaml and configs/pretrain.yaml with "
+                                           "--doll_labels / --pretrain_labels ig_single first",
+                         "doll_gradcam": "run configs/generate_doll.yaml and configs/pretrain.yaml with "
+                                         "--doll_labels / --pretrain_labels gradcam first",
                          "classifier_encoder": "train a segresnet_encoder classifier (configs/train_classifier.yaml "
                                                "--classifier_arch segresnet_encoder) or set --init_checkpoint",
                          "external": "set --external_weights to a local state-dict file"}
