@@ -122,6 +122,11 @@ class SweepGrid:
     overrides: dict[str, Any] = field(default_factory=dict)
     extra: list[dict[str, Any]] = field(default_factory=list)
     jobs: int = 1
+    #: bundle overrides of the label generation (``generate_doll.yaml``) and of the pre-training (``pretrain.yaml``)
+    #: of the pre-trainings this grid needs and lacks (:func:`pretrain_steps`), e.g. a real CheXpert's
+    #: ``image_root`` for the Grad-CAM labels; empty: the configs' defaults, as the pipeline's DoLL pre-training
+    generate_overrides: dict[str, Any] = field(default_factory=dict)
+    pretrain_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tasks = [str(t) for t in _as_list(self.tasks)]
@@ -132,11 +137,14 @@ class SweepGrid:
         self.overrides = dict(self.overrides or {})
         self.extra = [dict(g) for g in self.extra or []]
         self.jobs = int(self.jobs)
+        self.generate_overrides = dict(self.generate_overrides or {})
+        self.pretrain_overrides = dict(self.pretrain_overrides or {})
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> "SweepGrid":
         """A grid from a mapping with the fields of this class (a configs/sweep.yaml entry)."""
-        known = {"tasks", "inits", "sizes", "seeds", "modes", "overrides", "extra", "jobs"}
+        known = {"tasks", "inits", "sizes", "seeds", "modes", "overrides", "extra", "jobs", "generate_overrides",
+                 "pretrain_overrides"}
         unknown = set(settings) - known
         if unknown:
             raise ValueError(f"unknown sweep grid fields {sorted(unknown)}; a grid has {sorted(known)}")
@@ -193,6 +201,65 @@ def make_grid(tasks: Sequence[str], inits: Sequence[str], sizes: Sequence[int | 
     labels = sorted(dict.fromkeys(labels), key=lambda s: (s == "all", int(s) if s != "all" else 0))
     return [SweepRun(t, i, s, int(seed), m) for t in tasks for i in inits for s in labels for seed in seeds
             for m in modes]
+
+
+def pretrain_labels_of(init: str) -> str | None:
+    """The pre-training labels (``configs/pretrain.yaml`` ``pretrain_labels``) that init ``init`` fine-tunes from:
+    ``doll`` -> ``doll``, a control (``doll_shuffled`` -> ``shuffled``); ``None`` for the other inits (scratch,
+    classifier encoder, external weights)."""
+    from bundle.doll.controls import PRETRAIN_LABELS
+
+    labels = "doll" if init == "doll" else init[len("doll_"):] if init.startswith("doll_") else ""
+    return labels if labels in PRETRAIN_LABELS else None
+
+
+@dataclass
+class PretrainStep:
+    """One pre-training a grid needs and that is not made yet (the DoLL of another architecture, e.g. UNet, or a
+    control of bundle/doll/controls.py): the labels, the segmenter architecture, the bundle runs that make its
+    checkpoint (``generate_doll.yaml --doll_labels`` when the labels are generated and their datalist is missing,
+    then ``pretrain.yaml --pretrain_labels``) and the checkpoint itself."""
+
+    labels: str
+    arch: str
+    checkpoint: Path
+    steps: list[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return f"pretrain_{self.arch}_{self.labels}"
+
+
+def pretrain_steps(runs: Sequence[SweepRun], paths: Mapping[str, str], overrides: Mapping[str, Any] | None = None,
+                   generate_overrides: Mapping[str, Any] | None = None,
+                   pretrain_overrides: Mapping[str, Any] | None = None) -> list[PretrainStep]:
+    """The pre-trainings that ``runs`` fine-tune from and that are not made yet (no ``model.pt`` under
+    ``<models_dir>/pretrain/<arch>_<labels>``), in the order of the runs. They use the configs' defaults plus
+    ``overrides`` (both stages), ``generate_overrides`` / ``pretrain_overrides`` (one stage) and the shared folders: the recipe of the pipeline's DoLL pre-training (which makes
+    ``segresnet_doll`` before the sweep, so a pipeline's sweep pre-trains only the controls and other
+    architectures)."""
+    from bundle.doll.controls import GENERATED_LABELS, doll_datalist_name
+
+    out: dict[tuple[str, str], PretrainStep] = {}
+    for run in runs:
+        labels = pretrain_labels_of(run.init)
+        arch = str(run.overrides.get("seg_arch", "segresnet"))
+        if labels is None or (labels, arch) in out:
+            continue
+        ckpt = Path(paths["models_dir"]) / "pretrain" / f"{arch}_{labels}" / "model.pt"
+        if ckpt.is_file():
+            continue
+        base = {"data_root": paths["data_root"], "output_root": paths["output_root"],
+                "models_dir": paths["models_dir"], "show_progress": False, **(overrides or {})}
+        steps = []
+        datalist = Path(paths["data_root"]) / "datalists" / doll_datalist_name(labels)
+        if labels in GENERATED_LABELS and not datalist.is_file():
+            steps.append({"name": f"generate_doll_{labels}", "configs": ["generate_doll.yaml"],
+                          "args": {**base, **(generate_overrides or {}), "doll_labels": labels}})
+        steps.append({"name": f"pretrain_{arch}_{labels}", "configs": ["pretrain.yaml"],
+                      "args": {**base, **(pretrain_overrides or {}), "seg_arch": arch, "pretrain_labels": labels}})
+        out[(labels, arch)] = PretrainStep(labels, arch, ckpt, steps)
+    return list(out.values())
 
 
 def metrics_csv(output_root: str | os.PathLike, run: SweepRun, split: str = "test") -> Path:
@@ -294,6 +361,8 @@ def run_sweep(
         f"modes={grid.modes}" + (f" + extra grids {grid.extra}" if grid.extra else ""))
     threads = threads_for(jobs)
     failures: list[str] = []
+    shared = {k: v for k, v in common.items() if k in ("device", "tracking_uri", "mlflow_experiment_prefix")}
+    pretrainings = pretrain_steps(runs, paths, shared, grid.generate_overrides, grid.pretrain_overrides)
 
     def execute(k: int, run: SweepRun) -> None:
         if metrics_csv(paths["output_root"], run, split).is_file():
@@ -324,6 +393,17 @@ def run_sweep(
 
     # one thread per concurrent run submits it to the process pool and waits (the pool forks a fresh process each)
     with process_pool(jobs) as pool, ThreadPoolExecutor(max_workers=max(1, jobs)) as threads_pool:
+        for control in pretrainings:  # the missing pre-trainings first, one at a time with every thread
+            start = time.time()
+            log_path = log_dir / f"{control.name}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            say(f"[sweep] {control.name}: {', '.join(s['name'] for s in control.steps)} (log {log_path})")
+            code = pool.submit(run_workflows_in_child, control.steps, None if verbose else str(log_path),
+                               threads_for(1)).result()
+            if code != 0 or not control.checkpoint.is_file():
+                tail = "" if verbose else "".join(log_path.read_text(errors="replace").splitlines(True)[-30:])
+                raise RuntimeError(f"[sweep] {control.name}: failed (exit {code}); log {log_path}\n{tail}")
+            say(f"[sweep] {control.name}: done in {time.time() - start:.0f} s")
         list(threads_pool.map(lambda kr: execute(*kr), enumerate(runs, 1)))
     if failures and not keep_going:
         raise RuntimeError(failures[0])
@@ -397,6 +477,10 @@ def main(settings: str = "default", tasks: Any = None, inits: Any = None, sizes:
     if dry_run:
         out = Path(output_root or ROOT / "eval")
         runs = grid.runs()
+        folders = {"data_root": str(data_root or ROOT / "data"), "output_root": str(out),
+                   "models_dir": str(models_dir or ROOT / "models")}
+        for step in pretrain_steps(runs, folders):
+            print(f"{step.name}: to run first ({', '.join(s['name'] for s in step.steps)})")
         for run in runs:
             print(f"{run.name}: {'finished' if metrics_csv(out, run, split).is_file() else 'to run'}")
         return SweepResult(runs=runs, csv_path="", num_rows=0)

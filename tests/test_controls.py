@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,3 +69,38 @@ def test_generated_label_controls_have_their_own_data_sets(tmp_path):
     (tmp_path / "clf" / "classifier.json").write_text(json.dumps({"arch": "densenet_small"}))
     assert gradcam_layer_for("doll", str(tmp_path), ["clf"]) is None
     assert gradcam_layer_for("gradcam", str(tmp_path), ["clf"]) == "class_layers.relu"
+
+
+def test_the_sweep_pretrains_the_missing_controls_first(tmp_path) -> None:
+    """scripts/sweep.py: a grid with control inits lists one pre-training per missing (labels, arch) checkpoint,
+    with the label generation first where a generated control's datalist is absent; made checkpoints are skipped."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from scripts.sweep import SweepGrid, pretrain_labels_of, pretrain_steps
+
+    assert [pretrain_labels_of(i) for i in ("doll", "doll_shuffled", "doll_gradcam", "scratch", "external")] == [
+        "doll", "shuffled", "gradcam", None, None]
+    paths = {"data_root": str(tmp_path / "data"), "output_root": str(tmp_path / "eval"),
+             "models_dir": str(tmp_path / "models")}
+    made = tmp_path / "models" / "pretrain" / "segresnet_doll" / "model.pt"
+    made.parent.mkdir(parents=True)
+    made.write_bytes(b"x")
+    (tmp_path / "data" / "datalists").mkdir(parents=True)
+    (tmp_path / "data" / "datalists" / "doll_ig_single.json").write_text("{}")
+    grid = SweepGrid.from_mapping({"tasks": ["scr", "infection"], "sizes": [4], "seeds": [0, 1],
+                                   "inits": ["doll", "doll_shuffled", "doll_gradcam", "doll_ig_single", "scratch"]})
+    steps = pretrain_steps(grid.runs(), paths, {"device": "cpu"}, {"image_root": "/chexpert"}, {"max_epochs": 2})
+    assert [s.name for s in steps] == ["pretrain_segresnet_shuffled", "pretrain_segresnet_gradcam",
+                                       "pretrain_segresnet_ig_single"]
+    by_name = {s.name: s for s in steps}
+    assert [st["name"] for st in by_name["pretrain_segresnet_gradcam"].steps] == ["generate_doll_gradcam",
+                                                                                   "pretrain_segresnet_gradcam"]
+    gen, pre = by_name["pretrain_segresnet_gradcam"].steps
+    assert gen["configs"] == ["generate_doll.yaml"] and gen["args"]["doll_labels"] == "gradcam"
+    assert gen["args"]["image_root"] == "/chexpert" and "max_epochs" not in gen["args"]
+    assert pre["args"]["pretrain_labels"] == "gradcam" and pre["args"]["max_epochs"] == 2
+    assert pre["args"]["device"] == "cpu" and pre["args"]["models_dir"] == paths["models_dir"]
+    assert [st["name"] for st in by_name["pretrain_segresnet_ig_single"].steps] == ["pretrain_segresnet_ig_single"]
+    assert by_name["pretrain_segresnet_shuffled"].checkpoint == (
+        tmp_path / "models" / "pretrain" / "segresnet_shuffled" / "model.pt")

@@ -194,7 +194,9 @@ def test_configs_and_versions_included(report_env):
     text = (report_env["report"] / "report.html").read_text()
     analysis_yaml = (Path(__file__).resolve().parent.parent / "configs" / "analysis.yaml").read_text()
     assert html_lib.escape(analysis_yaml) in text
-    assert all(v == "done" for v in html.sections.values()), html.sections
+    sections = dict(html.sections)
+    assert sections.pop("controls").startswith("not run: the sweep has no pre-training control")  # no control init
+    assert all(v == "done" for v in sections.values()), html.sections
 
 
 def test_report_mlflow_run_has_the_figures(report_env, mlflow_uri):  # noqa: F811
@@ -230,12 +232,12 @@ def test_report_without_any_input(tmp_path):
     res = build_report(tmp_path / "report", analysis_dir=tmp_path / "analysis", doll_quality_dir=tmp_path / "dq")
     html = parse(Path(res["html"]))
     assert {k for k, v in html.sections.items() if v.startswith("not run")} == {
-        "phantom", "doll", "classifiers", "learning_curves", "efficiency", "statistics", "gradcam", "ensembles",
-        "throughput"}
+        "phantom", "doll", "classifiers", "learning_curves", "efficiency", "statistics", "controls", "gradcam",
+        "ensembles", "throughput"}
     assert html.sections["reproducibility"] == "done"
     assert "analysis stage not run" in html.sections["statistics"]
     assert html.images == []
-    assert (tmp_path / "report" / "report.md").read_text().count("*not run") == 9
+    assert (tmp_path / "report" / "report.md").read_text().count("*not run") == 10
 
 
 def test_sentence_when_the_reference_wins():

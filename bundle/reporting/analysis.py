@@ -21,6 +21,9 @@ Outputs (``<output_root>/analysis/``, every file written atomically):
   size (and per structure): :func:`bundle.stats.paired.compare_inits` with the test images as the paired units
   (each image's Dice averaged over seeds and structures), Wilcoxon signed-rank, paired bootstrap CI of the mean
   difference, rank-biserial correlation, Cohen's ``d_z``, Holm-adjusted p-values (one family per table by default);
+- ``controls.csv`` / ``controls_structures.csv`` / ``controls_means.csv`` / ``controls.png``: the DoLL init
+  against the pre-training controls (shuffled DoLL, Grad-CAM and single-classifier IG labels, true lesions) and no
+  pre-training, when the sweep has them (:class:`ControlsStep`, :func:`controls_table`);
 - ``replicability.csv``: per task, init and size, the mean Dice of each seed, then mean, SD and CV across seeds;
 - ``learning_curves.csv``: mean Dice against training size per init, with a bootstrap CI over test images (rows
   ``structure="all"`` for the mean over structures, and one per structure), and ``learning_curves.png``;
@@ -83,6 +86,9 @@ __all__ = [
     "EnsembleStep",
     "GradCAMStep",
     "StatisticsStep",
+    "CONTROL_INITS",
+    "controls_table",
+    "ControlsStep",
     "run_analysis",
 ]
 
@@ -189,6 +195,53 @@ def statistics_table(
     by = ["task", "structure", "train_size"] if by_structure else ["task", "train_size"]
     table = compare_inits(df, reference, by=by, unit=_UNIT, alpha=alpha, n_boot=n_boot, confidence=confidence,
                           holm_by=holm_by, seed=seed)
+    table["unit"] = _UNIT
+    table["confidence"] = confidence
+    return table
+
+
+#: the inits the DoLL init is compared with in the controls table, in this order: the pre-training controls of
+#: :mod:`bundle.doll.controls` (fine-tuned as ``doll_<labels>``), then no pre-training
+CONTROL_INITS: tuple[str, ...] = ("doll_shuffled", "doll_gradcam", "doll_ig_single", "doll_oracle", "scratch")
+
+
+def controls_table(
+    df: pd.DataFrame,
+    method: str = "doll",
+    controls: Sequence[str] = CONTROL_INITS,
+    by_structure: bool = False,
+    alpha: float = 0.05,
+    n_boot: int = 10000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """``method`` (the DoLL init) against each control in ``controls`` that the sweep has, per task and training size
+    (and structure): what the pre-training buys beyond the same pre-training on other labels.
+
+    Each comparison is :func:`statistics_table`'s (the test images as the paired units, Wilcoxon signed-rank, paired
+    bootstrap CI), with ``init = method`` and ``reference`` = the control (``mean_diff`` = DoLL - control); Holm's
+    correction runs over the whole table (:func:`bundle.stats.paired.adjust_table`). Only (task, size) cells that
+    have both are compared. Returns the statistics columns, empty when the sweep has no control.
+    """
+    import pandas as pd
+
+    from ..stats.paired import adjust_table, compare_inits
+
+    by = ["task", "structure", "train_size"] if by_structure else ["task", "train_size"]
+    present = set(df["init"].astype(str))
+    frames = []
+    for control in controls:
+        if control == method or control not in present or method not in present:
+            continue
+        pair = df[df["init"].astype(str).isin([method, control])]
+        table = compare_inits(pair, control, by=by, unit=_UNIT, alpha=alpha, n_boot=n_boot, confidence=confidence,
+                              seed=seed)
+        frames.append(table[table["init"].astype(str) == method])
+    if not frames:
+        return pd.DataFrame(columns=[*by, "init", "reference", "n", "mean_init", "mean_reference", "mean_diff",
+                                     "ci_low", "ci_high", "wilcoxon_stat", "p_value", "p_holm", "rank_biserial",
+                                     "cohens_dz", "significant", "conclusion", "unit", "confidence"])
+    table = adjust_table(pd.concat(frames, ignore_index=True), alpha, confidence)
     table["unit"] = _UNIT
     table["confidence"] = confidence
     return table
@@ -877,6 +930,49 @@ class StatisticsStep:
         ctx.summary["n_significant"] = int(stats["significant"].sum())
         ctx.summary["n_comparisons"] = len(stats)
         ctx.status["statistics"] = "done"
+
+
+class ControlsStep:
+    """The DoLL init against the pre-training controls and no pre-training (:func:`controls_table`): ``controls.csv``
+    (mean over structures), ``controls_structures.csv`` and ``controls.png`` (mean Dice per init with its CI, one
+    panel per task). Not run when the sweep has no control init (``configs/sweep.yaml`` grid ``controls``).
+
+    Args:
+        sweep_csv: the sweep's tidy CSV. method: the init compared with the controls.
+        alpha, n_boot, confidence: statistics settings.
+    """
+
+    def __init__(self, sweep_csv: PathLike, method: str = "doll", alpha: float = 0.05, n_boot: int = 10000,
+                 confidence: float = 0.95):
+        self.sweep_csv, self.method = sweep_csv, method
+        self.alpha, self.n_boot, self.confidence = alpha, n_boot, confidence
+
+    def __call__(self, ctx: AnalysisContext) -> None:
+        from .plots import plot_controls
+
+        if not os.path.isfile(self.sweep_csv):
+            ctx.status["controls"] = f"not run: no sweep CSV at {self.sweep_csv}"
+            return
+        df = load_sweep(self.sweep_csv)
+        have = [c for c in CONTROL_INITS if c != "scratch" and c in set(df["init"].astype(str))]
+        if not have or self.method not in set(df["init"].astype(str)):
+            ctx.status["controls"] = ("not run: the sweep has no pre-training control (inits "
+                                      f"{', '.join(CONTROL_INITS[:-1])}; configs/sweep.yaml grid controls)")
+            return
+        settings = dict(alpha=self.alpha, n_boot=self.n_boot, confidence=self.confidence, seed=ctx.seed)
+        table = controls_table(df, self.method, **settings)
+        ctx.write_csv("controls.csv", table)
+        ctx.write_csv("controls_structures.csv", controls_table(df, self.method, by_structure=True, **settings))
+        inits = [self.method, *[c for c in CONTROL_INITS if c in set(df["init"].astype(str))]]
+        curves = learning_curves(df[df["init"].astype(str).isin(inits)], self.confidence, self.n_boot, ctx.seed)
+        cells = {(str(r["task"]), str(r["train_size"])) for r in table.to_dict("records")}
+        curves = curves[[(str(t), str(s)) in cells for t, s in zip(curves["task"], curves["train_size"])]]
+        ctx.write_csv("controls_means.csv", curves)
+        ctx.files.append(plot_controls(curves, ctx.path("controls.png"), ctx.init_labels, order=inits))
+        for r in table.to_dict("records"):
+            key = _metric_key("control", r["task"], r["reference"], f"n{r['train_size']}")
+            ctx.metrics[f"{key}_mean_diff"], ctx.metrics[f"{key}_p_holm"] = r["mean_diff"], r["p_holm"]
+        ctx.status["controls"] = "done"
 
 
 class EfficiencyStep:

@@ -108,6 +108,51 @@ def plot_learning_curves(curves: Any, path: PathLike, labels: Mapping[str, str] 
     return save_figure(fig, path)
 
 
+def plot_controls(means: Any, path: PathLike, labels: Mapping[str, str] | None = None,
+                  order: Sequence[str] | None = None, structure: str = "all", value_label: str = "mean Dice") -> str:
+    """The pre-training controls: mean score per init (bars, in ``order``) with its confidence interval, grouped by
+    training-set size, one panel per task.
+
+    Args:
+        means: table ``task, structure, init, train_size, mean, ci_low, ci_high``
+            (:func:`bundle.reporting.analysis.learning_curves`).
+        path: output PNG. labels: display names of the inits. order: the inits' order (default: sorted).
+        structure: which ``structure`` rows to draw. value_label: y-axis label.
+    """
+    labels = dict(labels or {})
+    data = means[means["structure"].astype(str) == structure] if "structure" in means.columns else means
+    tasks = sorted(data["task"].astype(str).unique()) or [""]
+    panel_width = max(5.0, 1.6 * len(data["train_size"].unique()) + 2.0)
+    fig, axes = new_figure(panel_width * len(tasks), 3.8, 1, len(tasks))
+    present = [str(i) for i in data["init"].astype(str).unique()]
+    inits = [i for i in (order or sorted(present)) if i in present]
+    width = 0.8 / max(1, len(inits))
+    for ax, task in zip(axes[0], tasks):
+        sub = data[data["task"].astype(str) == task]
+        sizes = sorted({str(s) for s in sub["train_size"]}, key=size_key)
+        lows = []
+        for k, init in enumerate(inits):
+            g = sub[sub["init"].astype(str) == init]
+            pos = {str(s): i for i, s in enumerate(sizes)}
+            x = np.array([pos[str(s)] for s in g["train_size"]], dtype=float) + (k - (len(inits) - 1) / 2) * width
+            y = g["mean"].to_numpy(dtype=float)
+            lo, hi = g["ci_low"].to_numpy(dtype=float), g["ci_high"].to_numpy(dtype=float)
+            lows.extend(lo.tolist())
+            ax.bar(x, y, width=width * 0.95, color=_colour(k), label=labels.get(init, init))
+            ax.errorbar(x, y, yerr=[np.maximum(y - lo, 0), np.maximum(hi - y, 0)], fmt="none", ecolor="black",
+                        capsize=2, linewidth=1)
+        ax.set_xticks(range(len(sizes)))
+        ax.set_xticklabels([f"{s} images" for s in sizes])
+        if lows:
+            ax.set_ylim(max(0.0, min(lows) - 0.05), 1.0)
+        ax.set_ylabel(value_label)
+        ax.set_title(f"{task}: pre-training controls ({value_label}, 95% CI)" if task else value_label)
+        ax.grid(True, axis="y", alpha=0.3)
+        if inits:
+            ax.legend(loc="lower right", fontsize=7)
+    return save_figure(fig, path)
+
+
 def plot_training_efficiency(curves: Any, path: PathLike, labels: Mapping[str, str] | None = None) -> str:
     """Training efficiency: validation Dice against optimizer steps per init (seed mean solid, worst seed dashed),
     one panel per task and training-set size.

@@ -63,6 +63,7 @@ __all__ = [
     "size_phrase",
     "comparison_sentence",
     "statistics_conclusions",
+    "controls_conclusions",
     "package_versions",
     "build_report",
 ]
@@ -75,7 +76,9 @@ DEFAULT_PACKAGES: tuple[str, ...] = ("monai", "torch", "numpy", "scipy", "pandas
 NOT_RUN = "not run"
 #: Display names of the inits (``init_labels`` of the configs extend them).
 DEFAULT_LABELS: dict[str, str] = {"doll": "DoLL-init", "scratch": "scratch",
-                                  "classifier_encoder": "classifier-encoder init", "external": "external init (TII)"}
+                                  "classifier_encoder": "classifier-encoder init", "external": "external init (TII)",
+                                  "doll_shuffled": "shuffled-DoLL init", "doll_gradcam": "Grad-CAM-label init",
+                                  "doll_ig_single": "single-IG-label init", "doll_oracle": "true-lesion init"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -683,6 +686,67 @@ def _statistics_section(analysis_dir: str, status: Mapping[str, str], labels: Ma
     return sec, sentences
 
 
+def controls_conclusions(table: pd.DataFrame, labels: Mapping[str, str] | None = None,
+                         alpha: float = 0.05) -> list[str]:
+    """The generated conclusions of the pre-training controls (:func:`bundle.reporting.analysis.controls_table`):
+    per task and size, whether the DoLL's gain over no pre-training exceeds the gain of the same pre-training on
+    shuffled labels (the generic "learn to segment blobs" effect), then one :func:`comparison_sentence` per row."""
+    labels = {**DEFAULT_LABELS, **dict(labels or {})}
+    out = []
+    for (task, size), g in table.groupby(["task", "train_size"], sort=False):
+        rows = {str(r["reference"]): r for r in g.to_dict("records")}
+        if "scratch" in rows and "doll_shuffled" in rows:
+            doll, scratch = float(rows["scratch"]["mean_init"]), float(rows["scratch"]["mean_reference"])
+            shuffled = float(rows["doll_shuffled"]["mean_reference"])
+            p = float(rows["doll_shuffled"]["p_holm"])
+            gain, generic = doll - scratch, shuffled - scratch
+            if p < alpha and doll > shuffled:
+                verdict = "exceeds it significantly: the DoLL's localisation, not only pre-training on masks, helps"
+            elif p < alpha:
+                verdict = "is significantly below it: pre-training on the DoLL's masks in the wrong place does better"
+            else:
+                verdict = ("does not differ significantly from it: the gain is not shown to come from where the DoLL "
+                           "puts its masks")
+            out.append(f"On {task} with {size_phrase(size)}, the DoLL's gain over no pre-training "
+                       f"({fmt_num(gain, signed=True)} mean Dice) against the shuffled control's "
+                       f"({fmt_num(generic, signed=True)}) {verdict} (DoLL - shuffled {fmt_num(doll - shuffled, signed=True)}, "
+                       f"Holm p={fmt_p(p)}).")
+    out += [comparison_sentence(r, labels, alpha) for r in table.to_dict("records")]
+    return out
+
+
+def _controls_section(analysis_dir: str, status: Mapping[str, str], labels: Mapping[str, str],
+                      alpha: float) -> Section:
+    sec = Section("controls", "What pre-training buys: the DoLL against its controls")
+    table = _read_csv(os.path.join(analysis_dir, "controls.csv"), dtype={"train_size": str})
+    if table is None or table.empty:
+        return sec.not_run(status.get("controls", "no analysis/controls.csv (the sweep has no control init; "
+                                                  "configs/sweep.yaml grid controls)"))
+    table = _sort_by_size(table, ["task", "train_size", "reference"])
+    sec.blocks.append(Text(
+        "The segmenter pre-trained on the DoLL against the same pre-training on other labels of the same images: "
+        "the DoLL of another image (shuffled: the same label statistics in the wrong place), labels from one "
+        "classifier's Grad-CAM or IG (no boosting), the phantom's true lesions (the ceiling), and no pre-training; "
+        "every init fine-tuned with the same recipe. Paired units: the test images (each image's Dice averaged over "
+        "seeds and structures); Wilcoxon signed-rank, paired bootstrap CI of DoLL minus control, Holm over the "
+        f"table, significant when p_holm < {alpha:g}."))
+    means = _read_csv(os.path.join(analysis_dir, "controls_means.csv"), dtype={"train_size": str})
+    if means is not None and len(means):
+        means = means[means["structure"] == "all"].drop(columns="structure")
+        sec.blocks.append(Table("controls_means", _sort_by_size(means, ["task", "train_size", "init"]),
+                                "Mean test Dice per init (95% bootstrap CI over test images; seed SD)",
+                                {"seed_sd": lambda v: fmt_num(v, 4)}))
+    fig = os.path.join(analysis_dir, "controls.png")
+    if os.path.isfile(fig):
+        sec.blocks.append(FigureBlock("controls", fig, "Mean test Dice per init and training size (95% CI)"))
+    shown = ["task", "train_size", "init", "reference", "n", "mean_init", "mean_reference", "mean_diff", "ci_low",
+             "ci_high", "p_value", "p_holm", "cohens_dz", "significant"]
+    sec.blocks.append(Table("controls", table[[c for c in shown if c in table.columns]],
+                            "DoLL-init minus each control per task and training size", _p_formats()))
+    sec.blocks += [Text(t, conclusion=True) for t in controls_conclusions(table, labels, alpha)]
+    return sec
+
+
 def _gradcam_section(analysis_dir: str, status: Mapping[str, str], labels: Mapping[str, str]) -> Section:
     sec = Section("gradcam", "Grad-CAM of the segmentation networks")
     rows = _read_csv(os.path.join(analysis_dir, "gradcam.csv"))
@@ -856,7 +920,7 @@ def build_report(
     status = dict(status) if isinstance(status, Mapping) else {}
     if adir and not os.path.isdir(adir):
         status = {k: f"analysis stage not run (no {adir})" for k in
-                  ("learning_curves", "efficiency", "statistics", "gradcam", "ensembles")}
+                  ("learning_curves", "efficiency", "statistics", "controls", "gradcam", "ensembles")}
 
     report = Report(title)
     stats_section, _ = _statistics_section(adir, status, labels, alpha)
@@ -868,6 +932,7 @@ def build_report(
         _learning_section(adir, status, labels),
         _efficiency_section(adir, status, labels),
         stats_section,
+        _controls_section(adir, status, labels, alpha),
         _gradcam_section(adir, status, labels),
         _ensemble_section(adir, status),
         _throughput_section(timing_json, list(bench_files), fig_dir),

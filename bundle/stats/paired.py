@@ -50,6 +50,7 @@ __all__ = [
     "replicability_summary",
     "replicability",
     "compare_inits",
+    "adjust_table",
 ]
 
 ZeroMethod = Literal["wilcox", "pratt", "zsplit"]
@@ -419,6 +420,27 @@ def compare_inits(
         _conclusion(r, value_col, alpha, confidence, higher_is_better) for r in table.to_dict("records")
     ]
     return table[columns]
+
+
+def adjust_table(table: pd.DataFrame, alpha: float = 0.05, confidence: float = 0.95,
+                 holm_by: Sequence[str] | None = None, value_col: str = "dice", higher_is_better: bool = True
+                 ) -> pd.DataFrame:
+    """Holm-adjusted p-values, significance and conclusions of a table joined from several :func:`compare_inits`
+    tables (e.g. one init against several references), as if it were one: the whole table one Holm family (or one
+    per group of ``holm_by``). Returns a copy."""
+    table = table.copy()
+    if table.empty:
+        return table
+    if holm_by:
+        _require(table, holm_by)
+        for _, idx in table.groupby(list(holm_by), dropna=False, sort=False).groups.items():
+            table.loc[idx, "p_holm"] = holm(table.loc[idx, "p_value"].to_numpy())
+    else:
+        table["p_holm"] = holm(table["p_value"].to_numpy())
+    table["significant"] = (table["p_holm"] < alpha).fillna(False).astype(bool)
+    table["conclusion"] = [_conclusion({k: v for k, v in r.items() if k not in ("unit", "confidence")}, value_col,
+                                       alpha, confidence, higher_is_better) for r in table.to_dict("records")]
+    return table
 
 
 def _conclusion(r: dict[str, Any], value_col: str, alpha: float, confidence: float, higher_is_better: bool) -> str:
