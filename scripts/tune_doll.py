@@ -32,6 +32,7 @@ from monai.bundle import ConfigParser  # noqa: E402
 from bundle.data.io import load_bitmask  # noqa: E402
 from bundle.constants import OBSERVATIONS  # noqa: E402
 from bundle.data.io import resize_mask  # noqa: E402
+from bundle.explain.gradcam import gradcam_maps  # noqa: E402
 from bundle.utils import atomic_save, atomic_write_text  # noqa: E402
 
 GRID = {
@@ -50,6 +51,15 @@ def _iou(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.logical_and(pred, truth).sum() / union) if union else 1.0
 
 
+def soft_maps(gen, raw: torch.Tensor, cams: torch.Tensor | None) -> torch.Tensor:
+    """One classifier's normalised soft maps of the targets, as ``DoLLGenerator._explain`` makes them: the
+    post-processed IG, or with explainer ``ig_gradcam`` its geometric mean with the post-processed Grad-CAM."""
+    soft = gen.postprocess_soft(raw)
+    if cams is not None:
+        soft = (soft.clamp_min(0) * gen.postprocess_soft(cams).clamp_min(0)).sqrt()
+    return soft
+
+
 def tune_class_thresholds(gen, cache: list[dict], names) -> "pd.DataFrame":
     """Per observation and candidate percentile: the mean IoU over the cached images that have its lesion (misses
     count 0), with every other setting as ``gen.post`` has it (each observation's choice is independent: its masks
@@ -60,7 +70,7 @@ def tune_class_thresholds(gen, cache: list[dict], names) -> "pd.DataFrame":
         if not t:
             fused_all.append(None)
             continue
-        soft = torch.stack([gen.postprocess_soft(r) for r in entry["raw"]])
+        soft = torch.stack([soft_maps(gen, r, c) for r, c in zip(entry["raw"], entry["cams"])])
         fused_all.append(gen.boost_maps(soft.unsqueeze(1), entry["probs"][: soft.shape[0], t].unsqueeze(1))[0])
     saved = (gen.post.threshold, gen.post.class_threshold_values)
     gen.post.threshold, gen.post.class_threshold_values = "percentile", {}
@@ -87,6 +97,9 @@ def main() -> None:
                     help="split tuned on (default training: the quality stage reports on validation, held out)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "doll_tuning.md"))
     ap.add_argument("--skip-grid", action="store_true", help="only the per-observation thresholds")
+    ap.add_argument("--explainer", default=None, choices=["ig", "ig_gradcam"],
+                    help="doll#ig#explainer (default: the config's); ig_gradcam tunes the consensus maps' thresholds "
+                         "(and the global grid scores them)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     root = Path(args.root)
@@ -95,6 +108,8 @@ def main() -> None:
     pipeline = ConfigParser.load_config_file(str(ROOT / "configs" / "pipeline.yaml"))["default"]
     parser.update({"data_root": str(root / "data"), "models_dir": str(root / "models"),
                    "classifier_names": [f"{c['classifier_arch']}_seed{c['seed']}" for c in pipeline["classifiers"]]})
+    if args.explainer:
+        parser["doll"]["ig"]["explainer"] = args.explainer
     gen = parser.get_parsed_content("doll_generator")
     preprocess = parser.get_parsed_content("preprocessing")
     items = json.loads(Path(parser.get_parsed_content("datalist")).read_text())[args.split]
@@ -109,12 +124,14 @@ def main() -> None:
         probs = gen.probabilities(x)
         targets = gen.select_targets(probs.mean(0), torch.as_tensor(d["label"]).view(1, -1))[0]
         truth = load_bitmask(it["lesion"], k)
-        raw = []
+        raw, cams = [], []
         for m, engine in enumerate(gen.engines):
             with torch.enable_grad():
                 res = engine.attribute(x, [targets], return_convergence_delta=False, **gen.ig_kwargs)
             raw.append(res.attributions[0, : len(targets)].detach())
-        cache.append({"targets": targets, "probs": probs[:, 0], "raw": raw,
+            cams.append(gradcam_maps(gen.classifiers[m], gen.ig.gradcam_layer, x, [targets], k)[0, targets]
+                        if gen.ig.explainer == "ig_gradcam" and targets else None)
+        cache.append({"targets": targets, "probs": probs[:, 0], "raw": raw, "cams": cams,
                       "truth": {c: resize_mask(truth[c], x.shape[-2:]) for c in range(k) if truth[c].any()}})
         if len(cache) % 20 == 0 or len(cache) == len(items):
             print(f"IG {len(cache)}/{len(items)}", flush=True)
@@ -122,7 +139,8 @@ def main() -> None:
     configured = dict(vars(gen.post))
     lines = ["# DoLL post-processing tuned on the phantom", "",
              f"{len(cache)} {args.split} images with true lesions (the quality stage scores the held-out validation "
-             f"split), classifiers {parser['classifier_names']}, IG {gen.ig_kwargs['n_steps']} steps. Mean IoU over "
+             f"split), classifiers {parser['classifier_names']}, IG {gen.ig_kwargs['n_steps']} steps, explainer "
+             f"{gen.ig.explainer}. Mean IoU over "
              "observations (each weighted equally; a missed observation counts 0). Generated by "
              "`scripts/tune_doll.py`.", ""]
     best = None
@@ -170,7 +188,7 @@ def _global_grid(gen, cache: list[dict], args) -> tuple["pd.DataFrame", dict, li
             t = entry["targets"]
             masks = {}
             if t:
-                soft = torch.stack([gen.postprocess_soft(r) for r in entry["raw"]])  # (M, T, H, W)
+                soft = torch.stack([soft_maps(gen, r, c) for r, c in zip(entry["raw"], entry["cams"])])  # (M, T, H, W)
                 if boost == "single":
                     soft = soft[:1]
                 fused = gen.boost_maps(soft.unsqueeze(1), entry["probs"][: soft.shape[0], t].unsqueeze(1))[0]

@@ -67,8 +67,9 @@ def test_generated_label_controls_have_their_own_data_sets(tmp_path):
     assert control_items(items, "gradcam") == items and control_items(items, "ig_single") == items
     (tmp_path / "clf").mkdir()
     (tmp_path / "clf" / "classifier.json").write_text(json.dumps({"arch": "densenet_small"}))
-    assert gradcam_layer_for("doll", str(tmp_path), ["clf"]) is None
+    assert gradcam_layer_for("ig", str(tmp_path), ["clf"]) is None
     assert gradcam_layer_for("gradcam", str(tmp_path), ["clf"]) == "class_layers.relu"
+    assert gradcam_layer_for("ig_gradcam", str(tmp_path), ["clf"]) == "class_layers.relu"
 
 
 def test_the_sweep_pretrains_the_missing_controls_first(tmp_path) -> None:

@@ -485,6 +485,29 @@ def test_gradcam_explainer_gives_the_postprocessed_gradcam_masks():
         DoLLGenerator(net, ig={"explainer": "lime"})
 
 
+def test_ig_gradcam_explainer_is_the_geometric_mean_of_both_soft_maps():
+    """explainer='ig_gradcam' (IG and Grad-CAM consensus): each soft map is sqrt(IG soft x Grad-CAM soft), both
+    post-processed alone as by explainer 'ig' and 'gradcam' (one classifier: no boosting), so it is zero wherever
+    either is, and the masks are its binarisation."""
+    net = _tiny_classifiers(1)
+    post = {"smooth_sigma": 1.0, "normalize": "percentile", "threshold": "percentile", "threshold_value": 90.0,
+            "min_component_size": 1}
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    labels = torch.zeros(2, 14)
+    labels[0, [1, 4]] = 1
+    labels[1, 9] = 1
+    outs = {e: DoLLGenerator(net, targets={"source": "labels"}, post=post,
+                             ig={"n_steps": 4, "explainer": e, "gradcam_layer": "class_layers.relu"})(x, labels)
+            for e in ("ig", "gradcam", "ig_gradcam")}
+    torch.testing.assert_close(outs["ig_gradcam"].soft, (outs["ig"].soft * outs["gradcam"].soft).sqrt())
+    gen = DoLLGenerator(net, post=post, ig={"explainer": "ig_gradcam", "gradcam_layer": "class_layers.relu"})
+    for i, row in enumerate(outs["ig"].targets):
+        assert torch.equal(outs["ig_gradcam"].masks[i, row].bool(), gen.binarize(outs["ig_gradcam"].soft[i, row], row))
+    assert ((outs["gradcam"].soft == 0) <= (outs["ig_gradcam"].soft == 0)).all()
+    with pytest.raises(ValueError, match="gradcam_layer"):
+        DoLLGenerator(net, ig={"explainer": "ig_gradcam"})
+
+
 def test_generation_on_error_skip_lists_bad_images_and_a_rerun_retries_them(tmp_path):
     """``--on_error skip``: unreadable images are listed in failures.csv and left out of the datalist; the others get
     their DoLL. Once the files are repaired, a re-run does only those and the list empties."""

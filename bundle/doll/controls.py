@@ -56,10 +56,11 @@ def explainer_of(labels: str = "doll") -> str:
     return "gradcam" if labels == "gradcam" else "ig"
 
 
-def gradcam_layer_for(labels: str, classifier_dir: str, classifier_names: Sequence[str]) -> str | None:
-    """The Grad-CAM layer of the first classifier when ``labels`` is ``gradcam`` (read from its checkpoint folder,
+def gradcam_layer_for(explainer: str, classifier_dir: str, classifier_names: Sequence[str]) -> str | None:
+    """The Grad-CAM layer of the first classifier when ``explainer`` (``IGSettings.explainer``: ``ig``, ``gradcam``,
+    ``ig_gradcam``) uses Grad-CAM (read from its checkpoint folder,
     :func:`bundle.networks.classifiers.gradcam_layer_of`), else ``None``."""
-    if explainer_of(labels) != "gradcam":
+    if explainer == "ig":
         return None
     from ..networks.classifiers import gradcam_layer_of
 

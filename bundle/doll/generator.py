@@ -82,6 +82,10 @@ class TargetSettings:
             raise ValueError(f"unknown target source {self.source!r}")
 
 
+#: ``IGSettings.explainer`` values
+EXPLAINERS: tuple[str, ...] = ("ig", "gradcam", "ig_gradcam")
+
+
 @dataclass
 class IGSettings:
     """How each classifier is explained (:meth:`bundle.explain.ig.MultiTargetIntegratedGradients.attribute`).
@@ -92,8 +96,10 @@ class IGSettings:
         output: what IG explains: ``"logits"`` (default) or ``"sigmoid"``.
         tta_flip: also explain the horizontally flipped image and average (off by default: anatomy is asymmetric).
         amp_dtype: optional autocast dtype for IG on CUDA (``torch.bfloat16`` / ``"bfloat16"``, ``float16``).
-        explainer: ``"ig"`` (the method) or ``"gradcam"``: MONAI's Grad-CAM of ``gradcam_layer`` instead of IG, the
-            rest of the recipe unchanged (the Grad-CAM-label control of the pre-training, ``bundle.doll.controls``).
+        explainer: ``"ig"`` (the method), ``"gradcam"``: MONAI's Grad-CAM of ``gradcam_layer`` instead of IG, the
+            rest of the recipe unchanged (the Grad-CAM-label control of the pre-training, ``bundle.doll.controls``),
+            or ``"ig_gradcam"``: the consensus of both, the geometric mean of each classifier's normalised IG and
+            Grad-CAM maps (IG's fine detail kept only where the class-discriminative Grad-CAM region agrees).
         gradcam_layer: the classifiers' Grad-CAM layer (``bundle.networks.classifiers.gradcam_layer_of``).
     """
 
@@ -110,10 +116,10 @@ class IGSettings:
     gradcam_layer: str | None = None
 
     def __post_init__(self) -> None:
-        if self.explainer not in ("ig", "gradcam"):
-            raise ValueError(f"unknown explainer {self.explainer!r}: use 'ig' or 'gradcam'")
-        if self.explainer == "gradcam" and not self.gradcam_layer:
-            raise ValueError("explainer 'gradcam' needs gradcam_layer (the classifiers' last feature layer)")
+        if self.explainer not in EXPLAINERS:
+            raise ValueError(f"unknown explainer {self.explainer!r}: use one of {', '.join(EXPLAINERS)}")
+        if self.explainer != "ig" and not self.gradcam_layer:
+            raise ValueError(f"explainer {self.explainer!r} needs gradcam_layer (the classifiers' last feature layer)")
         if isinstance(self.amp_dtype, str):
             self.amp_dtype = getattr(torch, self.amp_dtype.replace("torch.", ""))
 
@@ -313,6 +319,21 @@ class DoLLGenerator:
             out[img, cls] = self.postprocess_soft(cams.to(out.device)[img, cls]).to(out.dtype)
             # Grad-CAM has no completeness axiom: its "deltas" are 0 (the records keep their per-target shape)
             return out, [torch.zeros(len(row)) for row in targets]
+        soft, deltas = self.ig_soft_maps(m, images, targets)
+        if self.ig.explainer == "ig_gradcam":
+            img, _, cls = self._pairs(targets, out.device)
+            cams = gradcam_maps(self.classifiers[m], self.ig.gradcam_layer, images, targets, self.num_classes)
+            cam_soft = self.postprocess_soft(cams.to(out.device)[img, cls])
+            soft[img, cls] = (soft[img, cls].clamp_min(0) * cam_soft.clamp_min(0)).sqrt().to(soft.dtype)
+        return soft, deltas
+
+    def ig_soft_maps(self, m: int, images: torch.Tensor, targets: list[list[int]]) -> tuple[torch.Tensor, list]:
+        """Normalised soft maps ``(B, K, H, W)`` of classifier ``m``'s IG for the targets (whatever the explainer: the
+        IG baseline of the quality stage), plus IG's convergence deltas per image."""
+        b, _, h, w = images.shape
+        out = images.new_zeros((b, self.num_classes, h, w))
+        if not any(targets):
+            return out, [torch.zeros(0)] * b
         with torch.enable_grad():
             res = self.engines[m].attribute(images, targets, return_convergence_delta=True, **self.ig_kwargs)
             if self.ig.tta_flip:

@@ -80,7 +80,10 @@ def evaluate_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess
         images = torch.stack([torch.as_tensor(b["image"]) for b in batch]).float()
         labels = torch.stack([torch.as_tensor(b["label"]).float() for b in batch])
         out = generator(images, labels)
-        maps = {"doll": out.soft, "ig_single": out.per_classifier[0]}
+        # the IG baseline is plain IG of the first classifier, also when the DoLL's explainer is the consensus
+        single = out.per_classifier[0] if generator.ig.explainer == "ig" else \
+            generator.ig_soft_maps(0, images, out.targets)[0]
+        maps = {"doll": out.soft, "ig_single": single}
         if gradcam_layer:
             maps["gradcam"] = generator.postprocess_soft(
                 gradcam_maps(generator.classifiers[0], gradcam_layer, images, out.targets, k)
