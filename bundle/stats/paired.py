@@ -409,17 +409,7 @@ def compare_inits(
     if table.empty:
         return pd.DataFrame(columns=columns)
     table["p_holm"] = np.nan
-    if holm_by:
-        _require(table, holm_by)
-        for _, idx in table.groupby(list(holm_by), dropna=False, sort=False).groups.items():
-            table.loc[idx, "p_holm"] = holm(table.loc[idx, "p_value"].to_numpy())
-    else:
-        table["p_holm"] = holm(table["p_value"].to_numpy())
-    table["significant"] = (table["p_holm"] < alpha).fillna(False).astype(bool)
-    table["conclusion"] = [
-        _conclusion(r, value_col, alpha, confidence, higher_is_better) for r in table.to_dict("records")
-    ]
-    return table[columns]
+    return adjust_table(table, alpha, confidence, holm_by, value_col, higher_is_better)[columns]
 
 
 def adjust_table(table: pd.DataFrame, alpha: float = 0.05, confidence: float = 0.95,
