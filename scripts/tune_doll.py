@@ -42,6 +42,8 @@ GRID = {
     "threshold": [("otsu", 0.0), ("fixed", 0.3), ("fixed", 0.5), ("percentile", 95.0)],
     "min_component_size": [1, 16],
 }
+#: the generated part of the report ends here; what follows it in an existing report is kept
+KEEP_MARKER = "<!-- scripts/tune_doll.py writes the sections above; the sections below are kept -->"
 #: candidate per-observation percentiles (the mask covers 100 - value % of the image)
 CLASS_PERCENTILES = [80.0, 85.0, 90.0, 92.5, 95.0, 96.0, 97.0, 98.0, 98.5, 99.0, 99.25, 99.5, 99.75]
 
@@ -165,7 +167,10 @@ def main() -> None:
                          f"{r['iou']:.3f} |")
     lines.append(f"| mean | | {at_default['iou'].mean():.3f} | | {chosen['iou'].mean():.3f} |")
     atomic_save(Path(args.out).with_name("doll_class_thresholds.csv"), lambda tmp: per_class.to_csv(tmp, index=False))
-    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    kept = ""  # hand-written sections after the marker survive a re-run
+    if Path(args.out).is_file() and KEEP_MARKER in Path(args.out).read_text():
+        kept = Path(args.out).read_text().split(KEEP_MARKER, 1)[1]
+    atomic_write_text(args.out, "\n".join(lines) + "\n\n" + KEEP_MARKER + kept)
     print("\nclass_threshold_values:")
     for name in OBSERVATIONS:
         if name in chosen.index:
