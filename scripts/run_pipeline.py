@@ -214,8 +214,8 @@ class Pipeline:
                 extra.append(g)
         grid.extra = extra
         grid.jobs = self.jobs
-        # a grid with pre-training controls (or another architecture) makes their labels and checkpoints with the
-        # settings of the pipeline's own DoLL and pre-training stages
+        # a grid with pre-training controls makes their labels and checkpoints with the settings of the pipeline's
+        # own DoLL and pre-training stages
         grid.generate_overrides = {"classifier_names": self.classifier_names(), **self.doll_overrides(),
                                    **(self.settings["overrides"].get("doll") or {}), **grid.generate_overrides}
         grid.pretrain_overrides = {**(self.settings["overrides"].get("pretrain") or {}), **grid.pretrain_overrides}

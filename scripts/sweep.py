@@ -204,19 +204,18 @@ def make_grid(tasks: Sequence[str], inits: Sequence[str], sizes: Sequence[int | 
 
 
 def pretrain_labels_of(init: str) -> str | None:
-    """The pre-training labels (``configs/pretrain.yaml`` ``pretrain_labels``) that init ``init`` fine-tunes from:
-    ``doll`` -> ``doll``, a control (``doll_shuffled`` -> ``shuffled``); ``None`` for the other inits (scratch,
-    classifier encoder, external weights)."""
+    """The pre-training labels (``configs/pretrain.yaml`` ``pretrain_labels``) of a pre-training control init
+    (``doll_shuffled`` -> ``shuffled``); ``None`` for the other inits: the DoLL init's checkpoint is the pipeline's
+    pre-training stage (or a path the user gives), never made behind the user's back."""
     from bundle.doll.controls import PRETRAIN_LABELS
 
-    labels = "doll" if init == "doll" else init[len("doll_"):] if init.startswith("doll_") else ""
-    return labels if labels in PRETRAIN_LABELS else None
+    labels = init[len("doll_"):] if init.startswith("doll_") else ""
+    return labels if labels in PRETRAIN_LABELS and labels != "doll" else None
 
 
 @dataclass
 class PretrainStep:
-    """One pre-training a grid needs and that is not made yet (the DoLL of another architecture, e.g. UNet, or a
-    control of bundle/doll/controls.py): the labels, the segmenter architecture, the bundle runs that make its
+    """One pre-training control (bundle/doll/controls.py) a grid needs and that is not made yet: the labels, the segmenter architecture, the bundle runs that make its
     checkpoint (``generate_doll.yaml --doll_labels`` when the labels are generated and their datalist is missing,
     then ``pretrain.yaml --pretrain_labels``) and the checkpoint itself."""
 
@@ -233,19 +232,18 @@ class PretrainStep:
 def pretrain_steps(runs: Sequence[SweepRun], paths: Mapping[str, str], overrides: Mapping[str, Any] | None = None,
                    generate_overrides: Mapping[str, Any] | None = None,
                    pretrain_overrides: Mapping[str, Any] | None = None) -> list[PretrainStep]:
-    """The pre-trainings that ``runs`` fine-tune from and that are not made yet (no ``model.pt`` under
-    ``<models_dir>/pretrain/<arch>_<labels>``), in the order of the runs. They use the configs' defaults plus
-    ``overrides`` (both stages), ``generate_overrides`` / ``pretrain_overrides`` (one stage) and the shared folders: the recipe of the pipeline's DoLL pre-training (which makes
-    ``segresnet_doll`` before the sweep, so a pipeline's sweep pre-trains only the controls and other
-    architectures)."""
+    """The control pre-trainings that ``runs`` fine-tune from and that are not made yet (no ``model.pt`` under
+    ``<models_dir>/pretrain/<arch>_<labels>``, no ``init_checkpoints#<init>`` override), in the order of the runs.
+    They use the configs' defaults plus ``overrides`` (both stages), ``generate_overrides`` / ``pretrain_overrides``
+    (one stage) and the shared folders: the recipe of the pipeline's DoLL pre-training."""
     from bundle.doll.controls import GENERATED_LABELS, doll_datalist_name
 
     out: dict[tuple[str, str], PretrainStep] = {}
     for run in runs:
         labels = pretrain_labels_of(run.init)
         arch = str(run.overrides.get("seg_arch", "segresnet"))
-        if labels is None or (labels, arch) in out:
-            continue
+        if labels is None or (labels, arch) in out or f"init_checkpoints#{run.init}" in run.overrides:
+            continue  # not a control, listed already, or its checkpoint given
         ckpt = Path(paths["models_dir"]) / "pretrain" / f"{arch}_{labels}" / "model.pt"
         if ckpt.is_file():
             continue

@@ -81,16 +81,19 @@ def test_the_sweep_pretrains_the_missing_controls_first(tmp_path) -> None:
     from scripts.sweep import SweepGrid, pretrain_labels_of, pretrain_steps
 
     assert [pretrain_labels_of(i) for i in ("doll", "doll_shuffled", "doll_gradcam", "scratch", "external")] == [
-        "doll", "shuffled", "gradcam", None, None]
+        None, "shuffled", "gradcam", None, None]
     paths = {"data_root": str(tmp_path / "data"), "output_root": str(tmp_path / "eval"),
              "models_dir": str(tmp_path / "models")}
-    made = tmp_path / "models" / "pretrain" / "segresnet_doll" / "model.pt"
+    made = tmp_path / "models" / "pretrain" / "segresnet_oracle" / "model.pt"
     made.parent.mkdir(parents=True)
     made.write_bytes(b"x")
     (tmp_path / "data" / "datalists").mkdir(parents=True)
     (tmp_path / "data" / "datalists" / "doll_ig_single.json").write_text("{}")
     grid = SweepGrid.from_mapping({"tasks": ["scr", "infection"], "sizes": [4], "seeds": [0, 1],
-                                   "inits": ["doll", "doll_shuffled", "doll_gradcam", "doll_ig_single", "scratch"]})
+                                   "inits": ["doll", "doll_shuffled", "doll_gradcam", "doll_ig_single", "doll_oracle",
+                                             "scratch"],
+                                   "extra": [{"tasks": ["real_lungs"], "inits": ["doll_shuffled"], "sizes": [4],
+                                              "seeds": [0], "overrides": {"init_checkpoints#doll_shuffled": "/w.pt"}}]})
     steps = pretrain_steps(grid.runs(), paths, {"device": "cpu"}, {"image_root": "/chexpert"}, {"max_epochs": 2})
     assert [s.name for s in steps] == ["pretrain_segresnet_shuffled", "pretrain_segresnet_gradcam",
                                        "pretrain_segresnet_ig_single"]
