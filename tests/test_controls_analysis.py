@@ -67,6 +67,15 @@ def test_controls_table_against_scipy_and_hand_holm() -> None:
     assert any("true-lesion init beats DoLL-init on infection" in s for s in sentences), sentences
 
 
+def test_a_control_of_one_task_is_compared_there_only() -> None:
+    """A control run on one task (or size) only gives rows where the DoLL and it both ran, none with n=0."""
+    df = make_sweep()
+    df = df[~((df["task"] == "infection") & (df["init"] == "doll_oracle"))]
+    table = controls_table(df, n_boot=100)
+    assert (table["n"] == N_IMAGES).all() and len(table) == 3 + 2
+    assert set(table.loc[table["task"] == "infection", "reference"]) == {"doll_shuffled", "scratch"}
+
+
 def test_controls_table_without_controls_is_empty() -> None:
     assert controls_table(make_sweep(inits=("doll", "scratch")).query("init == 'doll'"), n_boot=100).empty
 

@@ -236,7 +236,8 @@ def controls_table(
         pair = df[df["init"].astype(str).isin([method, control])]
         table = compare_inits(pair, control, by=by, unit=_UNIT, alpha=alpha, n_boot=n_boot, confidence=confidence,
                               seed=seed)
-        frames.append(table[table["init"].astype(str) == method])
+        frames.append(table[(table["init"].astype(str) == method) & (table["n"] > 0)])  # cells with both
+    frames = [f for f in frames if len(f)]
     if not frames:
         return pd.DataFrame(columns=[*by, "init", "reference", "n", "mean_init", "mean_reference", "mean_diff",
                                      "ci_low", "ci_high", "wilcoxon_stat", "p_value", "p_holm", "rank_biserial",
