@@ -2,9 +2,10 @@
 
 - **Tasks** (:data:`TASKS`, :func:`task_spec`): the datalist file, the output structures and how SCR's five structure
   masks merge into them (``union_groups`` of :class:`bundle.transforms.LoadMaskd`).
-- **Low-data protocol** (:func:`parse_train_size`, :func:`subset_items`, :func:`run_name`, :func:`epochs_for`): a
-  nested, seeded subset of the training split (:func:`bundle.data.splits.subsample`), the name of the run it gives
-  and its number of epochs.
+- **Low-data protocol** (:func:`parse_train_size`, :func:`subset_items`, :func:`run_name`, :func:`arch_task`,
+  :func:`epochs_for`): a nested, seeded subset of the training split (:func:`bundle.data.splits.subsample`), the
+  name of the run it gives (with its architecture when not the default), the analysis label of that architecture's
+  runs and the number of epochs.
 - **Initialisations** (:data:`INIT_CHOICES`).
 
 A light module (no torch): the reporting and the runners import it without the workflows.
@@ -132,12 +133,27 @@ def has_key(items: Sequence[Mapping[str, Any]], key: str) -> bool:
     return len(items) > 0 and all(key in it for it in items)
 
 
-def run_name(task: str, init: str, train_size: int | str | None, seed: int, mode: str = "full") -> str:
-    """Name of one fine-tuning run: ``<task>_<init>_n<size|all>_seed<seed>[_<mode>]`` (checkpoint folder, output
-    folder and MLflow run name)."""
+#: the segmenter architecture of ``configs/train.yaml`` ``seg_arch`` whose runs carry no architecture in their names
+DEFAULT_SEG_ARCH = "segresnet"
+
+
+def run_name(task: str, init: str, train_size: int | str | None, seed: int, mode: str = "full",
+             arch: str | None = DEFAULT_SEG_ARCH) -> str:
+    """Name of one fine-tuning run: ``<task>_<init>_n<size|all>_seed<seed>[_<mode>][_<arch>]`` (checkpoint folder,
+    output folder and MLflow run name); the architecture is named only when it is not :data:`DEFAULT_SEG_ARCH`, so a
+    UNet run never overwrites the SegResNet run of the same cell."""
     n = parse_train_size(train_size)
     name = f"{task}_{init}_n{'all' if n is None else n}_seed{int(seed)}"
-    return name if str(mode) == "full" else f"{name}_{mode}"
+    if str(mode) != "full":
+        name = f"{name}_{mode}"
+    return name if arch in (None, "", DEFAULT_SEG_ARCH) else f"{name}_{arch}"
+
+
+def arch_task(task: str, arch: str | None = DEFAULT_SEG_ARCH) -> str:
+    """The task label of the analysis for runs of one architecture: ``task`` for :data:`DEFAULT_SEG_ARCH` (or none),
+    ``<task>:<arch>`` otherwise, so that each architecture's inits are compared among themselves (DoLL-UNet against
+    scratch-UNet) and get their own tables, curves and panels."""
+    return task if arch in (None, "", DEFAULT_SEG_ARCH) or str(arch) == "nan" else f"{task}:{arch}"
 
 
 #: ``init`` ids of ``configs/train.yaml`` -> strategies of :func:`bundle.networks.transfer.initialise_segmenter`.

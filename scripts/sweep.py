@@ -40,7 +40,8 @@ from typing import Any, Mapping, Sequence
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bundle.tasks import INIT_CHOICES, TASKS, parse_train_size, run_name  # noqa: E402
+from bundle.tasks import (DEFAULT_SEG_ARCH, INIT_CHOICES, TASKS, arch_task, parse_train_size,  # noqa: E402
+                          run_name)
 from scripts.processes import process_pool, run_workflows_in_child, say, threads_for  # noqa: E402
 
 #: Columns of the sweep's tidy CSV, in order (the per-run CSVs of configs/evaluate.yaml have them all).
@@ -72,8 +73,13 @@ class SweepRun:
     error: str = ""
 
     @property
+    def arch(self) -> str:
+        """The segmenter architecture (``seg_arch`` of its overrides, else the configs' default)."""
+        return str(self.overrides.get("seg_arch", DEFAULT_SEG_ARCH))
+
+    @property
     def name(self) -> str:
-        return run_name(self.task, self.init, self.train_size, self.seed, self.mode)
+        return run_name(self.task, self.init, self.train_size, self.seed, self.mode, self.arch)
 
     def args(self) -> dict[str, Any]:
         """The bundle overrides that select this run."""
@@ -162,12 +168,15 @@ class SweepGrid:
 
     def runs(self) -> list[SweepRun]:
         """Every run of the grid and of its extra grids (each extra run once, with its grid's overrides)."""
+        arch = {"seg_arch": self.overrides["seg_arch"]} if "seg_arch" in self.overrides else {}
         runs = make_grid(self.tasks, self.inits, self.sizes, self.seeds, self.modes)
+        for run in runs:
+            run.overrides = dict(arch)  # the grid's architecture names its runs (run_name)
         names = {r.name for r in runs}
         for grid in self.extra:
             sub = SweepGrid.from_mapping({"modes": self.modes, **grid})
             for run in make_grid(sub.tasks, sub.inits, sub.sizes, sub.seeds, sub.modes):
-                run.overrides = dict(sub.overrides)
+                run.overrides = {**arch, **sub.overrides}
                 if run.name not in names:
                     runs.append(run)
                     names.add(run.name)
@@ -205,8 +214,9 @@ def make_grid(tasks: Sequence[str], inits: Sequence[str], sizes: Sequence[int | 
 
 def pretrain_labels_of(init: str) -> str | None:
     """The pre-training labels (``configs/pretrain.yaml`` ``pretrain_labels``) of a pre-training control init
-    (``doll_shuffled`` -> ``shuffled``); ``None`` for the other inits: the DoLL init's checkpoint is the pipeline's
-    pre-training stage (or a path the user gives), never made behind the user's back."""
+    (``doll_shuffled`` -> ``shuffled``); ``None`` for the other inits: the DoLL init's checkpoint of the default
+    architecture is the pipeline's pre-training stage (or a path the user gives), never made behind the user's back
+    (another architecture's is: :func:`pretrain_steps`)."""
     from bundle.doll.controls import PRETRAIN_LABELS
 
     labels = init[len("doll_"):] if init.startswith("doll_") else ""
@@ -233,7 +243,9 @@ def pretrain_steps(runs: Sequence[SweepRun], paths: Mapping[str, str], overrides
                    generate_overrides: Mapping[str, Any] | None = None,
                    pretrain_overrides: Mapping[str, Any] | None = None) -> list[PretrainStep]:
     """The control pre-trainings that ``runs`` fine-tune from and that are not made yet (no ``model.pt`` under
-    ``<models_dir>/pretrain/<arch>_<labels>``, no ``init_checkpoints#<init>`` override), in the order of the runs.
+    ``<models_dir>/pretrain/<arch>_<labels>``, no ``init_checkpoints#<init>`` override), in the order of the runs,
+    and the DoLL pre-training of an architecture other than :data:`DEFAULT_SEG_ARCH` (e.g. the full protocol's UNet:
+    the pipeline's pre-training stage makes the default architecture's only).
     They use the configs' defaults plus ``overrides`` (both stages), ``generate_overrides`` / ``pretrain_overrides``
     (one stage) and the shared folders: the recipe of the pipeline's DoLL pre-training."""
     from bundle.doll.controls import GENERATED_LABELS, doll_datalist_name
@@ -241,7 +253,9 @@ def pretrain_steps(runs: Sequence[SweepRun], paths: Mapping[str, str], overrides
     out: dict[tuple[str, str], PretrainStep] = {}
     for run in runs:
         labels = pretrain_labels_of(run.init)
-        arch = str(run.overrides.get("seg_arch", "segresnet"))
+        arch = run.arch
+        if labels is None and run.init == "doll" and arch != DEFAULT_SEG_ARCH:
+            labels = "doll"  # the pipeline pre-trains the default architecture only: another one's DoLL init here
         if labels is None or (labels, arch) in out or f"init_checkpoints#{run.init}" in run.overrides:
             continue  # not a control, listed already, or its checkpoint given
         ckpt = Path(paths["models_dir"]) / "pretrain" / f"{arch}_{labels}" / "model.pt"
@@ -300,6 +314,9 @@ def summarise(frame: Any) -> Any:
 
     if frame.empty:
         return pd.DataFrame(columns=["task", "init", "train_size", "mode", "dice_mean", "dice_std", "n_seeds"])
+    if "arch" in frame.columns:  # another architecture's runs apart: task "<task>:<arch>"
+        frame = frame.assign(task=[arch_task(t, None if pd.isna(a) else str(a))
+                                   for t, a in zip(frame["task"], frame["arch"])])
     per_image = frame.groupby(["task", "init", "train_size", "mode", "seed", "image"], as_index=False)["dice"].mean()
     per_seed = per_image.groupby(["task", "init", "train_size", "mode", "seed"], as_index=False)["dice"].mean()
     out = per_seed.groupby(["task", "init", "train_size", "mode"], as_index=False)["dice"].agg(

@@ -112,11 +112,12 @@ def load_sweep(path: PathLike, task: str | Sequence[str] | None = None) -> pd.Da
     """Read the sweep's tidy CSV.
 
     ``train_size`` becomes ``int`` or ``"all"``; ``task``, ``init``, ``image``, ``structure`` text; ``seed`` int.
-    With a ``mode`` column, rows whose mode is not ``full`` get ``init = "<init>:<mode>"`` (a strategy of its own).
+    With a ``mode`` column, rows whose mode is not ``full`` get ``init = "<init>:<mode>"`` (a strategy of its own);
+    with an ``arch`` column, rows of an architecture other than SegResNet get ``task = "<task>:<arch>"``.
 
     Args:
         path: the CSV file.
-        task: keep only this task (or these tasks).
+        task: keep only this task (or these tasks; ``<task>:<arch>`` for another architecture's runs).
 
     Raises:
         BundleInputError: missing file, missing columns, no rows, or non-numeric Dice.
@@ -133,6 +134,7 @@ def load_sweep(path: PathLike, task: str | Sequence[str] | None = None) -> pd.Da
     missing = [c for c in SWEEP_COLUMNS if c not in df.columns]
     if missing:
         raise BundleInputError(path, f"sweep CSV lacks columns {missing} (has {list(df.columns)})")
+    df = _fold_arch(df)
     if task is not None:
         tasks = {task} if isinstance(task, str) else set(task)
         df = df[df["task"].isin(tasks)]
@@ -151,6 +153,18 @@ def load_sweep(path: PathLike, task: str | Sequence[str] | None = None) -> pd.Da
         mode = df["mode"].fillna("full").astype(str)
         df["init"] = np.where(mode == "full", df["init"], df["init"] + ":" + mode)
     return df.reset_index(drop=True)
+
+
+def _fold_arch(df: pd.DataFrame) -> pd.DataFrame:
+    """With an ``arch`` column, the runs of an architecture other than the default get the task label
+    ``<task>:<arch>`` (:func:`bundle.tasks.arch_task`): each architecture's inits are compared among themselves."""
+    import pandas as pd
+
+    from ..tasks import arch_task
+
+    if "arch" in df.columns:
+        df["task"] = [arch_task(t, None if pd.isna(a) else str(a)) for t, a in zip(df["task"], df["arch"])]
+    return df
 
 
 def per_image_scores(df: pd.DataFrame, value_col: str = "dice") -> pd.DataFrame:
@@ -349,7 +363,7 @@ def load_val_curves(path: PathLike) -> pd.DataFrame:
         mode = df["mode"].fillna("full").astype(str)
         df["init"] = np.where(mode == "full", df["init"], df["init"] + ":" + mode)
     df["train_size"] = pd.Series([normalise_size(v) for v in df["train_size"]], index=df.index, dtype=object)
-    return df
+    return _fold_arch(df)
 
 
 def efficiency_table(curves: pd.DataFrame, fraction: float = 0.95, metric: str = "val_mean_dice") -> pd.DataFrame:
