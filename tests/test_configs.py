@@ -112,3 +112,17 @@ def test_every_sweep_grid_is_defined_once_in_sweep_yaml() -> None:
     assert len(full.seeds) >= 5 and full.sizes == ["2", "4", "8", "16", "all"]
     with pytest.raises(ValueError, match="unknown sweep grid fields"):
         SweepGrid.from_mapping({"tasks": ["scr"], "inits": ["doll"], "sizes": [4], "seeds": [0], "size": 2})
+
+
+@pytest.mark.parametrize("labels", ["doll", "shuffled"])
+def test_pretrain_tracking_tags_name_the_pretraining_labels(labels: str) -> None:
+    """The MLflow run of a pre-training control is tagged with its labels (not always ``doll``), so a tracking query
+    tells the DoLL pre-training from its controls."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "pretrain.yaml"))
+    parser["pretrain_labels"] = labels
+    tracking = [i for i, h in enumerate(parser.get("train#handlers")) if h["_target_"].endswith("TrackingHandler")]
+    assert len(tracking) == 1
+    tags = parser.get_parsed_content(f"train#handlers#{tracking[0]}#tags")
+    assert tags["labels"] == labels and tags["stage"] == "pretrain"
+    assert parser.get_parsed_content("pretrain_name") == f"segresnet_{labels}"
