@@ -79,7 +79,17 @@ def read_runs(tracking_uri: str, experiment_name: str) -> list[Any]:
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment_name)
-    return [] if exp is None else client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    if exp is None:
+        return []
+    runs: list[Any] = []
+    token = None
+    while True:  # page through: one search returns at most max_results runs (a full protocol logs more)
+        page = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000,
+                                  page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def log_run(tracking_uri: str, experiment_name: str, run_name: str, params: Mapping[str, Any] | None = None,
