@@ -334,6 +334,7 @@ def run_sweep(
     verbose: bool = False,
     keep_going: bool = False,
     log_mlflow: bool = True,
+    collect_only: bool = False,
 ) -> SweepResult:
     """Run (or resume) the low-data grid and write its tidy per-image CSV.
 
@@ -350,9 +351,12 @@ def run_sweep(
         verbose: stream the runs' output (default: ``<output_root>/segmentation/logs/<run>.log``).
         keep_going: record a failed run and continue (default: raise at the first failure).
         log_mlflow: log the sweep's summary run to MLflow.
+        collect_only: train nothing: write the CSVs of the runs finished so far (``missing`` for the others), e.g.
+            to analyse a long protocol part-way while it runs elsewhere or before it is resumed.
 
     Returns:
-        :class:`SweepResult` (each run's status: ``skipped`` when its CSV existed, else ``done`` or ``failed``).
+        :class:`SweepResult` (each run's status: ``skipped`` when its CSV existed, else ``done`` or ``failed``;
+        ``missing`` for an unfinished run under ``collect_only``).
 
     Raises:
         RuntimeError: a run failed (without ``keep_going``); the message has the command's log tail.
@@ -377,12 +381,16 @@ def run_sweep(
     threads = threads_for(jobs)
     failures: list[str] = []
     shared = {k: v for k, v in common.items() if k in ("device", "tracking_uri", "mlflow_experiment_prefix")}
-    pretrainings = pretrain_steps(runs, paths, shared, grid.generate_overrides, grid.pretrain_overrides)
+    pretrainings = [] if collect_only else pretrain_steps(runs, paths, shared, grid.generate_overrides,
+                                                          grid.pretrain_overrides)
 
     def execute(k: int, run: SweepRun) -> None:
         if metrics_csv(paths["output_root"], run, split).is_file():
             run.status = "skipped"
             say(f"[sweep] {k}/{len(runs)} {run.name}: finished before, skipped")
+            return
+        if collect_only:
+            run.status = "missing"
             return
         if failures and not keep_going:
             return
@@ -407,19 +415,23 @@ def run_sweep(
     from concurrent.futures import ThreadPoolExecutor
 
     # one thread per concurrent run submits it to the process pool and waits (the pool forks a fresh process each)
-    with process_pool(jobs) as pool, ThreadPoolExecutor(max_workers=max(1, jobs)) as threads_pool:
-        for control in pretrainings:  # the missing pre-trainings first, one at a time with every thread
-            start = time.time()
-            log_path = log_dir / f"{control.name}.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            say(f"[sweep] {control.name}: {', '.join(s['name'] for s in control.steps)} (log {log_path})")
-            code = pool.submit(run_workflows_in_child, control.steps, None if verbose else str(log_path),
-                               threads_for(1)).result()
-            if code != 0 or not control.checkpoint.is_file():
-                tail = "" if verbose else "".join(log_path.read_text(errors="replace").splitlines(True)[-30:])
-                raise RuntimeError(f"[sweep] {control.name}: failed (exit {code}); log {log_path}\n{tail}")
-            say(f"[sweep] {control.name}: done in {time.time() - start:.0f} s")
-        list(threads_pool.map(lambda kr: execute(*kr), enumerate(runs, 1)))
+    if collect_only:
+        for k, run in enumerate(runs, 1):
+            execute(k, run)
+    else:
+        with process_pool(jobs) as pool, ThreadPoolExecutor(max_workers=max(1, jobs)) as threads_pool:
+            for control in pretrainings:  # the missing pre-trainings first, one at a time with every thread
+                start = time.time()
+                log_path = log_dir / f"{control.name}.log"
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                say(f"[sweep] {control.name}: {', '.join(s['name'] for s in control.steps)} (log {log_path})")
+                code = pool.submit(run_workflows_in_child, control.steps, None if verbose else str(log_path),
+                                   threads_for(1)).result()
+                if code != 0 or not control.checkpoint.is_file():
+                    tail = "" if verbose else "".join(log_path.read_text(errors="replace").splitlines(True)[-30:])
+                    raise RuntimeError(f"[sweep] {control.name}: failed (exit {code}); log {log_path}\n{tail}")
+                say(f"[sweep] {control.name}: done in {time.time() - start:.0f} s")
+            list(threads_pool.map(lambda kr: execute(*kr), enumerate(runs, 1)))
     if failures and not keep_going:
         raise RuntimeError(failures[0])
 
@@ -434,10 +446,11 @@ def run_sweep(
         with pd.option_context("display.width", 120, "display.max_rows", 200):
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
     result = SweepResult(runs=runs, csv_path=csv_path, num_rows=len(frame), summary=table.to_dict("records"))
-    if log_mlflow and not frame.empty:
+    if log_mlflow and not collect_only and not frame.empty:
         result.mlflow_run_id = _log_sweep(result, paths["output_root"], overrides, split, grid.describe())
-    say(f"[sweep] {result.count('done')} run, {result.count('skipped')} skipped, {result.count('failed')} failed; "
-        f"{len(frame)} rows in {csv_path}")
+    say(f"[sweep] {result.count('done')} run, {result.count('skipped')} skipped, {result.count('failed')} failed"
+        + (f", {result.count('missing')} not finished yet (collected only)" if collect_only else "")
+        + f"; {len(frame)} rows in {csv_path}")
     return result
 
 
@@ -463,7 +476,7 @@ def main(settings: str = "default", tasks: Any = None, inits: Any = None, sizes:
          modes: Any = None, set: Mapping[str, Any] | None = None, jobs: int | None = None,  # noqa: A002
          data_root: str | None = None, output_root: str | None = None, models_dir: str | None = None,
          device: str | None = None, split: str = "test", output_csv: str | None = None, keep_going: bool = False,
-         verbose: bool = False, dry_run: bool = False) -> SweepResult:
+         verbose: bool = False, dry_run: bool = False, collect_only: bool = False) -> SweepResult:
     """Run the grid ``settings`` of configs/sweep.yaml, narrowed by the command line.
 
     Args:
@@ -475,7 +488,8 @@ def main(settings: str = "default", tasks: Any = None, inits: Any = None, sizes:
         data_root, output_root, models_dir: the shared folders (default: under the bundle root).
         device: torch device (default: the config's). split: the evaluated split. output_csv: the tidy CSV.
         keep_going: continue after a failed run. verbose: stream the runs' output. dry_run: list the runs and
-            whether each is finished, run nothing.
+            whether each is finished, run nothing. collect_only: run nothing, write the CSVs of the finished runs
+            (the analysis of a protocol part-way).
     """
     grid = SweepGrid.from_settings(settings)
     changes = {k: v for k, v in (("tasks", tasks), ("inits", inits), ("sizes", sizes), ("seeds", seeds),
@@ -500,7 +514,7 @@ def main(settings: str = "default", tasks: Any = None, inits: Any = None, sizes:
             print(f"{run.name}: {'finished' if metrics_csv(out, run, split).is_file() else 'to run'}")
         return SweepResult(runs=runs, csv_path="", num_rows=0)
     return run_sweep(grid, paths, device=device, split=split, output_csv=output_csv, verbose=verbose,
-                     keep_going=keep_going)
+                     keep_going=keep_going, collect_only=collect_only)
 
 
 if __name__ == "__main__":

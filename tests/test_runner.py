@@ -114,3 +114,26 @@ def test_pooled_workflow_runs_like_a_bundle_process(tmp_path):
     assert "probe says hello" in (tmp_path / "ok.log").read_text()
     assert "ZeroDivisionError" in (tmp_path / "bad.log").read_text()      # the traceback is in the run's log
     assert "probe says hello" not in (tmp_path / "bad.log").read_text()
+
+
+def test_sweep_collect_only_writes_the_finished_runs_and_trains_nothing(tmp_path):
+    """A long protocol analysed part-way: --collect_only gathers the finished runs' CSVs, marks the others missing,
+    and starts no training or pre-training (no log folder, no MLflow store)."""
+    from scripts.sweep import SweepGrid, metrics_csv, run_sweep
+
+    grid = SweepGrid.from_mapping({"tasks": ["scr"], "inits": ["doll", "scratch", "doll_shuffled"], "sizes": [4],
+                                   "seeds": [0]})
+    runs = grid.runs()
+    out = tmp_path / "eval"
+    finished = metrics_csv(out, runs[1])
+    finished.parent.mkdir(parents=True)
+    finished.write_text("task,init,train_size,seed,mode,split,image,structure,dice\n"
+                        "scr,scratch,4,0,full,test,a,lungs,0.9\nscr,scratch,4,0,full,test,a,heart,0.8\n")
+    paths = {"data_root": str(tmp_path / "data"), "output_root": str(out), "models_dir": str(tmp_path / "models")}
+    result = run_sweep(grid, paths, collect_only=True)
+    assert [r.status for r in result.runs] == ["missing", "skipped", "missing"]
+    frame = __import__("pandas").read_csv(result.csv_path)
+    assert result.csv_path == str(out / "segmentation" / "sweep_test.csv") and len(frame) == result.num_rows == 2
+    assert set(frame["init"]) == {"scratch"} and result.mlflow_run_id is None
+    assert not (out / "segmentation" / "logs").exists() and not (out / "mlruns.db").exists()
+    assert not (tmp_path / "models").exists()  # the shuffled control's pre-training was not started
