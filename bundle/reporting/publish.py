@@ -20,11 +20,11 @@ import datetime as _dt
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..utils import BundleInputError, atomic_write_text
+from ..utils import BundleInputError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,21 +78,22 @@ def compute_summary(times: pd.DataFrame) -> pd.DataFrame:
 def runs_per_cell(sweep: pd.DataFrame) -> pd.DataFrame:
     """Seeds per task, architecture, init and training size of the sweep's tidy CSV (``arch`` may be absent in
     CSVs of older runs: then every run is SegResNet's)."""
+    from ..tasks import DEFAULT_SEG_ARCH
+
     frame = sweep.copy()
     if "arch" not in frame:
-        frame["arch"] = "segresnet"
+        frame["arch"] = DEFAULT_SEG_ARCH
     frame["train_size"] = frame["train_size"].astype(str)
     cells = frame.groupby(["task", "arch", "init", "train_size"])["seed"].agg(
         seeds="nunique", seed_list=lambda s: ",".join(str(v) for v in sorted(set(s))))
     return cells.reset_index()
 
 
-def _markdown(frame: pd.DataFrame) -> str:
-    """A pipe table (no optional dependency such as ``tabulate``)."""
-    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
+def _markdown(frame: pd.DataFrame, **formats: Callable[[Any], str]) -> str:
+    """``frame`` as a pipe table, rendered as the report renders its tables."""
+    from .report import Report, Table
+
+    return "\n".join(Report._md_block(Table("table", frame, formats=formats)))
 
 
 def _git_commit(*roots: str | os.PathLike) -> str:
@@ -163,7 +164,7 @@ def publish_results(output_root: str | os.PathLike, dest: str | os.PathLike, tra
         times.to_csv(tmp / "run_times.csv", index=False)
         readme = _readme(sweep, times, command=command, notes=notes, jobs=jobs,
                          commit=commit or _git_commit(out, bundle_root or Path(__file__).resolve().parents[2]))
-        atomic_write_text(tmp / "README.md", readme)
+        (tmp / "README.md").write_text(readme)  # the folder as a whole is renamed into place below
         old = dest.parent / f".{dest.name}.old-{os.getpid()}"
         if dest.exists():
             dest.rename(old)
@@ -181,7 +182,7 @@ def _readme(sweep: pd.DataFrame, times: pd.DataFrame, command: str, notes: str, 
     cells = runs_per_cell(sweep)
     summary = compute_summary(times)
     total = float(times["seconds"].sum()) if len(times) else 0.0
-    n_runs = int(sweep.groupby(["task", "init", "train_size", "seed"] + (["arch"] if "arch" in sweep else [])).ngroups)
+    n_runs = int(cells["seeds"].sum())
     lines = [
         "# Published results",
         "",
@@ -202,7 +203,8 @@ def _readme(sweep: pd.DataFrame, times: pd.DataFrame, command: str, notes: str, 
         "Wall time of each fine-tuning and pre-training run as MLflow recorded it (`run_times.csv`), per stage, task",
         "and architecture:",
         "",
-        _markdown(summary) if len(summary) else "No finished run in the MLflow store.",
+        _markdown(summary, median_s="{:.1f}".format, total_s="{:,.0f}".format) if len(summary)
+        else "No finished run in the MLflow store.",
         "",
         f"Sum over the runs: {total:,.0f} s ({total / 3600:.1f} h)"
         + (f"; with {jobs} runs at once, about {total / jobs / 3600:.1f} h of wall time." if jobs else "."),
