@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(name: str, output_root: str | None = None, results_dir: str | None = None, tracking_uri: str | None = None,
-         prefix: str | None = None, command: str = "", notes: str = "", jobs: int | None = None) -> str:
+         prefix: str | None = None, command: str = "", notes: str = "", jobs: int | None = None,
+         commit: str | None = None) -> str:
     """Publish ``<output_root>`` (default ``eval/``) as ``<results_dir>/<name>`` (default ``docs/results/<name>``).
 
     Args:
@@ -32,6 +33,8 @@ def main(name: str, output_root: str | None = None, results_dir: str | None = No
         tracking_uri: the run's MLflow store (default ``sqlite:///<output_root>/mlruns.db``, as the configs').
         prefix: the MLflow experiment prefix (default ``bundle.constants.MLFLOW_EXPERIMENT_PREFIX``).
         command, notes: recorded in the README. jobs: runs that ran at once (for the wall-time estimate).
+        commit: the code's commit the runs were made with (default: ``git rev-parse HEAD`` of the checkout that holds
+            ``output_root``, else of this one).
     """
     from monai.utils import path_to_sqlite_uri
 
@@ -42,7 +45,7 @@ def main(name: str, output_root: str | None = None, results_dir: str | None = No
     dest = Path(results_dir or ROOT / "docs" / "results") / name
     uri = tracking_uri or path_to_sqlite_uri(str(out / "mlruns.db"))
     path = publish_results(out, dest, uri, prefix or MLFLOW_EXPERIMENT_PREFIX, command=command, notes=notes,
-                           jobs=jobs, bundle_root=ROOT)
+                           commit=commit, jobs=jobs, bundle_root=ROOT)
     print(f"[publish] {path}")
     return str(path)
 

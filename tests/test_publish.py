@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bundle.reporting.publish import compute_summary, publish_results, run_times, runs_per_cell
+from bundle.reporting.publish import compute_summary, publish_results, run_times, runs_of_sweep, runs_per_cell
 from bundle.utils import BundleInputError
 
 PREFIX = "pubtest"
@@ -23,7 +23,13 @@ RUNS = [
                                                "train_size": "4", "seed": "1"}, 2_000_000, 2_100_000),
     ("pretrain", "segresnet_doll", {"stage": "pretrain", "arch": "segresnet", "labels": "doll"}, 500_000, 750_000),
     ("pretrain", "unet_doll", {"stage": "pretrain", "arch": "unet", "labels": "doll"}, 3_000_000, None),  # running
+    # not in the published sweep: another task's run and a control's pre-training (tagged "doll" as older runs were;
+    # its pretrain_labels param says gradcam)
+    ("finetune", "real_lungs_doll_n2_seed0", {"stage": "finetune", "task": "real_lungs", "arch": "segresnet",
+                                              "init": "doll", "train_size": "2", "seed": "0"}, 4_000_000, 4_300_000),
+    ("pretrain", "segresnet_gradcam", {"stage": "pretrain", "arch": "segresnet", "labels": "doll"}, 600_000, 700_000),
 ]
+PARAMS = {"segresnet_gradcam": {"pretrain_labels": "gradcam"}, "segresnet_doll": {"pretrain_labels": "doll"}}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +57,8 @@ def run_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         if stage not in experiments:
             experiments[stage] = client.create_experiment(f"{PREFIX}_{stage}")
         run = client.create_run(experiments[stage], start_time=start, tags=tags, run_name=name)
+        for key, value in PARAMS.get(name, {}).items():
+            client.log_param(run.info.run_id, key, value)
         if end is not None:
             client.set_terminated(run.info.run_id, status="FINISHED", end_time=end)
     return root, uri
@@ -64,6 +72,7 @@ def test_run_times_are_read_back_from_mlflow(run_root: tuple[Path, str]) -> None
     assert times.loc["scr_doll_n4_seed0", "seconds"] == pytest.approx(130.5)
     assert times.loc["scr_doll_n4_seed0_eval_test", "stage"] == "evaluate"  # the run's own stage tag
     assert times.loc["segresnet_doll", "seconds"] == pytest.approx(250.0)
+    assert times.loc["segresnet_gradcam", "labels"] == "gradcam"  # the run's labels param wins over its old tag
     summary = compute_summary(times.reset_index()).set_index(["stage", "task", "arch"])
     assert summary.loc[("finetune", "scr", "unet"), "total_s"] == 100
     assert summary.loc[("finetune", "scr", "segresnet"), "runs"] == 1
@@ -71,12 +80,26 @@ def test_run_times_are_read_back_from_mlflow(run_root: tuple[Path, str]) -> None
 
 
 def test_runs_per_cell_counts_seeds() -> None:
-    sweep = pd.DataFrame({"task": ["scr"] * 4, "init": ["doll"] * 4, "train_size": [4, 4, "all", 4],
-                          "seed": [0, 1, 0, 1], "dice": 0.5})
-    cells = runs_per_cell(sweep).set_index(["init", "train_size"])  # no arch column: SegResNet's runs
+    sweep = pd.DataFrame({"task": ["scr"] * 5, "init": ["doll"] * 5, "train_size": [4, 4, "all", 4, 16],
+                          "seed": [0, 1, 0, 1, 0], "dice": 0.5})
+    cells = runs_per_cell(sweep)
+    assert list(cells["train_size"]) == ["4", "16", "all"]  # sizes in numeric order, "all" last
+    cells = cells.set_index(["init", "train_size"])  # no arch column: SegResNet's runs
     assert cells.loc[("doll", "4"), "seeds"] == 2 and cells.loc[("doll", "4"), "seed_list"] == "0,1"
     assert cells.loc[("doll", "all"), "seeds"] == 1
     assert set(cells["arch"]) == {"segresnet"}
+
+
+def test_runs_of_sweep_keeps_the_sweeps_runs_and_their_pretrainings(run_root: tuple[Path, str]) -> None:
+    root, uri = run_root
+    sweep = pd.read_csv(root / "segmentation" / "sweep_test.csv", dtype={"train_size": str})
+    kept = runs_of_sweep(run_times(uri, PREFIX), sweep)
+    # the sweep's fine-tuning + evaluation runs and the DoLL pre-training of its doll init; not the real-lungs run (no
+    # such cell), not the Grad-CAM control's pre-training (no doll_gradcam init), not the unfinished UNet one
+    assert sorted(kept["run_name"]) == ["scr_doll_n4_seed0", "scr_doll_n4_seed0_eval_test",
+                                        "scr_scratch_n4_seed1_unet", "segresnet_doll"]
+    with_control = pd.concat([sweep, sweep.head(1).assign(init="doll_gradcam")], ignore_index=True)
+    assert "segresnet_gradcam" in set(runs_of_sweep(run_times(uri, PREFIX), with_control)["run_name"])
 
 
 def test_publish_writes_the_folder_whole_and_replaces_the_old_one(run_root: tuple[Path, str], tmp_path: Path) -> None:
@@ -95,7 +118,7 @@ def test_publish_writes_the_folder_whole_and_replaces_the_old_one(run_root: tupl
     readme = (dest / "README.md").read_text()
     assert "commit `abc123`" in readme and "python scripts/sweep.py --settings full" in readme
     assert "Fine-tuning runs in the per-image CSV: 4" in readme
-    # 130.5 + 1 + 100 + 250 s of finished runs, two at a time
+    # 130.5 + 1 + 100 + 250 s of the sweep's finished runs, two at a time (the other runs of the store left out)
     assert "Sum over the runs: 482 s" in readme and "with 2 runs at once" in readme
     assert "| scr | unet | scratch | 4 | 1 | 1 |" in readme
     assert len(pd.read_csv(dest / "run_times.csv")) == 4

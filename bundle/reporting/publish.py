@@ -8,7 +8,7 @@ module copies what a reader of the repository needs into one folder:
   every fine-tuning and pre-training run, read back from MLflow (:func:`run_times`), summed per task and architecture;
 * ``report.md`` with its ``tables/`` and ``figures/`` (the report stage's output, unchanged);
 * ``sweep_test.csv.gz``: the tidy per-image test Dice of every run, for re-analysis;
-* ``run_times.csv``: one row per MLflow run with its wall seconds.
+* ``run_times.csv``: one row per MLflow run of the published sweep (:func:`runs_of_sweep`) with its wall seconds.
 
 The folder is written beside its destination and renamed into place, so an interrupted publish leaves the previous
 results whole (:func:`publish_results`).
@@ -29,7 +29,7 @@ from ..utils import BundleInputError
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["RUN_TIME_STAGES", "run_times", "compute_summary", "runs_per_cell", "publish_results"]
+__all__ = ["RUN_TIME_STAGES", "run_times", "runs_of_sweep", "compute_summary", "runs_per_cell", "publish_results"]
 
 #: the MLflow experiments (``<prefix>_<stage>``) whose runs are timed: the training runs of the protocol
 RUN_TIME_STAGES = ("finetune", "pretrain")
@@ -53,13 +53,39 @@ def run_times(tracking_uri: str, prefix: str, stages: Sequence[str] = RUN_TIME_S
         for run in read_runs(tracking_uri, f"{prefix}_{stage}"):
             if run.info.status != "FINISHED" or not run.info.end_time:
                 continue
-            tags = run.data.tags
+            tags = dict(run.data.tags)
+            if run.data.params.get("pretrain_labels"):  # the labels the run was given (older runs tagged every
+                tags["labels"] = run.data.params["pretrain_labels"]  # pre-training control "doll")
             rows.append({"stage": tags.get("stage", stage), "run_name": run.info.run_name,
                          **{k: tags.get(k, "") for k in _TAGS},
                          "seconds": round((run.info.end_time - run.info.start_time) / 1000.0, 1)})
     columns = ["stage", "run_name", *_TAGS, "seconds"]
     frame = pd.DataFrame(rows, columns=columns)
     return frame.sort_values(["stage", "run_name"], ignore_index=True) if len(frame) else frame
+
+
+def runs_of_sweep(times: pd.DataFrame, sweep: pd.DataFrame) -> pd.DataFrame:
+    """The rows of :func:`run_times` that made ``sweep`` (the tidy per-image CSV): the fine-tuning and evaluation
+    runs of its cells (task, architecture, init, training size, seed) and the pre-trainings its inits start from
+    (``doll`` -> the DoLL pre-training, ``doll_<labels>`` -> that control's, per architecture). Runs of the same
+    MLflow store that the published sweep does not hold (another grid, a probe, a run still going) are left out."""
+    from ..tasks import DEFAULT_SEG_ARCH
+
+    if times.empty:
+        return times
+
+    def arch_of(value: Any) -> str:
+        return str(value) if isinstance(value, str) and value else DEFAULT_SEG_ARCH
+
+    sweep_arch = sweep["arch"] if "arch" in sweep else [DEFAULT_SEG_ARCH] * len(sweep)
+    cells = {(str(t), arch_of(a), str(i), str(n), str(s)) for t, a, i, n, s in
+             zip(sweep["task"], sweep_arch, sweep["init"], sweep["train_size"], sweep["seed"])}
+    pretrained = {(arch, init[len("doll_"):] if init.startswith("doll_") else "doll")
+                  for _, arch, init, _, _ in cells if init == "doll" or init.startswith("doll_")}
+    keep = [((arch_of(r.arch), str(r.labels)) in pretrained) if r.stage == "pretrain" else
+            ((str(r.task), arch_of(r.arch), str(r.init), str(r.train_size), str(r.seed)) in cells)
+            for r in times.itertuples()]
+    return times[keep].reset_index(drop=True)
 
 
 def compute_summary(times: pd.DataFrame) -> pd.DataFrame:
@@ -85,8 +111,10 @@ def runs_per_cell(sweep: pd.DataFrame) -> pd.DataFrame:
         frame["arch"] = DEFAULT_SEG_ARCH
     frame["train_size"] = frame["train_size"].astype(str)
     cells = frame.groupby(["task", "arch", "init", "train_size"])["seed"].agg(
-        seeds="nunique", seed_list=lambda s: ",".join(str(v) for v in sorted(set(s))))
-    return cells.reset_index()
+        seeds="nunique", seed_list=lambda s: ",".join(str(v) for v in sorted(set(s)))).reset_index()
+    size_order = cells["train_size"].map(lambda v: float("inf") if v == "all" else float(v))
+    order = cells.assign(_size=size_order).sort_values(["task", "arch", "_size", "init"]).index
+    return cells.loc[order].reset_index(drop=True)
 
 
 def _markdown(frame: pd.DataFrame, **formats: Callable[[Any], str]) -> str:
@@ -160,7 +188,7 @@ def publish_results(output_root: str | os.PathLike, dest: str | os.PathLike, tra
             if (report.parent / folder).is_dir():
                 shutil.copytree(report.parent / folder, tmp / folder)
         sweep.to_csv(tmp / "sweep_test.csv.gz", index=False, compression={"method": "gzip", "mtime": 0})
-        times = run_times(tracking_uri, prefix)
+        times = runs_of_sweep(run_times(tracking_uri, prefix), sweep)
         times.to_csv(tmp / "run_times.csv", index=False)
         readme = _readme(sweep, times, command=command, notes=notes, jobs=jobs,
                          commit=commit or _git_commit(out, bundle_root or Path(__file__).resolve().parents[2]))
@@ -200,8 +228,8 @@ def _readme(sweep: pd.DataFrame, times: pd.DataFrame, command: str, notes: str, 
         "",
         "## Measured compute",
         "",
-        "Wall time of each fine-tuning and pre-training run as MLflow recorded it (`run_times.csv`), per stage, task",
-        "and architecture:",
+        "Wall time of each fine-tuning and pre-training run of this sweep as MLflow recorded it (`run_times.csv`), per",
+        "stage, task and architecture:",
         "",
         _markdown(summary, median_s="{:.1f}".format, total_s="{:,.0f}".format) if len(summary)
         else "No finished run in the MLflow store.",
