@@ -133,6 +133,9 @@ class SweepGrid:
     #: ``image_root`` for the Grad-CAM labels; empty: the configs' defaults, as the pipeline's DoLL pre-training
     generate_overrides: dict[str, Any] = field(default_factory=dict)
     pretrain_overrides: dict[str, Any] = field(default_factory=dict)
+    #: only the runs of these segmenter architectures, the extra grids' included (``None``: every run), e.g. one
+    #: architecture's part of a long protocol first
+    archs: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.tasks = [str(t) for t in _as_list(self.tasks)]
@@ -145,12 +148,19 @@ class SweepGrid:
         self.jobs = int(self.jobs)
         self.generate_overrides = dict(self.generate_overrides or {})
         self.pretrain_overrides = dict(self.pretrain_overrides or {})
+        self.archs = None if self.archs is None else [str(a) for a in _as_list(self.archs)]
+        if self.archs is not None:
+            from bundle.networks.segmentation import ARCHITECTURES
+
+            unknown = sorted(set(self.archs) - set(ARCHITECTURES))
+            if unknown:
+                raise ValueError(f"unknown architectures {unknown}; choose from {', '.join(ARCHITECTURES)}")
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> "SweepGrid":
         """A grid from a mapping with the fields of this class (a configs/sweep.yaml entry)."""
         known = {"tasks", "inits", "sizes", "seeds", "modes", "overrides", "extra", "jobs", "generate_overrides",
-                 "pretrain_overrides"}
+                 "pretrain_overrides", "archs"}
         unknown = set(settings) - known
         if unknown:
             raise ValueError(f"unknown sweep grid fields {sorted(unknown)}; a grid has {sorted(known)}")
@@ -167,7 +177,8 @@ class SweepGrid:
         return cls.from_mapping(settings[name])
 
     def runs(self) -> list[SweepRun]:
-        """Every run of the grid and of its extra grids (each extra run once, with its grid's overrides)."""
+        """Every run of the grid and of its extra grids (each extra run once, with its grid's overrides), of the
+        architectures ``archs`` only when it is set."""
         arch = {"seg_arch": self.overrides["seg_arch"]} if "seg_arch" in self.overrides else {}
         runs = make_grid(self.tasks, self.inits, self.sizes, self.seeds, self.modes)
         for run in runs:
@@ -180,7 +191,7 @@ class SweepGrid:
                 if run.name not in names:
                     runs.append(run)
                     names.add(run.name)
-        return runs
+        return runs if self.archs is None else [r for r in runs if r.arch in self.archs]
 
     def describe(self) -> dict[str, Any]:
         """The grid as plain values (MLflow params, logs)."""
@@ -476,7 +487,7 @@ def main(settings: str = "default", tasks: Any = None, inits: Any = None, sizes:
          modes: Any = None, set: Mapping[str, Any] | None = None, jobs: int | None = None,  # noqa: A002
          data_root: str | None = None, output_root: str | None = None, models_dir: str | None = None,
          device: str | None = None, split: str = "test", output_csv: str | None = None, keep_going: bool = False,
-         verbose: bool = False, dry_run: bool = False, collect_only: bool = False) -> SweepResult:
+         verbose: bool = False, dry_run: bool = False, collect_only: bool = False, archs: Any = None) -> SweepResult:
     """Run the grid ``settings`` of configs/sweep.yaml, narrowed by the command line.
 
     Args:
@@ -490,6 +501,8 @@ def main(settings: str = "default", tasks: Any = None, inits: Any = None, sizes:
         keep_going: continue after a failed run. verbose: stream the runs' output. dry_run: list the runs and
             whether each is finished, run nothing. collect_only: run nothing, write the CSVs of the finished runs
             (the analysis of a protocol part-way).
+        archs: only the runs of these segmenter architectures, the extra grids' included (e.g. ``--archs unet``
+            runs the full protocol's UNet part first; a later run without it skips what is finished).
     """
     grid = SweepGrid.from_settings(settings)
     changes = {k: v for k, v in (("tasks", tasks), ("inits", inits), ("sizes", sizes), ("seeds", seeds),
@@ -502,6 +515,8 @@ def main(settings: str = "default", tasks: Any = None, inits: Any = None, sizes:
         grid.overrides.update(set)
     if jobs is not None:
         grid.jobs = int(jobs)
+    if archs is not None:
+        grid = SweepGrid.from_mapping({**grid.__dict__, "archs": archs})
     paths = {"data_root": data_root, "output_root": output_root, "models_dir": models_dir}
     if dry_run:
         out = Path(output_root or ROOT / "eval")

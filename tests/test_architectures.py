@@ -50,6 +50,13 @@ def test_a_unet_grid_names_its_runs_apart_and_pre_trains_its_doll_init(tmp_path:
                                    "extra": [{"tasks": ["infection"], "inits": ["scratch"], "sizes": [4],
                                               "seeds": [0]}]})
     assert [r.name for r in wide.runs()] == ["scr_scratch_n4_seed0_unet", "infection_scratch_n4_seed0_unet"]
+    # one architecture's part of a grid, its extra grids' runs included
+    only_unet = SweepGrid.from_mapping({**grid.__dict__, "archs": "unet"})
+    assert [r.name for r in only_unet.runs()] == ["scr_doll_n4_seed0_unet", "scr_scratch_n4_seed0_unet",
+                                                  "scr_doll_shuffled_n4_seed0_unet"]
+    assert SweepGrid.from_mapping({**grid.__dict__, "archs": ["segresnet"]}).runs() == runs[:2]
+    with pytest.raises(ValueError, match="unknown architectures \\['vnet'\\]"):
+        SweepGrid.from_mapping({**grid.__dict__, "archs": "vnet"})
 
 
 def _sweep(path: Path) -> pd.DataFrame:
