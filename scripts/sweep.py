@@ -323,6 +323,8 @@ def summarise(frame: Any) -> Any:
     images of each seed, then mean and standard deviation over seeds (``n_seeds`` says how many)."""
     import pandas as pd
 
+    from bundle.reporting.plots import sort_by_size
+
     if frame.empty:
         return pd.DataFrame(columns=["task", "init", "train_size", "mode", "dice_mean", "dice_std", "n_seeds"])
     if "arch" in frame.columns:  # another architecture's runs apart: task "<task>:<arch>"
@@ -332,8 +334,7 @@ def summarise(frame: Any) -> Any:
     per_seed = per_image.groupby(["task", "init", "train_size", "mode", "seed"], as_index=False)["dice"].mean()
     out = per_seed.groupby(["task", "init", "train_size", "mode"], as_index=False)["dice"].agg(
         dice_mean="mean", dice_std="std", n_seeds="count")
-    order = out["train_size"].map(lambda s: 10**9 if str(s) == "all" else int(s))
-    return out.assign(_order=order).sort_values(["task", "_order", "init", "mode"]).drop(columns="_order")
+    return sort_by_size(out, ["task", "train_size", "init", "mode"])
 
 
 def run_sweep(

@@ -53,7 +53,7 @@ import numpy as np
 
 from ..constants import slug
 from ..utils import BundleInputError, PathLike, atomic_write_json, atomic_write_text
-from .plots import size_key
+from .plots import size_key, sort_by_size
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -171,16 +171,7 @@ def per_image_scores(df: pd.DataFrame, value_col: str = "dice") -> pd.DataFrame:
     """Mean of ``value_col`` over structures: one row per ``task, init, train_size, seed, image``."""
     keys = ["task", "init", "train_size", "seed", "image"]
     out = df.groupby(keys, sort=False, dropna=False)[value_col].mean().reset_index()
-    return _sort_sizes(out, ["task", "train_size", "init", "seed", "image"])
-
-
-def _sort_sizes(df: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
-    """Sort by ``cols`` with training sizes in :func:`size_key` order."""
-    if df.empty:
-        return df.reset_index(drop=True)
-    order = sorted(range(len(df)), key=lambda i: tuple(
-        size_key(df[c].iat[i]) if c == "train_size" else (0, 0.0, str(df[c].iat[i])) for c in cols))
-    return df.iloc[order].reset_index(drop=True)
+    return sort_by_size(out, ["task", "train_size", "init", "seed", "image"])
 
 
 def statistics_table(
@@ -303,7 +294,7 @@ def learning_curves(df: pd.DataFrame, confidence: float = 0.95, n_boot: int = 10
     out = pd.DataFrame(rows, columns=["task", "structure", "init", "train_size", "n_images", "n_seeds", "mean",
                                       "ci_low", "ci_high", "seed_sd"])
     out["_all"] = (out["structure"] != "all").astype(int)  # "all" first within each task
-    out = _sort_sizes(out, ["task", "_all", "structure", "init", "train_size"]).drop(columns="_all")
+    out = sort_by_size(out, ["task", "_all", "structure", "init", "train_size"]).drop(columns="_all")
     return out
 
 
@@ -341,7 +332,7 @@ def seed_table(df: pd.DataFrame, collapse_below: float = COLLAPSE_DICE) -> pd.Da
     out = pd.DataFrame(rows, columns=["task", "structure", "init", "train_size", "n_seeds", "mean", "worst",
                                       "worst_seed", "best", "collapsed", "collapsed_seeds"])
     out["_all"] = (out["structure"] != "all").astype(int)
-    return _sort_sizes(out, ["task", "_all", "structure", "train_size", "init"]).drop(columns="_all")
+    return sort_by_size(out, ["task", "_all", "structure", "train_size", "init"]).drop(columns="_all")
 
 
 def load_val_curves(path: PathLike) -> pd.DataFrame:
@@ -393,7 +384,7 @@ def efficiency_table(curves: pd.DataFrame, fraction: float = 0.95, metric: str =
         n_seeds=("seed", "count"), best_mean=("best", "mean"), best_worst=("best", "min"),
         **{f"steps_to_{pct}_mean": ("steps_to", "mean"), f"steps_to_{pct}_max": ("steps_to", "max")},
         steps_run_mean=("steps_run", "mean")).reset_index()
-    return _sort_sizes(out, ["task", "train_size", "init"])
+    return sort_by_size(out, ["task", "train_size", "init"])
 
 
 def mean_val_curves(curves: pd.DataFrame, metric: str = "val_mean_dice") -> pd.DataFrame:
@@ -407,7 +398,7 @@ def mean_val_curves(curves: pd.DataFrame, metric: str = "val_mean_dice") -> pd.D
         for steps, vals in wide.iterrows():
             rows.append({"task": task, "init": init, "train_size": size, "steps": int(steps),
                          "mean": float(vals.mean()), "worst": float(vals.min()), "n_seeds": int(vals.count())})
-    return _sort_sizes(pd.DataFrame(rows, columns=["task", "init", "train_size", "steps", "mean", "worst",
+    return sort_by_size(pd.DataFrame(rows, columns=["task", "init", "train_size", "steps", "mean", "worst",
                                                    "n_seeds"]), ["task", "train_size", "init", "steps"])
 
 

@@ -9,15 +9,19 @@ so that nothing depends on the interactive backend or on a global figure state (
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from ..utils import PathLike, atomic_save
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 __all__ = [
     "STRUCTURE_COLOURS",
     "size_key",
+    "sort_by_size",
     "new_figure",
     "save_figure",
     "plot_learning_curves",
@@ -40,6 +44,14 @@ def size_key(value: Any) -> tuple[int, float, str]:
         return (0, float(value), "")
     except (TypeError, ValueError):
         return (1, 0.0, str(value))
+
+
+def sort_by_size(frame: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
+    """``frame`` sorted by ``cols`` (a stable sort), ``train_size`` in :func:`size_key` order, the others as text;
+    the index is reset."""
+    order = sorted(range(len(frame)), key=lambda i: tuple(
+        size_key(frame[c].iat[i]) if c == "train_size" else (0, 0.0, str(frame[c].iat[i])) for c in cols))
+    return frame.iloc[order].reset_index(drop=True)
 
 
 def new_figure(width: float = 6.4, height: float = 4.0, nrows: int = 1, ncols: int = 1) -> tuple[Any, np.ndarray]:

@@ -105,6 +105,7 @@ def runs_per_cell(sweep: pd.DataFrame) -> pd.DataFrame:
     """Seeds per task, architecture, init and training size of the sweep's tidy CSV (``arch`` may be absent in
     CSVs of older runs: then every run is SegResNet's)."""
     from ..tasks import DEFAULT_SEG_ARCH
+    from .plots import sort_by_size
 
     frame = sweep.copy()
     if "arch" not in frame:
@@ -112,9 +113,7 @@ def runs_per_cell(sweep: pd.DataFrame) -> pd.DataFrame:
     frame["train_size"] = frame["train_size"].astype(str)
     cells = frame.groupby(["task", "arch", "init", "train_size"])["seed"].agg(
         seeds="nunique", seed_list=lambda s: ",".join(str(v) for v in sorted(set(s)))).reset_index()
-    size_order = cells["train_size"].map(lambda v: float("inf") if v == "all" else float(v))
-    order = cells.assign(_size=size_order).sort_values(["task", "arch", "_size", "init"]).index
-    return cells.loc[order].reset_index(drop=True)
+    return sort_by_size(cells, ["task", "arch", "train_size", "init"])
 
 
 def _markdown(frame: pd.DataFrame, **formats: Callable[[Any], str]) -> str:

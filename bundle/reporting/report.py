@@ -42,7 +42,7 @@ import numpy as np
 
 from ..constants import OBSERVATIONS, slug
 from ..utils import PathLike, atomic_save, atomic_write_text
-from .plots import size_key
+from .plots import sort_by_size
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -405,12 +405,6 @@ def _read_json(path: PathLike) -> Any:
         return json.load(f)
 
 
-def _sort_by_size(frame: pd.DataFrame, cols: Sequence[str]) -> pd.DataFrame:
-    order = sorted(range(len(frame)), key=lambda i: tuple(
-        size_key(frame[c].iat[i]) if c == "train_size" else (0, 0.0, str(frame[c].iat[i])) for c in cols))
-    return frame.iloc[order].reset_index(drop=True)
-
-
 def package_versions(names: Sequence[str] = DEFAULT_PACKAGES) -> pd.DataFrame:
     """``package, version`` of Python and each installed package (``not installed`` otherwise)."""
     import importlib.metadata as md
@@ -588,11 +582,11 @@ def _learning_section(analysis_dir: str, status: Mapping[str, str], labels: Mapp
     if curves is None:
         return sec
     table = curves[curves["structure"] == "all"].drop(columns="structure")
-    table = _sort_by_size(table, ["task", "init", "train_size"])
+    table = sort_by_size(table, ["task", "init", "train_size"])
     sec.blocks.append(Table("learning_curves", table, "Learning curves (structure mean)",
                             {"seed_sd": lambda v: fmt_num(v, 4)}))
     for (task, init), g in table.groupby(["task", "init"], sort=False):
-        g = _sort_by_size(g, ["train_size"])
+        g = sort_by_size(g, ["train_size"])
         first, last = g.iloc[0], g.iloc[-1]
         sec.blocks.append(Text(
             f"{_label(init, labels)} on {task}: mean Dice {fmt_num(first['mean'])} [{fmt_num(first['ci_low'])}, "
@@ -601,7 +595,7 @@ def _learning_section(analysis_dir: str, status: Mapping[str, str], labels: Mapp
                f"{size_phrase(last['train_size'])}." if len(g) > 1 else ".")))
     seeds = _read_csv(os.path.join(analysis_dir, "seeds.csv"), dtype={"train_size": str, "collapsed_seeds": str})
     if seeds is not None:
-        seeds = _sort_by_size(seeds, ["task", "structure", "init", "train_size"])
+        seeds = sort_by_size(seeds, ["task", "structure", "init", "train_size"])
         sec.blocks.append(Table("seeds", seeds, "Test Dice per structure: mean over seeds and the worst seed (a "
                                 "structure below 0.05 on any seed is a defect of the recipe, in red)",
                                 highlight="collapsed"))
@@ -633,7 +627,7 @@ def _efficiency_section(analysis_dir: str, status: Mapping[str, str], labels: Ma
                           "against optimizer steps: seed mean (solid) and worst seed (dashed) per init")
     if eff is None:
         return sec
-    eff = _sort_by_size(eff, ["task", "train_size", "init"])
+    eff = sort_by_size(eff, ["task", "train_size", "init"])
     sec.blocks.append(Table("efficiency", eff, "Steps each run needs to reach 95% of its own best validation Dice "
                             "(mean and worst seed), the best validation Dice, and the steps run (plateau rule or cap)",
                             {c: (lambda v: fmt_num(v, 0)) for c in eff.columns if c.startswith("steps")}))
@@ -653,7 +647,7 @@ def _statistics_section(analysis_dir: str, status: Mapping[str, str], labels: Ma
     stats = _read_csv(os.path.join(analysis_dir, "statistics.csv"), dtype={"train_size": str})
     if stats is None:
         return sec.not_run(status.get("statistics", "no analysis/statistics.csv")), []
-    stats = _sort_by_size(stats, ["task", "init", "train_size"])
+    stats = sort_by_size(stats, ["task", "init", "train_size"])
     conf = float(stats["confidence"].iloc[0]) if "confidence" in stats.columns and len(stats) else 0.95
     sentences = statistics_conclusions(stats, labels, alpha)
     sec.blocks.append(Text(
@@ -668,13 +662,13 @@ def _statistics_section(analysis_dir: str, status: Mapping[str, str], labels: Ma
     sec.blocks += [Text(s, conclusion=True) for s in sentences]
     per_structure = _read_csv(os.path.join(analysis_dir, "statistics_structures.csv"), dtype={"train_size": str})
     if per_structure is not None and len(per_structure):
-        per_structure = _sort_by_size(per_structure, ["task", "structure", "init", "train_size"])
+        per_structure = sort_by_size(per_structure, ["task", "structure", "init", "train_size"])
         sec.blocks.append(Table("statistics_structures", per_structure[[c for c in ["task", "structure", *shown[1:]]
                                                                         if c in per_structure.columns]],
                                 "Per structure (a separate Holm family)", _p_formats()))
     rep = _read_csv(os.path.join(analysis_dir, "replicability.csv"), dtype={"train_size": str})
     if rep is not None and len(rep):
-        rep = _sort_by_size(rep, ["task", "init", "train_size"])
+        rep = sort_by_size(rep, ["task", "init", "train_size"])
         sec.blocks.append(Table("replicability", rep, "Replicability across seeds: the seeds' mean Dice"))
         finite = rep[rep["cv"].notna()]
         if len(finite):
@@ -722,7 +716,7 @@ def _controls_section(analysis_dir: str, status: Mapping[str, str], labels: Mapp
     if table is None or table.empty:
         return sec.not_run(status.get("controls", "no analysis/controls.csv (the sweep has no control init; "
                                                   "configs/sweep.yaml grid controls)"))
-    table = _sort_by_size(table, ["task", "train_size", "reference"])
+    table = sort_by_size(table, ["task", "train_size", "reference"])
     sec.blocks.append(Text(
         "The segmenter pre-trained on the DoLL against the same pre-training on other labels of the same images: "
         "the DoLL of another image (shuffled: the same label statistics in the wrong place), labels from one "
@@ -733,7 +727,7 @@ def _controls_section(analysis_dir: str, status: Mapping[str, str], labels: Mapp
     means = _read_csv(os.path.join(analysis_dir, "controls_means.csv"), dtype={"train_size": str})
     if means is not None and len(means):
         means = means[means["structure"] == "all"].drop(columns="structure")
-        sec.blocks.append(Table("controls_means", _sort_by_size(means, ["task", "train_size", "init"]),
+        sec.blocks.append(Table("controls_means", sort_by_size(means, ["task", "train_size", "init"]),
                                 "Mean test Dice per init (95% bootstrap CI over test images; seed SD)",
                                 {"seed_sd": lambda v: fmt_num(v, 4)}))
     fig = os.path.join(analysis_dir, "controls.png")
