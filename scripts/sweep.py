@@ -228,10 +228,10 @@ def pretrain_labels_of(init: str) -> str | None:
     (``doll_shuffled`` -> ``shuffled``); ``None`` for the other inits: the DoLL init's checkpoint of the default
     architecture is the pipeline's pre-training stage (or a path the user gives), never made behind the user's back
     (another architecture's is: :func:`pretrain_steps`)."""
-    from bundle.doll.controls import PRETRAIN_LABELS
+    from bundle.doll.controls import init_pretrain_labels
 
-    labels = init[len("doll_"):] if init.startswith("doll_") else ""
-    return labels if labels in PRETRAIN_LABELS and labels != "doll" else None
+    labels = init_pretrain_labels(init)
+    return labels if labels != "doll" else None
 
 
 @dataclass

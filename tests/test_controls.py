@@ -9,13 +9,21 @@ import numpy as np
 import pytest
 
 from bundle.doll.controls import (control_items, derangement, doll_datalist_name, doll_folder_name, explainer_of,
-                                   gradcam_layer_for)
+                                   gradcam_layer_for, init_pretrain_labels)
 from bundle.utils import BundleInputError
 
 
 def items(n: int) -> list[dict]:
     return [{"image": f"img{i}.png", "label": f"doll{i}.png", "targets": [i % 3, 5], "lesion": f"lesion{i}.png",
              "patient": f"p{i}"} for i in range(n)]
+
+
+def test_each_init_names_the_labels_it_was_pre_trained_on():
+    assert init_pretrain_labels("doll") == "doll"
+    assert [init_pretrain_labels(f"doll_{c}") for c in ("shuffled", "oracle", "ig_single", "gradcam")] == [
+        "shuffled", "oracle", "ig_single", "gradcam"]
+    # no DoLL pre-training behind these (nor behind an unknown control)
+    assert [init_pretrain_labels(i) for i in ("scratch", "classifier_encoder", "external", "doll_x")] == [None] * 4
 
 
 @pytest.mark.parametrize("n", [2, 3, 10, 101])

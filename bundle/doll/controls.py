@@ -35,6 +35,14 @@ PRETRAIN_LABELS: tuple[str, ...] = ("doll", "shuffled", "oracle", "ig_single", "
 GENERATED_LABELS: tuple[str, ...] = ("doll", "ig_single", "gradcam")
 
 
+def init_pretrain_labels(init: str) -> str | None:
+    """The pre-training labels a fine-tuning ``init`` starts from: ``doll`` for ``doll``, ``<labels>`` for a
+    control's ``doll_<labels>`` (one of :data:`PRETRAIN_LABELS`), ``None`` for an init without DoLL pre-training
+    (``scratch``, ``classifier_encoder``, ``external``)."""
+    labels = "doll" if init == "doll" else init[len("doll_"):] if init.startswith("doll_") else ""
+    return labels if labels in PRETRAIN_LABELS else None
+
+
 def doll_datalist_name(labels: str = "doll") -> str:
     """The datalist file (under ``datalist_dir``) that holds the labels of control ``labels``: ``doll.json`` for the
     DoLL and its rearrangements (shuffled, oracle), ``doll_<labels>.json`` for a generated control."""

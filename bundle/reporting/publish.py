@@ -69,6 +69,7 @@ def runs_of_sweep(times: pd.DataFrame, sweep: pd.DataFrame) -> pd.DataFrame:
     runs of its cells (task, architecture, init, training size, seed) and the pre-trainings its inits start from
     (``doll`` -> the DoLL pre-training, ``doll_<labels>`` -> that control's, per architecture). Runs of the same
     MLflow store that the published sweep does not hold (another grid, a probe, a run still going) are left out."""
+    from ..doll.controls import init_pretrain_labels
     from ..tasks import DEFAULT_SEG_ARCH
 
     if times.empty:
@@ -80,8 +81,7 @@ def runs_of_sweep(times: pd.DataFrame, sweep: pd.DataFrame) -> pd.DataFrame:
     sweep_arch = sweep["arch"] if "arch" in sweep else [DEFAULT_SEG_ARCH] * len(sweep)
     cells = {(str(t), arch_of(a), str(i), str(n), str(s)) for t, a, i, n, s in
              zip(sweep["task"], sweep_arch, sweep["init"], sweep["train_size"], sweep["seed"])}
-    pretrained = {(arch, init[len("doll_"):] if init.startswith("doll_") else "doll")
-                  for _, arch, init, _, _ in cells if init == "doll" or init.startswith("doll_")}
+    pretrained = {(arch, labels) for _, arch, init, _, _ in cells if (labels := init_pretrain_labels(init))}
     keep = [((arch_of(r.arch), str(r.labels)) in pretrained) if r.stage == "pretrain" else
             ((str(r.task), arch_of(r.arch), str(r.init), str(r.train_size), str(r.seed)) in cells)
             for r in times.itertuples()]
