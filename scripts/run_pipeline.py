@@ -37,17 +37,35 @@ from scripts.processes import (cli_value, env_with_threads, process_pool, run_wo
 STAGES = ("data", "classifier", "doll", "pretrain", "finetune", "export", "analysis", "report")
 
 
+#: sections of configs/pipeline.yaml that are not presets (``--preset`` takes any other top-level section)
+BASE_SECTIONS = ("default", "quick", "quick_data")
+
+
+def merge_settings(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with the entries of ``extra`` (a preset or ``quick_data``): top-level entries replace, while
+    ``overrides`` merge per stage and per id, so a preset that sets one data id keeps the stage's other ids."""
+    overrides = {stage: dict(ids or {}) for stage, ids in (base.get("overrides") or {}).items()}
+    for stage, ids in (extra.get("overrides") or {}).items():
+        overrides[stage] = {**overrides.get(stage, {}), **(ids or {})}
+    return {**base, **{k: v for k, v in extra.items() if k != "overrides"}, "overrides": overrides}
+
+
 class Pipeline:
     """Chains the stage configs with shared folders; each stage's output goes to ``eval/logs/<stage>.log``."""
 
     def __init__(self, quick: bool, device: str | None, root: Path | None = None, verbose: bool = False,
-                 data: Path | None = None):
+                 data: Path | None = None, preset: str | None = None):
         settings = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
         self.settings = settings["quick" if quick else "default"]
         if quick and data is not None:  # CI's size for the data path: `quick_data` replaces entries of `quick`
-            extra = settings.get("quick_data") or {}
-            overrides = {**self.settings.get("overrides", {}), **extra.get("overrides", {})}
-            self.settings = {**self.settings, **extra, "overrides": overrides}
+            self.settings = merge_settings(self.settings, settings.get("quick_data") or {})
+        if preset is not None:  # a named variant of the run (e.g. doll_data), merged over default / quick
+            presets = sorted(k for k in settings if k not in BASE_SECTIONS)
+            if preset not in presets:
+                raise SystemExit(f"[pipeline] --preset {preset!r}: not a section of configs/pipeline.yaml; "
+                                 f"presets: {presets}")
+            self.settings = merge_settings(self.settings, settings[preset] or {})
+        self.preset = preset
         self.quick = quick
         self.data_file = data
         self.data_spec: dict[str, Any] = {}
@@ -60,6 +78,8 @@ class Pipeline:
             except BundleInputError as e:
                 raise SystemExit(f"[pipeline] --data: {e}") from None
         base = root or (ROOT / "quick" if quick else ROOT)
+        if preset is not None and root is None:
+            base = base / preset  # a preset's outputs never overwrite the default run's
         if data is not None and root is None:
             base = base / "real"  # the user's data never mix with the phantom run's outputs
         self.paths = {"data_root": str(base / "data"), "output_root": str(base / "eval"),
@@ -333,6 +353,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="torch device for every stage (default: cuda if available)")
     parser.add_argument("--root", default=None, help="folder for data/, eval/, models/ (default: the bundle root)")
     parser.add_argument("--verbose", action="store_true", help="stream the stages' output instead of logging it")
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help="a named variant of configs/pipeline.yaml merged over the run's settings (e.g. doll_data:"
+                             " 4x the phantom CheXpert studies and the consensus DoLL); outputs under <root>/<NAME>/"
+                             " unless --root is given")
     parser.add_argument("--data", default=None, metavar="FILE.yaml",
                         help="the user's datasets (chexpert, jsrt_scr, qata or covid_qu_ex, folder; see docs/README.md):"
                              " each one replaces its phantom; outputs under <root>/real/ unless --root is given")
@@ -342,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
     Pipeline(args.quick, args.device, Path(args.root) if args.root else None, args.verbose,
-             Path(args.data) if args.data else None).run(stages)
+             Path(args.data) if args.data else None, args.preset).run(stages)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scripts.run_pipeline import STAGES, Pipeline
+from scripts.run_pipeline import STAGES, Pipeline, merge_settings
 from scripts.processes import thread_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,6 +58,37 @@ def test_pipeline_settings_are_consistent():
     # the default grid holds the acceptance comparison: DoLL against scratch at 4 images over >= 3 seeds
     d = SweepGrid.from_settings(settings["default"]["sweep"])
     assert {"doll", "scratch"} <= set(d.inits) and "4" in d.sizes and len(d.seeds) >= 3
+
+
+def test_merge_settings_merges_overrides_per_stage_and_id():
+    base = {"jobs": 2, "sweep": "pipeline", "overrides": {"data": {"a": 1, "b": 2}, "doll": {"n": 8}}}
+    extra = {"sweep": "other", "overrides": {"data": {"b": 3}, "pretrain": {"max_epochs": 1}}}
+    merged = merge_settings(base, extra)
+    assert merged == {"jobs": 2, "sweep": "other", "overrides": {"data": {"a": 1, "b": 3}, "doll": {"n": 8},
+                                                                  "pretrain": {"max_epochs": 1}}}
+    assert base["overrides"]["data"] == {"a": 1, "b": 2}              # the inputs are not changed
+
+
+def test_preset_doll_data_is_merged_over_the_run_and_writes_apart(tmp_path):
+    from scripts.run_pipeline import ROOT as RUNNER_ROOT
+    from bundle.constants import OBSERVATIONS
+
+    default = Pipeline(False, "cpu")
+    pipe = Pipeline(False, "cpu", preset="doll_data")
+    over = pipe.settings["overrides"]
+    assert over["data"]["phantom#chexpert_train_patients"] == 2400
+    assert over["doll"]["doll#ig#explainer"] == "ig_gradcam"
+    assert set(over["doll"]["doll#post#class_threshold_values"]) == set(OBSERVATIONS[1:])  # every finding, no No Finding
+    assert pipe.settings["classifiers"] == default.settings["classifiers"]   # the rest is the default run
+    assert pipe.settings["sweep"] == default.settings["sweep"]
+    assert pipe.paths["data_root"] == str(RUNNER_ROOT / "doll_data" / "data")  # never the default run's folders
+    assert Pipeline(False, "cpu", root=tmp_path, preset="doll_data").paths["data_root"] == str(tmp_path / "data")
+    quick = Pipeline(True, "cpu", preset="doll_data").settings["overrides"]
+    assert quick["data"]["phantom#chexpert_train_patients"] == 2400 and quick["data"]["phantom#scr_cases"] == 24
+    with pytest.raises(SystemExit, match="doll_data"):              # the message lists the presets
+        Pipeline(False, "cpu", preset="nope")
+    with pytest.raises(SystemExit):
+        Pipeline(False, "cpu", preset="quick")                       # a base section is not a preset
 
 
 def test_concurrent_processes_share_a_new_tracking_store(tmp_path):
