@@ -65,7 +65,6 @@ class Pipeline:
                 raise SystemExit(f"[pipeline] --preset {preset!r}: not a section of configs/pipeline.yaml; "
                                  f"presets: {presets}")
             self.settings = merge_settings(self.settings, settings[preset] or {})
-        self.preset = preset
         self.quick = quick
         self.data_file = data
         self.data_spec: dict[str, Any] = {}

@@ -120,16 +120,14 @@ def main() -> None:
                    "classifier_names": [f"{c['classifier_arch']}_seed{c['seed']}" for c in pipeline["classifiers"]]})
     if args.explainer:
         parser["doll"]["ig"]["explainer"] = args.explainer
-    for setting in args.ig:
-        key, sep, value = setting.partition("=")
-        if not sep or not key:
-            ap.error(f"--ig expects KEY=VALUE, got {setting!r}")
-        parser["doll"]["ig"][key] = yaml.safe_load(value)
-    for setting in args.overrides:
-        key, sep, value = setting.partition("=")
-        if not sep or not key:
-            ap.error(f"--set expects ID=VALUE, got {setting!r}")
-        parser[key] = yaml.safe_load(value)
+    # --ig KEY=VALUE is --set doll#ig#KEY=VALUE; the --set ids win (applied last)
+    for flag, form, prefix, settings in (("--ig", "KEY=VALUE", "doll#ig#", args.ig),
+                                         ("--set", "ID=VALUE", "", args.overrides)):
+        for setting in settings:
+            key, sep, value = setting.partition("=")
+            if not sep or not key:
+                ap.error(f"{flag} expects {form}, got {setting!r}")
+            parser[prefix + key] = yaml.safe_load(value)
     gen = parser.get_parsed_content("doll_generator")
     preprocess = parser.get_parsed_content("preprocessing")
     items = json.loads(Path(parser.get_parsed_content("datalist")).read_text())[args.split]
