@@ -20,6 +20,7 @@ evaluation run is also in MLflow (``<prefix>_finetune``) with the tags ``task``,
     python scripts/sweep.py                                  # configs/sweep.yaml "default" grid
     python scripts/sweep.py --settings quick                 # the CPU check: 4 SCR images x 3 seeds, doll vs scratch
     python scripts/sweep.py --settings full                  # the full protocol (docs/README.md)
+    python scripts/sweep.py --settings full,controls --collect_only   # one table of both grids' finished runs
     python scripts/sweep.py --tasks scr --inits doll,scratch --sizes 2,4,all --seeds 0,1 --set "{'num_iterations': 100}"
 
 Every grid lives in configs/sweep.yaml (the pipeline's too: configs/pipeline.yaml names them); the command line
@@ -167,14 +168,47 @@ class SweepGrid:
         return cls(**dict(settings))
 
     @classmethod
-    def from_settings(cls, name: str, path: str | os.PathLike = SWEEP_YAML) -> "SweepGrid":
-        """The grid ``name`` of configs/sweep.yaml."""
+    def from_settings(cls, name: str | Sequence[str], path: str | os.PathLike = SWEEP_YAML) -> "SweepGrid":
+        """The grid ``name`` of configs/sweep.yaml; several names (``"full,controls"`` or a list) give their
+        :meth:`union`."""
         import yaml
 
+        names = _as_list(name)
         settings = yaml.safe_load(Path(path).read_text())
-        if name not in settings:
-            raise ValueError(f"unknown sweep settings {name!r}; {path} has {', '.join(settings)}")
-        return cls.from_mapping(settings[name])
+        for n in names:
+            if n not in settings:
+                raise ValueError(f"unknown sweep settings {n!r}; {path} has {', '.join(settings)}")
+        grids = [cls.from_mapping(settings[n]) for n in names]
+        return grids[0] if len(grids) == 1 else cls.union(grids)
+
+    @classmethod
+    def union(cls, grids: Sequence["SweepGrid"]) -> "SweepGrid":
+        """One sweep of several grids, e.g. the full protocol and the control grid collected into one published
+        table (``--settings full,controls``): the first grid with every other grid and its extra grids joined as
+        extra grids, each keeping its architecture; a run of several grids is run (and collected) once.
+
+        Raises:
+            ValueError: the grids' common bundle overrides (other than ``seg_arch``) or their label-generation /
+                pre-training overrides differ (the runs of one sweep share them; put such a grid in a sweep of
+                its own).
+        """
+        first = grids[0]
+
+        def common(g: "SweepGrid") -> dict[str, Any]:
+            return {k: v for k, v in g.overrides.items() if k != "seg_arch"}
+
+        extra = list(first.extra)
+        for g in grids[1:]:
+            if (common(g), g.generate_overrides, g.pretrain_overrides) != \
+                    (common(first), first.generate_overrides, first.pretrain_overrides):
+                raise ValueError("grids joined in one sweep must share their overrides: "
+                                 f"{common(first)} / {first.generate_overrides} / {first.pretrain_overrides} vs "
+                                 f"{common(g)} / {g.generate_overrides} / {g.pretrain_overrides}")
+            arch = {"seg_arch": g.overrides.get("seg_arch", DEFAULT_SEG_ARCH)}
+            main = {"tasks": g.tasks, "inits": g.inits, "sizes": g.sizes, "seeds": g.seeds}
+            for part in (main, *g.extra):
+                extra.append({"modes": g.modes, **part, "overrides": {**arch, **dict(part.get("overrides") or {})}})
+        return cls.from_mapping({**first.__dict__, "extra": extra, "jobs": max(g.jobs for g in grids)})
 
     def runs(self) -> list[SweepRun]:
         """Every run of the grid and of its extra grids (each extra run once, with its grid's overrides), of the
@@ -484,7 +518,7 @@ def _log_sweep(result: SweepResult, output_root: str, overrides: Mapping[str, An
                    artifacts=[result.csv_path], tags={"stage": "sweep", "split": split})
 
 
-def main(settings: str = "default", tasks: Any = None, inits: Any = None, sizes: Any = None, seeds: Any = None,
+def main(settings: Any = "default", tasks: Any = None, inits: Any = None, sizes: Any = None, seeds: Any = None,
          modes: Any = None, set: Mapping[str, Any] | None = None, jobs: int | None = None,  # noqa: A002
          data_root: str | None = None, output_root: str | None = None, models_dir: str | None = None,
          device: str | None = None, split: str = "test", output_csv: str | None = None, keep_going: bool = False,
@@ -492,7 +526,8 @@ def main(settings: str = "default", tasks: Any = None, inits: Any = None, sizes:
     """Run the grid ``settings`` of configs/sweep.yaml, narrowed by the command line.
 
     Args:
-        settings: the grid's name in configs/sweep.yaml (default, quick, full, pipeline, ...).
+        settings: the grid's name in configs/sweep.yaml (default, quick, full, pipeline, ...); several names
+            (``full,controls``) run or collect their union (:meth:`SweepGrid.union`).
         tasks, inits, sizes, seeds, modes: replace that axis (comma-separated, e.g. ``--sizes 2,4,all``); giving
             ``tasks`` also drops the grid's extra grids.
         set: bundle overrides for every run on top of the grid's (``--set "{'num_iterations': 100}"``).

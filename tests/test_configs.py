@@ -114,6 +114,33 @@ def test_every_sweep_grid_is_defined_once_in_sweep_yaml() -> None:
         SweepGrid.from_mapping({"tasks": ["scr"], "inits": ["doll"], "sizes": [4], "seeds": [0], "size": 2})
 
 
+def test_sweep_grids_join_into_one_sweep() -> None:
+    """``--settings full,controls`` is the union of both grids: every run of each once, each with its own
+    architecture (the controls stay SegResNet beside the full protocol's UNet part); grids whose shared overrides
+    differ are refused."""
+    import sys
+
+    sys.path.insert(0, str(CONFIGS.parent))
+    from scripts.sweep import SweepGrid
+
+    full, controls = (SweepGrid.from_settings(n).runs() for n in ("full", "controls"))
+    joined = SweepGrid.from_settings("full,controls")
+    runs = joined.runs()
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names))
+    assert set(names) == {r.name for r in full} | {r.name for r in controls}
+    overlap = {r.name for r in full} & {r.name for r in controls}
+    assert len(runs) == len(full) + len(controls) - len(overlap) and overlap  # doll/scratch SegResNet cells
+    by_name = {r.name: r for r in runs}
+    assert all(by_name[r.name].arch == r.arch and by_name[r.name].overrides.get("image_size") ==
+               r.overrides.get("image_size") for r in full + controls)
+    assert SweepGrid.from_settings(["full", "controls"]).runs() == runs
+    with pytest.raises(ValueError, match="share their overrides"):
+        SweepGrid.from_settings("full,pipeline_quick")
+    with pytest.raises(ValueError, match="unknown sweep settings 'nope'"):
+        SweepGrid.from_settings("full,nope")
+
+
 @pytest.mark.parametrize("labels", ["doll", "shuffled"])
 def test_pretrain_tracking_tags_name_the_pretraining_labels(labels: str) -> None:
     """The MLflow run of a pre-training control is tagged with its labels (not always ``doll``), so a tracking query
