@@ -205,8 +205,8 @@ class SweepGrid:
                                  f"{common(first)} / {first.generate_overrides} / {first.pretrain_overrides} vs "
                                  f"{common(g)} / {g.generate_overrides} / {g.pretrain_overrides}")
             arch = {"seg_arch": g.overrides.get("seg_arch", DEFAULT_SEG_ARCH)}
-            main = {"tasks": g.tasks, "inits": g.inits, "sizes": g.sizes, "seeds": g.seeds}
-            for part in (main, *g.extra):
+            own = {"tasks": g.tasks, "inits": g.inits, "sizes": g.sizes, "seeds": g.seeds}
+            for part in (own, *g.extra):
                 extra.append({"modes": g.modes, **part, "overrides": {**arch, **dict(part.get("overrides") or {})}})
         return cls.from_mapping({**first.__dict__, "extra": extra, "jobs": max(g.jobs for g in grids)})
 
