@@ -116,6 +116,23 @@ def global_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def shutdown_distributed() -> bool:
+    """End this process's ``torch.distributed`` session: wait for every rank, then destroy the process group.
+
+    The multi-process configs call it in ``finalize``. Without the barrier the ranks leave at different times (rank 0
+    still writes checkpoints and MLflow while the others are done) and a rank that destroys its gloo group while a
+    peer's connection is still live can abort at exit ("terminate called without an active exception", SIGABRT),
+    failing a run whose work is complete. Returns whether a group was destroyed (False when none was initialised).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()
+    dist.destroy_process_group()
+    return True
+
+
 def resolve(path: PathLike, root: PathLike | None = None) -> str:
     """``path`` made absolute against ``root`` (default: the bundle root) when it is relative."""
     p = Path(os.path.expanduser(str(path)))

@@ -187,3 +187,32 @@ def test_rerunning_a_finished_training_does_nothing(tmp_path, stop_early):
     if not stop_early:  # asking for more epochs continues after the saved one
         run(4)
         assert len(steps) == done + 2
+
+
+def _shutdown_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from bundle.utils import shutdown_distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    if rank == 0:
+        time.sleep(1.5)  # rank 0 still writing its checkpoints and MLflow run
+    start = time.monotonic()
+    destroyed = shutdown_distributed()
+    Path(out_dir, f"rank{rank}.txt").write_text(f"{destroyed} {dist.is_initialized()} {time.monotonic() - start}")
+
+
+def test_distributed_shutdown_waits_for_the_slowest_rank(tmp_path):
+    """``shutdown_distributed`` (the multi-process configs' finalize) holds every rank until the last one is done
+    before destroying the process group, so no rank tears its gloo group down under a live peer; without a group it
+    does nothing."""
+    import torch.multiprocessing as mp
+
+    from bundle.utils import shutdown_distributed
+
+    assert shutdown_distributed() is False
+    mp.start_processes(_shutdown_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    results = {r: (tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)}
+    assert all(v[:2] == ["True", "False"] for v in results.values())  # destroyed, no longer initialised
+    assert float(results[1][2]) >= 1.0 > float(results[0][2])  # rank 1 waited for rank 0 at the barrier
