@@ -216,3 +216,28 @@ def test_distributed_shutdown_waits_for_the_slowest_rank(tmp_path):
     results = {r: (tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)}
     assert all(v[:2] == ["True", "False"] for v in results.values())  # destroyed, no longer initialised
     assert float(results[1][2]) >= 1.0 > float(results[0][2])  # rank 1 waited for rank 0 at the barrier
+
+
+@pytest.mark.parametrize("start_score, stop_epoch", [(None, 4), (0.1, 10)])
+def test_plateau_rule_waits_until_learning_has_started(start_score, stop_epoch):
+    """With ``start_score`` the plateau rule does not count the flat validations of a run that has not started
+    learning (Dice 0 for its first epochs): it stops ``patience`` validations after the best score once learning has
+    begun; without it the same run is stopped at Dice 0 (the real-lungs collapse of seed 1 at 128 px)."""
+    from ignite.engine import Engine
+
+    from bundle.handlers.training import TrainerEarlyStop
+
+    scores = [0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]
+    calls = []
+
+    def score(engine: Engine) -> float:
+        calls.append(engine.state.epoch)
+        return scores[engine.state.epoch - 1]
+
+    engine = Engine(lambda e, b: None)
+    stop = TrainerEarlyStop(patience=3, score_function=score, epoch_level=True, start_score=start_score)
+    stop.attach(engine)
+    engine.run([0], max_epochs=len(scores))
+    assert engine.state.epoch == stop_epoch
+    assert calls == list(range(1, stop_epoch + 1))  # the score is read once per validation
+    assert stop._handler.best_score == (0.0 if start_score is None else 0.8)

@@ -19,7 +19,23 @@ class TrainerEarlyStop(EarlyStopHandler):
     ``$lambda e: @validate#evaluator.state.metrics['val_mean_auroc']``; attach it after the ``ValidationHandler``.
     ``patience`` < 1 switches the rule off (nothing is attached). The resume handler
     (:class:`~bundle.handlers.checkpoint.ResumableCheckpoint`) finds it on the trainer and saves its counter.
+
+    Args:
+        start_score: the rule starts counting only once the score has first reached this value (None: from the
+            first event). A run that has not started learning is not on a plateau: a segmenter whose validation Dice
+            is still 0 after its first epochs (a slow start that takes off later) would otherwise be stopped by
+            ``patience`` flat validations and end at Dice 0. Before the score reaches it nothing is counted, so such
+            a run trains on to the cap (and, if it never learns, the report flags the structure). The decision
+            depends only on the scores, so a resumed run stops where an uninterrupted one would.
+        other arguments: those of :class:`~monai.handlers.EarlyStopHandler`.
     """
+
+    def __init__(self, patience: int, score_function: Callable, trainer: Engine | None = None,
+                 min_delta: float = 0.0, cumulative_delta: bool = False, epoch_level: bool = True,
+                 start_score: float | None = None) -> None:
+        super().__init__(patience=patience, score_function=score_function, trainer=trainer, min_delta=min_delta,
+                         cumulative_delta=cumulative_delta, epoch_level=epoch_level)
+        self.start_score = None if start_score is None else float(start_score)
 
     def attach(self, engine: Engine) -> None:
         if int(self.patience) < 1:  # patience 0: the rule is off
@@ -27,6 +43,18 @@ class TrainerEarlyStop(EarlyStopHandler):
         if self._handler is None:
             self.set_trainer(engine)
         super().attach(engine)
+
+    def __call__(self, engine: Engine) -> None:
+        if self.start_score is None or self._handler is None:
+            return super().__call__(engine)
+        score = float(self.score_function(engine))  # read once: a score function may be stateful
+        if self._handler.best_score is None and score < self.start_score:
+            return  # not started learning yet: nothing to count
+        self._handler.score_function = lambda _engine: score
+        try:
+            self._handler(engine)
+        finally:
+            self._handler.score_function = self.score_function
 
 
 class ProgressBar:
