@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import (Compose, MapTransform, RandomizableTransform, Resized, ScaleIntensityRangePercentilesd,
-                              Transform)
+from monai.transforms import (InvertibleTransform, MapTransform, RandomizableTransform, Resized,
+                              ScaleIntensityRangePercentilesd, Transform)
 
 from .utils import BundleInputError
 from .data.io import (encode_bitmask, load_bitmask, load_mask, load_radiograph, resample_image, resize_mask,
@@ -168,21 +168,35 @@ class BitmaskLabeld(MapTransform):
         return d
 
 
-class PrepareRadiographd(Compose):
+class PrepareRadiographd(MapTransform, InvertibleTransform):
     """The network input of every stage, defined once: the radiograph resized to ``spatial_size`` with area
-    averaging, then scaled to ``[0, 1]`` between its 0.5th and 99.5th intensity percentiles (clipped). A
-    :class:`monai.transforms.Compose` of MONAI's ``Resized`` and ``ScaleIntensityRangePercentilesd``, so that
-    ``Invertd`` over a pipeline that contains it restores the input's size (inference)."""
+    averaging, then scaled to ``[0, 1]`` between its 0.5th and 99.5th intensity percentiles (clipped). MONAI's
+    ``Resized`` then ``ScaleIntensityRangePercentilesd``; invertible (the resize), so that ``Invertd`` over a
+    pipeline that contains it restores the input's size (inference).
+
+    A deterministic :class:`~monai.transforms.MapTransform`, not a ``Compose``: MONAI's ``Compose`` is
+    ``Randomizable``, and ``CacheDataset`` caches only up to the first randomizable transform, so as a ``Compose`` it
+    re-ran the resize and the percentiles (and every transform after them) for every item of every training step
+    (measured: 4.3 ms of the 5.7 ms an item cost, about 7% of a fine-tuning step on 2 CPU cores).
+    """
 
     #: intensity percentiles mapped to 0 and 1
     LOWER, UPPER = 0.5, 99.5
 
-    def __init__(self, keys: KeysCollection = "image", spatial_size: Sequence[int] = (128, 128)):
-        super().__init__([
-            Resized(keys=keys, spatial_size=tuple(int(s) for s in spatial_size), mode="area"),
-            ScaleIntensityRangePercentilesd(keys=keys, lower=self.LOWER, upper=self.UPPER, b_min=0.0, b_max=1.0,
-                                            clip=True),
-        ])
+    def __init__(self, keys: KeysCollection = "image", spatial_size: Sequence[int] = (128, 128),
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.resize = Resized(keys=keys, spatial_size=tuple(int(s) for s in spatial_size), mode="area",
+                              allow_missing_keys=allow_missing_keys)
+        self.scale = ScaleIntensityRangePercentilesd(keys=keys, lower=self.LOWER, upper=self.UPPER, b_min=0.0,
+                                                     b_max=1.0, clip=True, allow_missing_keys=allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        return self.scale(self.resize(data))
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Undo the resize (the intensity scaling is not inverted, as MONAI's ``Invertd`` skips it too)."""
+        return self.resize.inverse(data)
 
 
 class ResizeLiked(MapTransform):

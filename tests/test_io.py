@@ -180,3 +180,34 @@ def test_loadmask_channels_of_different_sizes(tmp_path, write_image):
         LoadMask()([str(a), str(b)])
     with pytest.raises(BundleInputError, match="mask is empty"):
         LoadMask(required_nonempty=True)(str(write_image(tmp_path / "z.png", np.zeros((8, 8), np.uint8))))
+
+
+def test_prepare_radiograph_is_monai_resize_and_percentiles_cached_and_inverted(tmp_path, rng, write_image):
+    """PrepareRadiographd gives MONAI's Resized(area) + ScaleIntensityRangePercentilesd exactly, is cached by
+    CacheDataset (it is not randomizable: as a Compose it was re-run for every item of every step), and Invertd
+    restores the input's size through it."""
+    from monai.data import CacheDataset
+    from monai.transforms import (Compose, Invertd, RandGaussianNoised, Resized, ScaleIntensityRangePercentilesd)
+
+    from bundle.transforms import PrepareRadiographd
+
+    path = tmp_path / "r.png"
+    write_image(path, rng.integers(0, 256, size=(96, 80)).astype(np.uint8))
+    item = LoadRadiographd(keys="image")({"image": str(path)})
+    ours = PrepareRadiographd(keys="image", spatial_size=(32, 40))(dict(item))["image"]
+    ref = Compose([Resized(keys="image", spatial_size=(32, 40), mode="area"),
+                   ScaleIntensityRangePercentilesd(keys="image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0,
+                                                   clip=True)])(dict(item))["image"]
+    assert tuple(ours.shape) == (1, 32, 40)
+    torch.testing.assert_close(torch.as_tensor(ours), torch.as_tensor(ref))
+
+    pipeline = Compose([LoadRadiographd(keys="image"), PrepareRadiographd(keys="image", spatial_size=(32, 40)),
+                        RandGaussianNoised(keys="image", prob=1.0, std=0.1)])
+    ds = CacheDataset([{"image": str(path)}], transform=pipeline, progress=False)
+    assert tuple(ds._cache[0]["image"].shape) == (1, 32, 40)   # cached at network size, before the random noise
+
+    pre = Compose([LoadRadiographd(keys="image"), PrepareRadiographd(keys="image", spatial_size=(32, 40))])
+    d = pre({"image": str(path)})
+    d["pred"] = d["image"].clone().repeat(3, 1, 1)
+    out = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)(d)
+    assert tuple(out["pred"].shape) == (3, 96, 80)
