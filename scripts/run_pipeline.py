@@ -207,9 +207,22 @@ class Pipeline:
         self.bundle_run("doll_quality", ["generate_doll.yaml", "evaluate_doll.yaml"], quality)
 
     def pretrain(self) -> None:
-        """Stage 4 (configs/pretrain.yaml): the segmenter pre-trained end to end on the DoLL datalist."""
-        self.bundle_run("pretrain", ["pretrain.yaml"], {"show_progress": False,
-                                                         **(self.settings["overrides"].get("pretrain") or {})})
+        """Stage 4 (configs/pretrain.yaml): the segmenter pre-trained end to end on the DoLL datalist; on CPU over
+        ``pretrain_processes`` torchrun ranks (gloo, configs/multi_gpu_pretrain.yaml) with the batch shared out, so
+        that one optimizer step still sees ``batch_size`` images (the single-process recipe)."""
+        overrides = {"show_progress": False, **(self.settings["overrides"].get("pretrain") or {})}
+        nproc = self.cpu_setting("pretrain_processes")
+        if nproc > 1:
+            batch = int(overrides.get("batch_size")
+                        or yaml.safe_load((ROOT / "configs" / "pretrain.yaml").read_text())["batch_size"])
+            if batch % nproc:
+                raise SystemExit(f"[pipeline] pretrain: batch_size {batch} is not divisible by pretrain_processes "
+                                 f"{nproc} (configs/pipeline.yaml)")
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+            self.bundle_run("pretrain", ["pretrain.yaml", "multi_gpu_pretrain.yaml"],
+                            {**overrides, "batch_size": batch // nproc}, threads=threads_for(nproc), launcher=launcher)
+        else:
+            self.bundle_run("pretrain", ["pretrain.yaml"], overrides)
 
     def finetune(self) -> None:
         """Stage 5: the low-data sweep (scripts/sweep.py): the grid configs/pipeline.yaml names in configs/sweep.yaml,

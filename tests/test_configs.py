@@ -16,7 +16,7 @@ STANDALONE = ("train.yaml", "pretrain.yaml", "train_classifier.yaml", "generate_
 #: overlays and the workflow config each is read after
 OVERLAYS = {"evaluate.yaml": "train.yaml", "multi_gpu_train.yaml": "train.yaml",
             "evaluate_classifier.yaml": "train_classifier.yaml",
-            "multi_gpu_train_classifier.yaml": "train_classifier.yaml", "evaluate_doll.yaml": "generate_doll.yaml",
+            "multi_gpu_train_classifier.yaml": "train_classifier.yaml", "multi_gpu_pretrain.yaml": "pretrain.yaml", "evaluate_doll.yaml": "generate_doll.yaml",
             "doll_consensus.yaml": "generate_doll.yaml"}
 BEGIN, END = "# ---- shared settings", "# ---- end of the shared settings"
 REF = re.compile(r"@([A-Za-z_][\w#]*)")

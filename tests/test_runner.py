@@ -168,3 +168,33 @@ def test_sweep_collect_only_writes_the_finished_runs_and_trains_nothing(tmp_path
     assert set(frame["init"]) == {"scratch"} and result.mlflow_run_id is None
     assert not (out / "segmentation" / "logs").exists() and not (out / "mlruns.db").exists()
     assert not (tmp_path / "models").exists()  # the shuffled control's pre-training was not started
+
+
+def test_pretrain_over_processes_shares_the_batch_out(monkeypatch):
+    """pretrain_processes > 1 on CPU: torchrun with configs/multi_gpu_pretrain.yaml and batch_size / nproc per rank (a
+    step still sees the single-process batch); 1, or CUDA: the plain config; an indivisible batch is refused."""
+    calls = []
+    pipe = Pipeline(False, "cpu")
+    monkeypatch.setattr(pipe, "bundle_run", lambda name, configs, overrides=None, threads=None, launcher=None:
+                        calls.append((configs, overrides, threads, launcher)))
+    batch = yaml.safe_load((ROOT / "configs" / "pretrain.yaml").read_text())["batch_size"]
+    pipe.settings["pretrain_processes"] = 2
+    pipe.pretrain()
+    configs, overrides, threads, launcher = calls[-1]
+    assert configs == ["pretrain.yaml", "multi_gpu_pretrain.yaml"] and overrides["batch_size"] == batch // 2
+    assert "--nproc_per_node=2" in launcher and threads == max(1, len(os.sched_getaffinity(0)) // 2)
+    pipe.settings["overrides"]["pretrain"] = {"batch_size": 12}
+    pipe.pretrain()
+    assert calls[-1][1]["batch_size"] == 6
+    pipe.settings["overrides"]["pretrain"] = {"batch_size": 7}
+    with pytest.raises(SystemExit, match="not divisible"):
+        pipe.pretrain()
+    pipe.settings["pretrain_processes"] = 1
+    pipe.pretrain()
+    assert calls[-1][0] == ["pretrain.yaml"] and calls[-1][1]["batch_size"] == 7 and calls[-1][3] is None
+    cuda = Pipeline(False, "cuda")
+    monkeypatch.setattr(cuda, "bundle_run", lambda name, configs, overrides=None, threads=None, launcher=None:
+                        calls.append((configs, overrides, threads, launcher)))
+    cuda.settings["pretrain_processes"] = 2
+    cuda.pretrain()
+    assert calls[-1][0] == ["pretrain.yaml"]                          # one process per GPU is torchrun's business

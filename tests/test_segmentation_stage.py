@@ -478,6 +478,24 @@ def test_multi_gpu_train_two_processes(env: dict[str, Any]) -> None:
     assert runs[0].data.params["n_train"] == "4"
 
 
+@pytest.mark.slow
+@pytest.mark.dist
+def test_multi_gpu_pretrain_two_processes(env: dict[str, Any]) -> None:
+    """configs/multi_gpu_pretrain.yaml: two gloo ranks, each on half of the DoLL training set (DistributedSampler), one
+    writer of the checkpoints and of MLflow."""
+    n_train = len(json.loads((env["root"] / "data" / "datalists" / "doll.json").read_text())["training"])
+    overrides = {**env["overrides"], "max_epochs": 1, "batch_size": 2, "pretrain_name": "segresnet_ddp"}
+    out = check(bundle_run(["pretrain.yaml", "multi_gpu_pretrain.yaml"], overrides, torchrun=2))
+    ckpt = env["root"] / "models" / "pretrain" / "segresnet_ddp"
+    assert (ckpt / "model.pt").is_file()
+    state = torch.load(ckpt / "last.pt", weights_only=True)["trainer"]
+    per_rank = -(-n_train // 2)                      # the shard of each rank (even_divisible pads the last one)
+    assert state["iteration"] == state["epoch_length"] == per_rank // 2, (n_train, state)   # drop_last batches of 2
+    runs = [r for r in _runs(env["tracking_uri"], f"{PREFIX}_pretrain") if r.info.run_name == "segresnet_ddp"]
+    assert len(runs) == 1, out[-3000:]  # rank 0 only
+    assert runs[0].data.params["batch_size"] == "2"
+
+
 def test_train_config_alone_passes_monai_property_checks(env: dict[str, Any]) -> None:
     """The Model Zoo's entry point: ``create_workflow`` on configs/train.yaml alone (no other config) is a valid MONAI
     "train" workflow (every required and optional property MONAI checks)."""
