@@ -102,3 +102,67 @@ def test_gradients_metatensor_and_errors():
         WeightedDiceBCELoss()(torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 4, 4))
     with pytest.raises(ValueError, match="background_weight must be >= 0"):
         WeightedDiceBCELoss(background_weight=-0.1)
+
+
+_DDP_CASES = {"plain": {}, "squared_jaccard": {"squared_pred": True, "jaccard": True}}
+
+
+def _ddp_batch() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A tiny conv net and a batch of 4 images, 3 channels, where channel 2 is absent from the first two images
+    (rare channels are where a per-rank batch Dice differs from the global one)."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 3, 3, padding=1)
+    x = torch.randn(4, 1, 8, 8)
+    y = (torch.rand(4, 3, 8, 8) > 0.6).float()
+    y[:2, 2] = 0
+    return net, x, y
+
+
+def _ddp_loss_worker(rank: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    results = {}
+    for name, kwargs in _DDP_CASES.items():
+        for sync in (True, False):
+            net, x, y = _ddp_batch()
+            ddp = torch.nn.parallel.DistributedDataParallel(net)
+            loss_fn = WeightedDiceBCELoss(background_weight=0.1, batch=True, sync_batch=sync, **kwargs)
+            share = slice(2 * rank, 2 * rank + 2)  # each rank: half of the batch
+            parts = loss_fn.components(ddp(x[share]), y[share])
+            parts["total"].backward()
+            results[(name, sync)] = {"dice": parts["dice"].item(), "total": parts["total"].item(),
+                                     "grads": [p.grad.clone() for p in net.parameters()]}
+    if rank == 0:
+        torch.save(results, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_batch_dice_over_ranks_equals_one_process():
+    """Under DDP with ``batch=True`` (the pre-training Dice), two gloo ranks of 2 images each give the Dice value
+    and the parameter gradients of one process on the 4 images (``sync_batch``, the default), plain and squared /
+    Jaccard Dice alike; without the sync each rank's Dice covers its own 2 images and the gradient differs. The
+    one-process reference is MONAI's ``DiceLoss(batch=True)`` through the loss."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = f"{tmp}/ddp.pt"
+        mp.start_processes(_ddp_loss_worker, args=(f"{tmp}/init", out), nprocs=2, join=True, start_method="spawn")
+        results = torch.load(out, weights_only=False)
+    for name, kwargs in _DDP_CASES.items():
+        net, x, y = _ddp_batch()
+        loss_fn = WeightedDiceBCELoss(background_weight=0.1, batch=True, **kwargs)
+        parts = loss_fn.components(net(x), y)
+        reference = DiceLoss(sigmoid=True, batch=True, **kwargs)(net(x), y)
+        assert parts["dice"].item() == pytest.approx(reference.item(), rel=1e-6)
+        parts["total"].backward()
+        grads = [p.grad for p in net.parameters()]
+        synced, unsynced = results[(name, True)], results[(name, False)]
+        assert synced["dice"] == pytest.approx(parts["dice"].item(), rel=1e-5)
+        for g_ddp, g in zip(synced["grads"], grads):
+            torch.testing.assert_close(g_ddp, g, rtol=1e-4, atol=1e-6)
+        assert unsynced["dice"] != pytest.approx(parts["dice"].item(), rel=1e-3)
+        assert max((a - b).abs().max().item() for a, b in zip(unsynced["grads"], grads)) > 1e-3

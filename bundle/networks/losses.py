@@ -45,13 +45,20 @@ class WeightedDiceBCELoss(_Loss):
         smooth_nr, smooth_dr, squared_pred, jaccard, batch: passed to :class:`monai.losses.DiceLoss`
             (``batch=True`` computes Dice over the whole batch per channel, which avoids the large loss of empty
             channels, frequent in DoLL where most observations are absent from an image).
+        sync_batch: under ``torch.distributed`` (more than one rank) with ``batch=True``, sum the Dice's
+            intersection and volumes over every rank's batch (an autograd-aware all-reduce) so that the Dice is the
+            one of the global batch: with DDP's gradient averaging, ``n`` ranks of ``B / n`` images then give the
+            gradient of one process on ``B`` images. Without it each rank's Dice covers its own share only, a
+            different loss where channels are rare. Ignored in a single process and with ``batch=False`` (per-image
+            Dice averaged over images is already exact under DDP).
 
     The BCE term is ``mean(w * bce)`` over all elements (as ``F.binary_cross_entropy_with_logits(weight=w)``).
     """
 
     def __init__(self, background_weight: float = 0.1, dice_weight: float = 1.0, bce_weight: float = 1.0,
                  focal: bool = False, gamma: float = 2.0, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5,
-                 squared_pred: bool = False, jaccard: bool = False, batch: bool = False) -> None:
+                 squared_pred: bool = False, jaccard: bool = False, batch: bool = False,
+                 sync_batch: bool = True) -> None:
         super().__init__(reduction="mean")
         for name, value in (("background_weight", background_weight), ("dice_weight", dice_weight),
                             ("bce_weight", bce_weight), ("gamma", gamma)):
@@ -64,6 +71,31 @@ class WeightedDiceBCELoss(_Loss):
         self.gamma = float(gamma)
         self.dice = DiceLoss(include_background=True, sigmoid=True, squared_pred=squared_pred, jaccard=jaccard,
                              reduction="mean", smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch)
+        self.sync_batch = bool(sync_batch) and bool(batch)
+
+    @staticmethod
+    def _world_size() -> int:
+        import torch.distributed as dist
+
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def global_batch_dice(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """MONAI's batch Dice loss (sigmoid, every channel, mean over channels) with the per-channel sums
+        all-reduced over the ranks (``torch.distributed.nn.functional.all_reduce``, whose backward all-reduces the
+        gradient): every rank returns the Dice of the global batch."""
+        from torch.distributed.nn.functional import all_reduce
+
+        d = self.dice
+        p = torch.sigmoid(input)
+        dims = [0, *range(2, input.dim())]
+        sums = torch.stack([(p * target).sum(dims),
+                            (target ** 2 if d.squared_pred else target).sum(dims),
+                            (p ** 2 if d.squared_pred else p).sum(dims)])
+        intersection, ground, pred = all_reduce(sums)
+        denominator = ground + pred
+        if d.jaccard:
+            denominator = 2.0 * (denominator - intersection)
+        return (1.0 - (2.0 * intersection + d.smooth_nr) / (denominator + d.smooth_dr)).mean()
 
     def pixel_weights(self, target: torch.Tensor) -> torch.Tensor:
         """Per-element weights of the BCE term: ``background_weight`` on background, 1 on objects."""
@@ -84,7 +116,12 @@ class WeightedDiceBCELoss(_Loss):
             # (1 - p_t)^gamma computed in log space, as monai.losses.focal_loss.sigmoid_focal_loss
             per_element = torch.exp(self.gamma * F.logsigmoid(-input * (target * 2 - 1))) * per_element
         cls = (w * per_element).mean()
-        dice = self.dice(input, target) if self.dice_weight > 0 else input.new_zeros(())
+        if self.dice_weight <= 0:
+            dice = input.new_zeros(())
+        elif self.sync_batch and self._world_size() > 1:
+            dice = self.global_batch_dice(input, target)
+        else:
+            dice = self.dice(input, target)
         total = self.dice_weight * dice + self.bce_weight * cls
         return {"dice": dice, "focal" if self.focal else "bce": cls, "total": total}
 
