@@ -396,3 +396,23 @@ def test_prepare_data_config_runs(tmp_path: Path) -> None:
         assert im.size == (48, 48)
     assert (root / "SCR" / "masks" / "left clavicle" / "JPCLN001.gif").is_file()
     assert (root / "QaTa-COV19" / "Test Set" / "Ground-truths" / "mask_covid_2.png").is_file()
+
+
+def test_signature_contrast_matches_a_direct_computation_and_ranks_fracture_faintest():
+    """``signature_contrast`` at the drawn size (area resize = identity) equals the difference of the two draws
+    inside the mask over the image's SD computed by hand; the fracture's signature is the faintest (documented in
+    docs/doll_tuning.md), and a bad finding index is refused."""
+    from bundle.data.phantom import signature_contrast
+
+    k = 4  # Lung Lesion
+    a = draw_frontal(np.random.default_rng([0, 0]), image_size=64, findings=[])
+    b = draw_frontal(np.random.default_rng([0, 0]), image_size=64, findings=[k])
+    m = b.lesions[k] > 0
+    expected = np.abs(b.image - a.image)[m].mean() / a.image.std()
+    got = signature_contrast(k, n=1, draw_size=64, sizes=(64,))
+    assert got[64] == pytest.approx(expected, rel=1e-4)
+    lesion = signature_contrast(k, n=3, draw_size=128, sizes=(64,))[64]
+    fracture = signature_contrast(12, n=3, draw_size=128, sizes=(64,))[64]
+    assert 0 < fracture < 0.3 * lesion
+    with pytest.raises(ValueError, match="observation index"):
+        signature_contrast(0, n=1)

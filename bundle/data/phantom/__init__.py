@@ -43,11 +43,12 @@ generator's folders; folders not written by the generator are never deleted).
 """
 
 from .drawing import DEFAULT_PREVALENCE, SIGNATURES, Anatomy, Phantom, draw_frontal, draw_lateral, phantom_rng, sample_anatomy
+from .signatures import signature_contrast
 from .layouts import CHEXPERT_DIR, JSRT_DIR, LESIONS_DIR, MANIFEST, QATA_DIR, SCR_DIR, lesion_mask_path
 from .writer import format_summary, generate_phantom_datasets
 
 __all__ = [
     "SIGNATURES", "DEFAULT_PREVALENCE", "Anatomy", "Phantom", "sample_anatomy", "draw_frontal", "draw_lateral",
     "phantom_rng", "lesion_mask_path", "generate_phantom_datasets", "format_summary", "CHEXPERT_DIR",
-    "LESIONS_DIR", "JSRT_DIR", "SCR_DIR", "QATA_DIR", "MANIFEST",
+    "LESIONS_DIR", "JSRT_DIR", "SCR_DIR", "QATA_DIR", "MANIFEST", "signature_contrast",
 ]
