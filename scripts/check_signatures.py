@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bundle.constants import OBSERVATIONS  # noqa: E402
 from bundle.data.phantom import signature_contrast  # noqa: E402
+from bundle.utils import atomic_write_text  # noqa: E402
 
 
 def main(n: int = 12, draw_size: int = 256, sizes: Sequence[int] = (128, 256), seed: int = 0,
@@ -33,9 +34,7 @@ def main(n: int = 12, draw_size: int = 256, sizes: Sequence[int] = (128, 256), s
     text = "\n".join(rows) + "\n"
     print(text)
     if out:
-        tmp = Path(f"{out}.tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        atomic_write_text(out, text)
     return text
 
 

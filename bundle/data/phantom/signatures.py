@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 from monai.transforms import Resize
 
+from ...constants import NUM_OBSERVATIONS
 from .drawing import draw_frontal
 
 __all__ = ["signature_contrast"]
@@ -33,15 +34,17 @@ def signature_contrast(finding: int, n: int = 12, draw_size: int = 256, sizes: S
     Returns:
         ``{size: median contrast}``; NaN for a size where no mask survived the resize.
     """
-    if not 1 <= int(finding) <= 13:
-        raise ValueError(f"finding must be an observation index 1-13 (0 is No Finding), got {finding}")
-    per_size: dict[int, list[float]] = {int(s): [] for s in sizes}
+    if not 1 <= int(finding) < NUM_OBSERVATIONS:
+        raise ValueError(f"finding must be an observation index 1-{NUM_OBSERVATIONS - 1} (0 is No Finding), "
+                         f"got {finding}")
+    resizers = {int(s): Resize((int(s), int(s)), mode="area") for s in sizes}
+    per_size: dict[int, list[float]] = {s: [] for s in resizers}
     for i in range(int(n)):
         without = draw_frontal(np.random.default_rng([seed, i]), image_size=draw_size, findings=[])
         with_k = draw_frontal(np.random.default_rng([seed, i]), image_size=draw_size, findings=[finding])
         stack = np.stack([without.image, with_k.image, with_k.lesions[finding]]).astype(np.float32)
-        for s in per_size:
-            a, b, m = np.asarray(Resize((s, s), mode="area")(stack))
+        for s, resize in resizers.items():
+            a, b, m = np.asarray(resize(stack))
             inside = m >= 0.5
             if inside.any():
                 per_size[s].append(float(np.abs(b - a)[inside].mean() / max(float(a.std()), 1e-8)))
