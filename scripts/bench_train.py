@@ -5,9 +5,9 @@ The bundle side is ``configs/train.yaml``'s ``train#trainer`` (MONAI ``Supervise
 random augmentations, sampler and DataLoader, built through :class:`monai.bundle.ConfigParser` from the configs (only
 the handlers are left out: validation, checkpoints and MLflow are not training throughput). The bare side is a plain
 loop over the same network architecture (a copy of the same initial weights), the same loss object's class and
-arguments, the same optimizer class and hyper-parameters (AdamW, an Adam variant), the same batch size and the same
-images, held in memory as tensors (the cached, deterministic part of the pipeline; batches drawn at random, no
-augmentation). The two run interleaved step by step (after every trainer iteration, one bare step), for ``rounds``
+arguments, the same optimizer class and hyper-parameters (AdamW, an Adam variant), the same batch size, the same
+forward precision (the trainer's inferer: bfloat16 autocast where the CPU has it) and the same images, held in
+memory as tensors (the cached, deterministic part of the pipeline; batches drawn at random, no augmentation). The two run interleaved step by step (after every trainer iteration, one bare step), for ``rounds``
 epochs of ``epoch_length`` steps after a warm-up epoch, with the same torch threads; a trainer epoch's time is its wall time
 minus the bare steps run inside it. Interleaving single steps makes the comparison robust to a machine shared with
 other jobs (both sides see the same load).
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 idx = torch.randint(len(images), (bs,), generator=gen)
                 x, y = images[idx], labels[idx]
                 bare_opt.zero_grad(set_to_none=True)
-                loss = bare_loss(bare_net(x), y)
+                loss = bare_loss(trainer.inferer(x, bare_net), y)  # the trainer's precision (bf16 on CPU)
                 loss.backward()
                 bare_opt.step()
             return time.perf_counter() - start

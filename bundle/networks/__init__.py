@@ -6,6 +6,7 @@
 - :mod:`.finetune`: ``replace_head``, ``prepare_finetune`` (``full`` / ``warmup`` / ``adapter``),
   ``EncoderWarmupHandler``.
 - :mod:`.losses`: ``WeightedDiceBCELoss``.
+- :mod:`.precision`: ``AutocastInferer`` (bfloat16 training on CPU), ``cpu_bf16_supported``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from .classifiers import build_classifier
 from .finetune import (EncoderWarmupHandler, FinetuneSetup, FinetuneSummary, ResidualAdapter, add_adapters,
                        prepare_finetune, replace_head, set_trainable)
 from .losses import WeightedDiceBCELoss
+from .precision import AutocastInferer, cpu_bf16_supported
 from .segmentation import (build_segmenter, decoder_stage_names, encoder_module_names, encoder_parameter_names,
                            head_module_names, head_parameter_names, network_parts)
 from .transfer import (TransferReport, initialise_segmenter, load_encoder_from_classifier, load_external,
                        load_pretrained, read_state_dict)
 
 __all__ = [
+    "AutocastInferer",
     "EncoderWarmupHandler",
     "FinetuneSetup",
     "FinetuneSummary",
@@ -29,6 +32,7 @@ __all__ = [
     "add_adapters",
     "build_classifier",
     "build_segmenter",
+    "cpu_bf16_supported",
     "decoder_stage_names",
     "encoder_module_names",
     "encoder_parameter_names",
