@@ -108,6 +108,24 @@ def load_json(path: PathLike) -> Any:
         raise BundleInputError(path, f"not valid JSON ({e})") from None
 
 
+def as_bool(value: Any, name: str = "value") -> bool:
+    """``value`` as a bool: a bool (numpy's too), 0 or 1, or ``"true"``/``"false"``/``"1"``/``"0"``/``"yes"``/``"no"``
+    in any case, as a command line passes it (``python -m monai.bundle run ... --cpu_bf16 false`` gives the string
+    ``'false'``, which plain ``bool()`` would take as true).
+
+    Raises:
+        ValueError: anything else, naming ``name``.
+    """
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    if isinstance(value, int) or type(value).__name__.startswith(("int", "uint")):
+        if int(value) in (0, 1):
+            return bool(int(value))
+    elif isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise ValueError(f"{name} must be a boolean, got {value!r}")
+
+
 def global_rank() -> int:
     """This process's rank under ``torch.distributed`` (0 when it is not initialised): the handlers that write files
     or logs act on rank 0 only, so no config switches them off by position."""

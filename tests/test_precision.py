@@ -89,3 +89,26 @@ def test_configs_train_under_bf16_where_the_cpu_has_it(config: str) -> None:
     assert parser.get_parsed_content("train#inferer").enabled is False
     # validation stays float32
     assert not isinstance(parser.get_parsed_content("validate#inferer"), AutocastInferer)
+
+
+@pytest.mark.parametrize("text, expected", [("false", False), ("False", False), ("0", False), ("no", False),
+                                            ("true", True), ("TRUE", True), ("1", True), ("yes", True)])
+def test_command_line_flags_are_read_as_booleans(text: str, expected: bool) -> None:
+    """``--cpu_bf16 false`` reaches the config as the string ``'false'``: it must switch autocast off."""
+    assert AutocastInferer(enabled=text).enabled is expected
+    net, x = _net_and_input()
+    if not expected:
+        assert AutocastInferer(enabled=text)(x, net).dtype == torch.float32
+        assert torch.equal(AutocastInferer(enabled=text)(x, net), net(x))
+
+
+def test_command_line_override_reaches_the_config() -> None:
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.yaml"))
+    parser["cpu_bf16"] = "false"  # what `python -m monai.bundle run ... --cpu_bf16 false` sets
+    assert parser.get_parsed_content("train#inferer").enabled is False
+
+
+def test_not_a_flag_is_rejected() -> None:
+    with pytest.raises(ValueError, match="enabled must be a boolean, got 'maybe'"):
+        AutocastInferer(enabled="maybe")

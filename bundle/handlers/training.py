@@ -62,9 +62,9 @@ class ProgressBar:
     (``force=True`` shows it anyway): CI logs stay readable. Rank 0 only under ``torch.distributed``."""
 
     def __init__(self, enabled: bool = True, force: bool = False, output_transform: Callable | None = None):
-        from ..utils import global_rank
+        from ..utils import as_bool, global_rank
 
-        self.enabled = enabled and (force or sys.stderr.isatty()) and global_rank() == 0
+        self.enabled = as_bool(enabled, "ProgressBar: enabled") and (force or sys.stderr.isatty()) and global_rank() == 0
         self.output_transform = output_transform
 
     def attach(self, engine: Engine) -> None:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from monai.inferers import Inferer
 
+from ..utils import as_bool
+
 __all__ = ["AutocastInferer", "cpu_bf16_supported"]
 
 
@@ -36,14 +38,15 @@ class AutocastInferer(Inferer):
     """Run ``network(inputs)`` under ``torch.autocast(device_type, dtype)`` and return a float32 prediction.
 
     Args:
-        enabled: autocast on (``False``: a plain forward, bit for bit MONAI's ``SimpleInferer``).
+        enabled: autocast on (``False``: a plain forward, bit for bit MONAI's ``SimpleInferer``); a command line's
+            ``"true"``/``"false"`` is read as such (:func:`bundle.utils.as_bool`).
         device_type: the autocast device type (``"cpu"``; tensors of other devices are not affected).
         dtype: the autocast dtype (``torch.bfloat16``; a string such as ``"bfloat16"`` is accepted for configs).
     """
 
     def __init__(self, enabled: bool = True, device_type: str = "cpu", dtype: torch.dtype | str = torch.bfloat16):
         super().__init__()
-        self.enabled = bool(enabled)
+        self.enabled = as_bool(enabled, "AutocastInferer: enabled")
         self.device_type = str(device_type)
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if not isinstance(self.dtype, torch.dtype):

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ...constants import CHEXPERT_COLUMNS, NUM_OBSERVATIONS, OBSERVATIONS, SCR_STRUCTURES
+from ...utils import as_bool
 
 from .drawing import _OBS_INDEX, _PLAN, DEFAULT_PREVALENCE, phantom_rng
 
@@ -95,14 +96,7 @@ def _resolve_prevalence(prevalence: Mapping[str, float] | None) -> dict[str, flo
 
 
 def _as_bool(name: str, value: Any) -> bool:
-    """``value`` as a bool; also accepts ``"true"``/``"false"``/``"1"``/``"0"``/``"yes"``/``"no"`` (command lines)."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)) and int(value) in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.strip().lower() in ("true", "1", "yes")
-    raise ValueError(f"{name} must be a boolean, got {value!r}")
+    return as_bool(value, name)
 
 
 def _check_rate(name: str, value: float) -> float:
