@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -49,6 +49,18 @@ def real_lungs_dir() -> Path:
     if path is None or not (path / "cases.csv").is_file():
         pytest.skip("needs ../shared/data/real-cxr-lungs (absent)")
     return path
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one intra-op thread for the test, restored after: tiny networks run much faster without thread
+    contention on a shared 2-core machine (``pytestmark = pytest.mark.usefixtures("one_thread")`` for a module)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -22,14 +22,6 @@ from bundle.explain.gradcam import (
 )
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _two_layer_net(seed: int = 0) -> nn.Module:
     """A 1x1 conv 'feature' layer (2 -> 3 channels) and a 1x1 conv head (3 -> 2 structures)."""
     torch.manual_seed(seed)

@@ -18,13 +18,7 @@ from bundle.networks.segmentation import (build_segmenter, decoder_stage_names, 
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny nets run much faster without thread contention on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 UNET_ENCODER = ["model.0", "model.1.submodule.0", "model.1.submodule.1.submodule.0",

@@ -15,12 +15,7 @@ from bundle.networks import AutocastInferer, build_segmenter, cpu_bf16_supported
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _net_and_input() -> tuple[torch.nn.Module, torch.Tensor]:

@@ -14,13 +14,7 @@ from bundle.networks.transfer import (TransferReport, initialise_segmenter, load
 from bundle.utils import BundleInputError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny nets run much faster without thread contention on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _net(arch: str = "segresnet", out_channels: int = 3, seed: int = 0, **kwargs) -> torch.nn.Module:
