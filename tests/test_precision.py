@@ -75,10 +75,13 @@ def test_bad_dtype_is_rejected() -> None:
 
 @pytest.mark.parametrize("config", ["train.yaml", "pretrain.yaml"])
 def test_configs_train_under_bf16_where_the_cpu_has_it(config: str) -> None:
+    """Fine-tuning autocasts where the CPU has native bfloat16; the pre-training stays float32 by default (its DoLL
+    fit was lower in bfloat16 on 2 of 3 seeds) and can be switched on."""
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / config))
     inferer = parser.get_parsed_content("train#inferer")
-    assert isinstance(inferer, AutocastInferer) and inferer.enabled == cpu_bf16_supported()
+    assert isinstance(inferer, AutocastInferer)
+    assert inferer.enabled == (cpu_bf16_supported() if config == "train.yaml" else False)
     parser["cpu_bf16"] = False
     parser.parse(True)
     assert parser.get_parsed_content("train#inferer").enabled is False

@@ -5,8 +5,9 @@ bfloat16 (AVX512-BF16 or AMX: oneDNN runs its convolutions in bfloat16), autocas
 training step by about a quarter (SegResNet, batch 8 at 128 px, one thread: 0.18 s against 0.24 s,
 ``scripts/bench_precision.py``). bfloat16 keeps float32's exponent range, so no loss scaling is needed.
 
-:class:`AutocastInferer` is the training inferer of ``configs/train.yaml`` and ``configs/pretrain.yaml``
-(``train#inferer``): only the network's forward runs under autocast (and so its backward, whose kernels follow the
+:class:`AutocastInferer` is the training inferer (``train#inferer``) of ``configs/train.yaml`` (on where the CPU has
+native bfloat16) and ``configs/pretrain.yaml`` (off by default: the DoLL pre-training fitted its labels less well in
+bfloat16 on 2 of 3 seeds, for ~35 s saved; see the config's comment): only the network's forward runs under autocast (and so its backward, whose kernels follow the
 forward's dtypes); the prediction is cast back to float32 before the loss, the weights and the optimizer stay float32,
 and validation and test inference stay float32. On a CPU without native bfloat16 the autocast would be emulated and
 slower, so the configs enable it with :func:`cpu_bf16_supported` (``cpu_bf16`` id; ``--cpu_bf16 false`` forces
