@@ -7,12 +7,12 @@ training step by about a quarter (SegResNet, batch 8 at 128 px, one thread: 0.18
 
 :class:`AutocastInferer` is the training inferer (``train#inferer``) of ``configs/train.yaml`` (on where the CPU has
 native bfloat16) and ``configs/pretrain.yaml`` (off by default: the DoLL pre-training fitted its labels less well in
-bfloat16 on 2 of 3 seeds, for ~35 s saved; see the config's comment): only the network's forward runs under autocast (and so its backward, whose kernels follow the
-forward's dtypes); the prediction is cast back to float32 before the loss, the weights and the optimizer stay float32,
-and validation and test inference stay float32. On a CPU without native bfloat16 the autocast would be emulated and
-slower, so the configs enable it with :func:`cpu_bf16_supported` (``cpu_bf16`` id; ``--cpu_bf16 false`` forces
-float32). Autocast on ``"cpu"`` does not touch CUDA tensors: on a GPU the inferer is a plain forward (use ``--amp
-true`` there).
+bfloat16 on 2 of 3 seeds, for ~35 s saved; see the config's comment). Only the network's forward runs under autocast,
+and so its backward, whose kernels follow the forward's dtypes; the prediction is cast back to float32 before the
+loss, the weights and the optimizer stay float32, and validation and test inference stay float32. On a CPU without
+native bfloat16 the autocast would be emulated and slower, so ``train.yaml`` enables it with
+:func:`cpu_bf16_supported` (``cpu_bf16`` id; ``--cpu_bf16 false`` forces float32). Autocast on ``"cpu"`` does not
+touch CUDA tensors: on a GPU the inferer is a plain forward (use ``--amp true`` there).
 """
 
 from __future__ import annotations
