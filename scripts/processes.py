@@ -14,8 +14,12 @@ from typing import Any
 
 
 def cli_value(value: Any) -> str:
-    """``value`` as a ``python -m monai.bundle run --id <value>`` argument: text as is, anything else as JSON."""
-    return value if isinstance(value, str) else json.dumps(value)
+    """``value`` as a ``python -m monai.bundle run --id <value>`` argument: text as is, anything else as a Python
+    literal of its JSON form (tuples as lists, numpy scalars as numbers), which the command's parser (fire's
+    ``DefaultParseValue``) reads back as the same value. JSON's own spelling would not survive it: fire keeps
+    ``false``, ``true`` and ``null`` as text, also inside lists and dicts, so ``False`` arrived as ``'false'``, which
+    ``bool()`` takes as true."""
+    return value if isinstance(value, str) else repr(json.loads(json.dumps(value)))
 
 
 def say(message: str) -> None:

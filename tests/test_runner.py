@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from scripts.run_pipeline import STAGES, Pipeline, merge_settings
-from scripts.processes import thread_env
+from scripts.processes import cli_value, thread_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,6 +24,18 @@ def test_thread_env_shares_the_cores_out():
     assert thread_env(4 * cores)["OMP_NUM_THREADS"] == "1"          # never zero threads
     one = thread_env(1)                                              # one job: the caller's settings stay
     assert one.get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
+
+
+@pytest.mark.parametrize("value", [False, True, None, 0, 3, 1e-05, 0.5, [128, 256], {"init_filters": 16},
+                                   {"amp": False, "prior": None, "sizes": [4, "all"]}, "text"])
+def test_cli_value_reads_back_as_the_same_value(value):
+    """What the runner passes reaches the config as the value it meant: ``python -m monai.bundle run`` parses its
+    arguments with fire, which keeps JSON's ``false``/``null`` as text (``'false'`` is true to ``bool()``)."""
+    import fire.parser
+
+    assert fire.parser.DefaultParseValue(cli_value(value)) == value
+    assert type(fire.parser.DefaultParseValue(cli_value(value))) is type(value)
+    assert fire.parser.DefaultParseValue(cli_value((1, 2))) == [1, 2]  # JSON's form: a tuple arrives as a list
 
 
 def test_timing_file_sums_stages_and_keeps_earlier_ones(tmp_path):
