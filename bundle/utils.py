@@ -116,9 +116,11 @@ def as_bool(value: Any, name: str = "value") -> bool:
     Raises:
         ValueError: anything else, naming ``name``.
     """
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
         return bool(value)
-    if isinstance(value, int) or type(value).__name__.startswith(("int", "uint")):
+    if isinstance(value, (int, np.integer)):
         if int(value) in (0, 1):
             return bool(int(value))
     elif isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):

@@ -7,8 +7,9 @@ the handlers are left out: validation, checkpoints and MLflow are not training t
 loop over the same network architecture (a copy of the same initial weights), the same loss object's class and
 arguments, the same optimizer class and hyper-parameters (AdamW, an Adam variant), the same batch size, the same
 forward precision (the trainer's inferer: bfloat16 autocast where the CPU has it) and the same images, held in
-memory as tensors (the cached, deterministic part of the pipeline; batches drawn at random, no augmentation). The two run interleaved step by step (after every trainer iteration, one bare step), for ``rounds``
-epochs of ``epoch_length`` steps after a warm-up epoch, with the same torch threads; a trainer epoch's time is its wall time
+memory as tensors (the cached, deterministic part of the pipeline; batches drawn at random, no augmentation). The
+two run interleaved step by step (after every trainer iteration, one bare step), for ``rounds`` epochs of
+``epoch_length`` steps after a warm-up epoch, with the same torch threads; a trainer epoch's time is its wall time
 minus the bare steps run inside it. Interleaving single steps makes the comparison robust to a machine shared with
 other jobs (both sides see the same load).
 

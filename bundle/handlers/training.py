@@ -64,7 +64,8 @@ class ProgressBar:
     def __init__(self, enabled: bool = True, force: bool = False, output_transform: Callable | None = None):
         from ..utils import as_bool, global_rank
 
-        self.enabled = as_bool(enabled, "ProgressBar: enabled") and (force or sys.stderr.isatty()) and global_rank() == 0
+        shown = force or sys.stderr.isatty()
+        self.enabled = as_bool(enabled, "ProgressBar: enabled") and shown and global_rank() == 0
         self.output_transform = output_transform
 
     def attach(self, engine: Engine) -> None:

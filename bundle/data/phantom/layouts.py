@@ -13,7 +13,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ...constants import CHEXPERT_COLUMNS, NUM_OBSERVATIONS, OBSERVATIONS, SCR_STRUCTURES
-from ...utils import as_bool
 
 from .drawing import _OBS_INDEX, _PLAN, DEFAULT_PREVALENCE, phantom_rng
 
@@ -93,10 +92,6 @@ def _resolve_prevalence(prevalence: Mapping[str, float] | None) -> dict[str, flo
             raise ValueError(f"prevalence of {name!r} must be in [0, 1], got {p}")
         out[name] = float(p)
     return out
-
-
-def _as_bool(name: str, value: Any) -> bool:
-    return as_bool(value, name)
 
 
 def _check_rate(name: str, value: float) -> float:

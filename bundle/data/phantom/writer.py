@@ -14,10 +14,11 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from ...utils import BundleInputError, PathLike, atomic_write_bytes, atomic_write_json, atomic_write_text, load_json
+from ...utils import (BundleInputError, PathLike, as_bool, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                       load_json)
 from ..io import encode_bitmask
 from .drawing import _ANATOMY, draw_frontal, draw_lateral, phantom_rng, sample_anatomy
-from .layouts import (_FORMAT_VERSION, _OWNED_DIRS, CHEXPERT_DIR, MANIFEST, _as_bool, _check_rate, _csv_text, _plan_chexpert,
+from .layouts import (_FORMAT_VERSION, _OWNED_DIRS, CHEXPERT_DIR, MANIFEST, _check_rate, _csv_text, _plan_chexpert,
                       _plan_qata, _plan_scr, _resolve_prevalence, _Task)
 
 logger = logging.getLogger(__name__)
@@ -231,8 +232,8 @@ def generate_phantom_datasets(
             raise ValueError(f"{name} must be >= 0, got {value}")
     if int(max_studies_per_patient) < 1:
         raise ValueError(f"max_studies_per_patient must be >= 1, got {max_studies_per_patient}")
-    overwrite = _as_bool("overwrite", overwrite)
-    progress = _as_bool("progress", progress)
+    overwrite = as_bool(overwrite, "overwrite")
+    progress = as_bool(progress, "progress")
     prev = _resolve_prevalence(prevalence)
     params = {
         "seed": seed, "image_size": size, "chexpert_train_patients": int(chexpert_train_patients),
