@@ -18,7 +18,14 @@ def cli_value(value: Any) -> str:
     literal of its JSON form (tuples as lists, numpy scalars as numbers), which the command's parser (fire's
     ``DefaultParseValue``) reads back as the same value. JSON's own spelling would not survive it: fire keeps
     ``false``, ``true`` and ``null`` as text, also inside lists and dicts, so ``False`` arrived as ``'false'``, which
-    ``bool()`` takes as true."""
+    ``bool()`` takes as true.
+
+    A top-level ``None`` is written ``null``, the text a user types: ``monai.bundle run`` drops an override whose
+    value is ``None`` (``update_kwargs(ignore_none=True)``), so a literal ``None`` would leave the id at its config
+    default. Ids that can be switched off read that text as off (e.g. ``output_bias_prior``,
+    :class:`bundle.networks.FinetuneInit`). ``None`` inside a list or dict stays ``None``."""
+    if value is None:
+        return "null"
     return value if isinstance(value, str) else repr(json.loads(json.dumps(value)))
 
 

@@ -26,7 +26,7 @@ def test_thread_env_shares_the_cores_out():
     assert one.get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
 
 
-@pytest.mark.parametrize("value", [False, True, None, 0, 3, 1e-05, 0.5, [128, 256], {"init_filters": 16},
+@pytest.mark.parametrize("value", [False, True, 0, 3, 1e-05, 0.5, [128, 256], {"init_filters": 16},
                                    {"amp": False, "prior": None, "sizes": [4, "all"]}, "text"])
 def test_cli_value_reads_back_as_the_same_value(value):
     """What the runner passes reaches the config as the value it meant: ``python -m monai.bundle run`` parses its
@@ -36,6 +36,36 @@ def test_cli_value_reads_back_as_the_same_value(value):
     assert fire.parser.DefaultParseValue(cli_value(value)) == value
     assert type(fire.parser.DefaultParseValue(cli_value(value))) is type(value)
     assert fire.parser.DefaultParseValue(cli_value((1, 2))) == [1, 2]  # JSON's form: a tuple arrives as a list
+
+
+def test_every_override_reaches_the_config_and_none_switches_off():
+    """``monai.bundle run`` drops ``None``-valued arguments (``update_kwargs(ignore_none=True)``), so a ``None``
+    override would silently leave the config default in place (CI's quick run trained with the 0.05 output prior it
+    meant to switch off, and its real-lungs Dice fell to 0): every override of the sweep's grids must arrive, and
+    ``None`` arrives as the text ``null`` that the finetune init reads as off."""
+    import fire.parser
+    from monai.bundle.scripts import update_kwargs
+
+    from bundle.networks.finetune import FinetuneInit
+
+    grids = yaml.safe_load((ROOT / "configs" / "sweep.yaml").read_text())
+    overrides = {}
+    for grid in grids.values():
+        overrides.update(grid.get("overrides") or {})
+        for extra in grid.get("extra") or []:
+            overrides.update(extra.get("overrides") or {})
+    assert overrides.get("output_bias_prior", 0) is None            # the case that failed: it is still exercised
+    args = update_kwargs(**{k: fire.parser.DefaultParseValue(cli_value(v)) for k, v in overrides.items()})
+    assert set(args) == set(overrides)
+    assert args["output_bias_prior"] == "null"
+
+    from monai.networks.nets import SegResNet
+
+    net = SegResNet(spatial_dims=2, in_channels=1, out_channels=1, init_filters=8)
+    off = FinetuneInit(net, "scratch", output_bias_prior=args["output_bias_prior"])
+    on = FinetuneInit(SegResNet(spatial_dims=2, in_channels=1, out_channels=1, init_filters=8), "scratch",
+                      output_bias_prior=0.05)
+    assert off.output_bias is None and on.output_bias is not None
 
 
 def test_timing_file_sums_stages_and_keeps_earlier_ones(tmp_path):
