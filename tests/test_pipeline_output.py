@@ -87,6 +87,12 @@ def test_timings_cover_every_stage_and_the_real_data_check_ran():
     assert timing["total"] == pytest.approx(sum(timing[s] for s in STAGES), abs=0.5)
     sweep = pd.read_csv(PIPELINE_ROOT / "eval" / "segmentation" / "sweep_test.csv", dtype={"train_size": str})
     assert {"doll", "scratch"} <= set(sweep["init"]) and sweep["dice"].between(0, 1).all()
+    # the quick schedule is meant to learn the large structures in its few steps (configs/sweep.yaml): the lungs
+    # above 0.5 in every run, so that an override lost on its way to the config (a run at the wrong schedule) fails
+    # here with or without the real radiographs
+    scr_lungs = sweep[(sweep["task"] == "scr") & (sweep["structure"] == "lungs")]
+    by_run = scr_lungs.groupby(["init", "train_size", "seed"])["dice"].mean()
+    assert len(by_run) and by_run.min() > 0.5, by_run
     if (PIPELINE_ROOT / "data" / "datalists" / "real_lungs.json").is_file():  # ../shared present: real radiographs
         real = sweep[sweep["task"] == "real_lungs"]
         assert set(real["init"]) == {"doll", "scratch"}
