@@ -329,6 +329,30 @@ def test_finetune_init_modes_and_errors(tmp_path: Path) -> None:
         FinetuneInit(build_finetune_network("segresnet", 1), "imagenet")
 
 
+def test_train_config_starts_the_head_at_the_training_labels_foreground(env: dict[str, Any]) -> None:
+    """configs/train.yaml's default output-bias prior: the mean foreground fraction of the run's training labels
+    (the subset of train_size), read from the mask files here with PIL, and the new head's bias at its logit."""
+    from PIL import Image
+    from monai.bundle import ConfigParser
+
+    from bundle.networks.segmentation import head_module_names
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.yaml"))
+    parser.update({**env["overrides"], "task": "infection", "init": "scratch", "train_size": 3, "seed": 0,
+                   "cpu_bf16": False})
+    items = parser.get_parsed_content("train#dataset#data")
+    assert len(items) == 3
+    ref = float(np.mean([(np.asarray(Image.open(it["label"]).convert("L")) > 127).mean() for it in items]))
+    assert 0.01 < ref < 0.5                                      # not a clipped bound: the data's own figure
+    prior = parser.get_parsed_content("output_bias_prior")
+    assert prior == pytest.approx([ref], abs=1e-6)
+    net = parser.get_parsed_content("network")
+    head = net.get_submodule(head_module_names(net)[-1])
+    bias = [m for m in head.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)][-1].bias
+    assert torch.sigmoid(bias).tolist() == pytest.approx([ref], rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # stages end to end (subprocesses)
 # ----------------------------------------------------------------------------------------------------------------
