@@ -51,11 +51,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-_MALLOC_ENV = {
-    "MALLOC_TRIM_THRESHOLD_": str(64 << 30),  # never give the heap top back to the OS
-    "MALLOC_TOP_PAD_": str(1 << 30),  # grow the heap in big steps
-    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),  # glibc's maximum: blocks below 32 MiB come from the heap
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.processes import MALLOC_ENV as _MALLOC_ENV  # noqa: E402  (the runners' allocator settings)
 
 
 def _parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -289,7 +286,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from captum.attr import IntegratedGradients
     from monai.networks.nets import DenseNet121
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bundle.explain.ig import MultiTargetIntegratedGradients
 
     dev, rng = _setup(args)
@@ -482,7 +478,6 @@ def doll_batch_main(args: argparse.Namespace, malloc_tuned: bool) -> dict[str, A
     import torch
     from monai.networks.nets import DenseNet121
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bundle.doll.generator import ClassifierEnsemble, DoLLGenerator
     from bundle.doll.inferer import DoLLInferer
 

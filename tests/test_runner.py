@@ -26,6 +26,22 @@ def test_thread_env_shares_the_cores_out():
     assert one.get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
 
 
+def test_allocator_settings_reach_children_and_yield_to_the_user(monkeypatch):
+    """The worker processes get glibc's malloc settings (set where unset), a value the user set wins, and
+    CXR_DOLL_MALLOC_TUNE=0 leaves glibc's defaults."""
+    from scripts.processes import MALLOC_ENV, allocator_env
+
+    for key in MALLOC_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("CXR_DOLL_MALLOC_TUNE", raising=False)
+    env = thread_env(2)
+    assert {k: env[k] for k in MALLOC_ENV} == MALLOC_ENV
+    assert env["MALLOC_MMAP_THRESHOLD_"] == str(32 * 1024 * 1024)     # glibc's maximum, in bytes
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "4096")
+    assert thread_env(2)["MALLOC_TOP_PAD_"] == "4096"
+    assert not any(k in allocator_env({"CXR_DOLL_MALLOC_TUNE": "0"}) for k in MALLOC_ENV)
+
+
 @pytest.mark.parametrize("value", [False, True, 0, 3, 1e-05, 0.5, [128, 256], {"init_filters": 16},
                                    {"amp": False, "prior": None, "sizes": [4, "all"]}, "text"])
 def test_cli_value_reads_back_as_the_same_value(value):
@@ -162,18 +178,23 @@ def test_datalist_policy_reads_the_recorded_policy():
     assert datalist_policy({"training": []}) == "unknown"
 
 
-def test_pooled_workflow_runs_like_a_bundle_process(tmp_path):
+def test_pooled_workflow_runs_like_a_bundle_process(tmp_path, monkeypatch):
     """A workflow run in the runners' process pool (forked from a server that imported MONAI once) gets its own
-    log (native output included), the requested threads and the exit status a `monai.bundle run` process would."""
-    from scripts.processes import process_pool, run_workflows_in_child
+    log (native output included), the requested threads, the allocator settings and the exit status a
+    `monai.bundle run` process would."""
+    from scripts.processes import MALLOC_ENV, process_pool, run_workflows_in_child
+
+    for key in MALLOC_ENV:   # the pool adds them (a server started earlier in this process had them too)
+        monkeypatch.delenv(key, raising=False)
 
     config = tmp_path / "probe.yaml"
     config.write_text(
-        "imports: ['$import torch']\n"
+        "imports: ['$import torch', '$import os']\n"
         "out: ''\n"
         "run:\n"
         "  - \"$print('probe says hello', flush=True)\"\n"
-        "  - \"$open(@out, 'w').write(str(torch.get_num_threads()) + ' ' + str(torch.zeros(3).sum().item()))\"\n")
+        "  - \"$open(@out, 'w').write(str(torch.get_num_threads()) + ' ' + str(torch.zeros(3).sum().item()) + ' '"
+        " + str(b'MALLOC_TRIM_THRESHOLD_=' in open('/proc/self/environ', 'rb').read()))\"\n")
     broken = tmp_path / "broken.yaml"
     broken.write_text("run:\n  - \"$1 / 0\"\n")
     out = tmp_path / "out.txt"
@@ -183,7 +204,10 @@ def test_pooled_workflow_runs_like_a_bundle_process(tmp_path):
         bad = pool.submit(run_workflows_in_child, [{"name": "broken", "configs": [str(broken)], "args": {}}],
                           str(tmp_path / "bad.log"), 1)
         assert ok.result() == 0 and bad.result() == 1
-    assert out.read_text() == "1 0.0"                                     # one thread, as asked
+    threads, total, tuned = out.read_text().split()
+    assert (threads, total) == ("1", "0.0")                                # one thread, as asked
+    # the environment the process started with (what glibc read: the server's, inherited by the fork)
+    assert tuned == "True"
     assert "probe says hello" in (tmp_path / "ok.log").read_text()
     assert "ZeroDivisionError" in (tmp_path / "bad.log").read_text()      # the traceback is in the run's log
     assert "probe says hello" not in (tmp_path / "bad.log").read_text()
