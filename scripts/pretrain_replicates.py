@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -32,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bundle.tasks import DEFAULT_SEG_ARCH  # noqa: E402
-from scripts.processes import process_pool, run_workflows_in_child, say  # noqa: E402
-from scripts.sweep import SweepGrid, _as_list, collect, run_sweep  # noqa: E402
+from scripts.processes import process_pool, say  # noqa: E402
+from scripts.sweep import PretrainStep, SweepGrid, _as_list, collect, run_pretraining, run_sweep  # noqa: E402
 
 #: the differences reported (first init minus second), where both inits are in the grid
 COMPARISONS = (("doll", "doll_shuffled"), ("doll", "scratch"), ("doll_shuffled", "scratch"))
@@ -52,19 +51,12 @@ def pretrain_doll(replicate: int, paths: Mapping[str, str], arch: str, overrides
     ckpt = Path(paths["models_dir"]) / "pretrain" / f"{arch}_doll" / "model.pt"
     if ckpt.is_file():
         return
-    log = Path(paths["output_root"]) / "segmentation" / "logs" / f"pretrain_{arch}_doll.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
     args = {**paths, **overrides, "seed": replicate, "seg_arch": arch, "pretrain_labels": "doll",
             "show_progress": False}
-    start = time.time()
-    say(f"[replicates] rep{replicate}: DoLL pre-training (log {log})")
+    step = PretrainStep("doll", arch, ckpt, [{"name": f"pretrain_{arch}_doll", "configs": ["pretrain.yaml"],
+                                              "args": args}])
     with process_pool(1) as pool:
-        code = pool.submit(run_workflows_in_child, [{"name": f"pretrain_{arch}_doll", "configs": ["pretrain.yaml"],
-                                                     "args": args}], str(log), None).result()
-    if code != 0 or not ckpt.is_file():
-        tail = "".join(log.read_text(errors="replace").splitlines(True)[-30:])
-        raise RuntimeError(f"[replicates] rep{replicate}: the DoLL pre-training failed (exit {code}); log {log}\n{tail}")
-    say(f"[replicates] rep{replicate}: DoLL pre-training done in {time.time() - start:.0f} s")
+        run_pretraining(pool, step, Path(paths["output_root"]) / "segmentation" / "logs")
 
 
 def replicate_grid(grid: Mapping[str, Any], inits: Sequence[str], replicate: int,
@@ -146,10 +138,11 @@ def replicate_table(frames: Mapping[int, Any], scratch: Any | None = None,
                                        "worst_seed_b", "mean_diff", "p_value", "n", "n_favour_a"])
 
 
-def run_replicates(replicates: Any = (0, 1, 2), tasks: Any = ("scr", "infection"), sizes: Any = (4,), seeds: Any = (0, 1, 2),
-         inits: Any = ("doll", "doll_shuffled", "scratch"), root: str | None = None, data_root: str | None = None,
-         arch: str = DEFAULT_SEG_ARCH, jobs: int = 2, set: Mapping[str, Any] | None = None,  # noqa: A002
-         collect_only: bool = False) -> Any:
+def run_replicates(replicates: Any = (0, 1, 2), tasks: Any = ("scr", "infection"), sizes: Any = (4,),
+                   seeds: Any = (0, 1, 2), inits: Any = ("doll", "doll_shuffled", "scratch"), root: str | None = None,
+                   data_root: str | None = None, arch: str = DEFAULT_SEG_ARCH, jobs: int = 2,
+                   set: Mapping[str, Any] | None = None,  # noqa: A002
+                   collect_only: bool = False) -> Any:
     """Pre-train, fine-tune (both skipped where finished) and tabulate the replicates; returns the table.
 
     Args:
@@ -172,10 +165,8 @@ def run_replicates(replicates: Any = (0, 1, 2), tasks: Any = ("scr", "infection"
             "overrides": {**overrides, **({"seg_arch": arch} if arch != DEFAULT_SEG_ARCH else {})}}
     pretrained = [i for i in inits if i != "scratch"]
     frames: dict[int, Any] = {}
-    for rep in [int(r) for r in _as_list(replicates)]:
+    for rep in [int(r) for r in _as_list(replicates)] if pretrained else []:
         paths = replicate_paths(root_path, rep, data)
-        if not pretrained:
-            break
         rep_grid = replicate_grid(grid, pretrained, rep, overrides)
         if not collect_only and "doll" in pretrained:
             pretrain_doll(rep, paths, arch, overrides)
@@ -193,10 +184,9 @@ def run_replicates(replicates: Any = (0, 1, 2), tasks: Any = ("scr", "infection"
     atomic_write_text(str(root_path / "replicates.csv"), table.to_csv(index=False))
     with pd.option_context("display.width", 160, "display.max_rows", 500):
         text = table.to_string(index=False, float_format=lambda v: f"{v:.4f}")
-    from bundle.reporting.report import Report, Table
+    from bundle.reporting.publish import _markdown  # a pipe table as the report renders its tables
 
-    markdown = "\n".join(Report._md_block(Table("replicates", table)))   # rendered as the report renders its tables
-    atomic_write_text(str(root_path / "replicates.md"), "# Pre-training replicates\n\n" + markdown + "\n")
+    atomic_write_text(str(root_path / "replicates.md"), "# Pre-training replicates\n\n" + _markdown(table) + "\n")
     print(text, flush=True)
     say(f"[replicates] {len(table)} rows -> {root_path / 'replicates.csv'}")
     return table

@@ -319,6 +319,24 @@ def pretrain_steps(runs: Sequence[SweepRun], paths: Mapping[str, str], overrides
     return list(out.values())
 
 
+def run_pretraining(pool: Any, control: PretrainStep, log_dir: str | os.PathLike, verbose: bool = False) -> None:
+    """Run one pre-training's steps in ``pool`` (:func:`scripts.processes.process_pool`) with every thread, its
+    output to ``<log_dir>/<name>.log`` (``verbose``: streamed instead).
+
+    Raises:
+        RuntimeError: a step failed or the checkpoint is missing afterwards; the message has the log's tail."""
+    start = time.time()
+    log_path = Path(log_dir) / f"{control.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    say(f"[sweep] {control.name}: {', '.join(s['name'] for s in control.steps)} (log {log_path})")
+    code = pool.submit(run_workflows_in_child, control.steps, None if verbose else str(log_path),
+                       threads_for(1)).result()
+    if code != 0 or not control.checkpoint.is_file():
+        tail = "" if verbose else "".join(log_path.read_text(errors="replace").splitlines(True)[-30:])
+        raise RuntimeError(f"[sweep] {control.name}: failed (exit {code}); log {log_path}\n{tail}")
+    say(f"[sweep] {control.name}: done in {time.time() - start:.0f} s")
+
+
 def metrics_csv(output_root: str | os.PathLike, run: SweepRun, split: str = "test") -> Path:
     """The per-image CSV of a run (``configs/evaluate.yaml``'s ``metrics_csv``): its existence marks a finished run."""
     return Path(output_root) / "segmentation" / run.name / f"metrics_{split}.csv"
@@ -467,16 +485,7 @@ def run_sweep(
     else:
         with process_pool(jobs) as pool, ThreadPoolExecutor(max_workers=max(1, jobs)) as threads_pool:
             for control in pretrainings:  # the missing pre-trainings first, one at a time with every thread
-                start = time.time()
-                log_path = log_dir / f"{control.name}.log"
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                say(f"[sweep] {control.name}: {', '.join(s['name'] for s in control.steps)} (log {log_path})")
-                code = pool.submit(run_workflows_in_child, control.steps, None if verbose else str(log_path),
-                                   threads_for(1)).result()
-                if code != 0 or not control.checkpoint.is_file():
-                    tail = "" if verbose else "".join(log_path.read_text(errors="replace").splitlines(True)[-30:])
-                    raise RuntimeError(f"[sweep] {control.name}: failed (exit {code}); log {log_path}\n{tail}")
-                say(f"[sweep] {control.name}: done in {time.time() - start:.0f} s")
+                run_pretraining(pool, control, log_dir, verbose)
             list(threads_pool.map(lambda kr: execute(*kr), enumerate(runs, 1)))
     if failures and not keep_going:
         raise RuntimeError(failures[0])
