@@ -30,13 +30,10 @@ from typing import Any, Mapping, Sequence
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bundle.reporting.analysis import replicate_table  # noqa: E402
 from bundle.tasks import DEFAULT_SEG_ARCH  # noqa: E402
 from scripts.processes import process_pool, say  # noqa: E402
 from scripts.sweep import PretrainStep, SweepGrid, _as_list, collect, run_pretraining, run_sweep  # noqa: E402
-
-#: the differences reported (first init minus second), where both inits are in the grid
-COMPARISONS = (("doll", "doll_shuffled"), ("doll", "scratch"), ("doll_shuffled", "scratch"))
-
 
 def replicate_paths(root: str | Path, replicate: int | str, data_root: str | Path) -> dict[str, str]:
     """The shared folders of one replicate (``replicate="scratch"``: the scratch runs' folder)."""
@@ -65,77 +62,6 @@ def replicate_grid(grid: Mapping[str, Any], inits: Sequence[str], replicate: int
     ``inits``, whose missing control pre-trainings the sweep makes with ``--seed <replicate>``."""
     return SweepGrid.from_mapping({**grid, "inits": list(inits), "pretrain_overrides": {**overrides,
                                                                                           "seed": int(replicate)}})
-
-
-def replicate_table(frames: Mapping[int, Any], scratch: Any | None = None,
-                    comparisons: Sequence[tuple[str, str]] = COMPARISONS) -> Any:
-    """Per task and replicate, each init's mean test Dice and the paired differences; then one ``replicate="all"``
-    row per task and comparison across the replicates.
-
-    Args:
-        frames: replicate -> the tidy per-image frame of its runs (:func:`scripts.sweep.collect`).
-        scratch: the scratch runs' frame, shared by every replicate (``None``: no scratch).
-        comparisons: ``(a, b)`` pairs of inits; a pair is reported where both inits have runs.
-
-    Returns:
-        A ``DataFrame``: ``task, train_size, replicate, a, b, mean_a, mean_b, worst_seed_a, worst_seed_b, mean_diff,
-        p_value, n, n_favour_a``. Per replicate: the means are over the test images of each image's Dice averaged
-        over its structures and fine-tuning seeds, ``worst_seed_*`` the lowest fine-tuning seed's mean, ``p_value``
-        the two-sided Wilcoxon signed-rank test over the ``n`` test images. Across the replicates
-        (``replicate="all"``): the means of the replicates' values, ``n`` replicates, ``n_favour_a`` of them with a
-        positive difference and ``p_value`` the two-sided one-sample t-test of their differences (NaN under 2).
-    """
-    import numpy as np
-    import pandas as pd
-    from scipy import stats
-
-    from bundle.stats.paired import wilcoxon_signed_rank
-
-    def per_image(frame: Any) -> Any:
-        return frame.groupby("image")["dice"].mean()
-
-    def worst_seed(frame: Any) -> float:
-        return float(frame.groupby("seed")["dice"].mean().min())
-
-    rows: list[dict[str, Any]] = []
-    parts = {rep: f for rep, f in frames.items() if f is not None and not f.empty}
-    keys = sorted({(t, s) for f in parts.values() for t, s in zip(f["task"], f["train_size"].astype(str))})
-    for task, size in keys:
-        per_rep: dict[int, dict[str, Any]] = {}
-        for rep, frame in sorted(parts.items()):
-            cell = frame[(frame["task"] == task) & (frame["train_size"].astype(str) == size)]
-            if scratch is not None and not scratch.empty:
-                cell = pd.concat([cell, scratch[(scratch["task"] == task)
-                                                & (scratch["train_size"].astype(str) == size)]], ignore_index=True)
-            per_rep[rep] = {init: g for init, g in cell.groupby("init")}
-        for a, b in comparisons:
-            diffs: list[dict[str, Any]] = []
-            for rep, inits in per_rep.items():
-                if a not in inits or b not in inits:
-                    continue
-                xa, xb = per_image(inits[a]), per_image(inits[b])
-                common = xa.index.intersection(xb.index)
-                d = (xa[common] - xb[common]).to_numpy()
-                row = {"task": task, "train_size": size, "replicate": str(rep), "a": a, "b": b,
-                       "mean_a": float(xa[common].mean()), "mean_b": float(xb[common].mean()),
-                       "worst_seed_a": worst_seed(inits[a]), "worst_seed_b": worst_seed(inits[b]),
-                       "mean_diff": float(d.mean()), "p_value": wilcoxon_signed_rank(d).pvalue, "n": int(d.size),
-                       "n_favour_a": int((d > 0).sum())}
-                diffs.append(row)
-            rows.extend(diffs)
-            if diffs:
-                values = np.array([r["mean_diff"] for r in diffs])
-                p = float(stats.ttest_1samp(values, 0.0).pvalue) if len(values) >= 2 and values.std() > 0 else \
-                    float("nan")
-                rows.append({"task": task, "train_size": size, "replicate": "all", "a": a, "b": b,
-                             "mean_a": float(np.mean([r["mean_a"] for r in diffs])),
-                             "mean_b": float(np.mean([r["mean_b"] for r in diffs])),
-                             "worst_seed_a": float(min(r["worst_seed_a"] for r in diffs)),
-                             "worst_seed_b": float(min(r["worst_seed_b"] for r in diffs)),
-                             "mean_diff": float(values.mean()), "p_value": p, "n": len(values),
-                             "n_favour_a": int((values > 0).sum())})
-    return pd.DataFrame(rows, columns=["task", "train_size", "replicate", "a", "b", "mean_a", "mean_b", "worst_seed_a",
-                                       "worst_seed_b", "mean_diff", "p_value", "n", "n_favour_a"])
 
 
 def run_replicates(replicates: Any = (0, 1, 2), tasks: Any = ("scr", "infection"), sizes: Any = (4,),

@@ -1,5 +1,5 @@
-"""scripts/pretrain_replicates.py: the table with the pre-training replicate as the unit, against scipy, and the
-folder layout it reads, without training."""
+"""scripts/pretrain_replicates.py and bundle.reporting.analysis.replicate_table: the table with the pre-training
+replicate as the unit, against scipy, and the folder layout it reads, without training."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from scipy import stats
 
 from bundle.tasks import run_name
-from scripts.pretrain_replicates import replicate_grid, replicate_paths, replicate_table, run_replicates
+from bundle.reporting.analysis import replicate_table
+from scripts.pretrain_replicates import replicate_grid, replicate_paths, run_replicates
 
 IMAGES = [f"img{i}" for i in range(6)]
 #: per replicate: the DoLL's gain over the shuffled control on each image (two structures, two seeds get it alike)
