@@ -12,7 +12,8 @@ the interpreter and import start-up; :func:`scripts.processes.process_pool`):
 A run whose per-image metrics CSV exists (``<output_root>/segmentation/<run_name>/metrics_<split>.csv``) is finished
 and skipped; an interrupted run resumes from its ``last.pt``. At the end the per-run CSVs are concatenated into one
 tidy CSV (``task, init, train_size, seed, mode, split, n_train, image, structure, dice, iou, hd95, pred_area,
-ref_area``; default ``<output_root>/segmentation/sweep_<split>.csv``) and an MLflow run
+ref_area``; default ``<output_root>/segmentation/sweep_<split>.csv``, which keeps the runs other grids wrote into
+the same folder) and an MLflow run
 (``<mlflow_experiment_prefix>_sweep``) records the grid, the mean Dice per cell and the CSV. Every training and
 evaluation run is also in MLflow (``<prefix>_finetune``) with the tags ``task``, ``init``, ``train_size``, ``seed``,
 ``mode``.
@@ -48,6 +49,8 @@ from scripts.processes import process_pool, run_workflows_in_child, say, threads
 #: Columns of the sweep's tidy CSV, in order (the per-run CSVs of configs/evaluate.yaml have them all).
 COLUMNS = ("task", "init", "train_size", "seed", "mode", "split", "n_train", "image", "structure", "dice", "iou",
            "hd95", "pred_area", "ref_area")
+#: The columns that name a run in the tidy CSV (with ``arch`` where present).
+RUN_KEYS = ("task", "init", "train_size", "seed", "mode")
 TRAIN_CONFIGS = ("train.yaml",)
 EVAL_CONFIGS = ("train.yaml", "evaluate.yaml")
 
@@ -360,6 +363,34 @@ def collect(runs: Sequence[SweepRun], output_root: str | os.PathLike, split: str
     return frame[[c for c in COLUMNS if c in frame.columns] + extra]
 
 
+def folder_runs(csv_path: str | os.PathLike, runs: Sequence[SweepRun]) -> list[SweepRun]:
+    """The runs of an output folder's tidy CSV: those ``csv_path`` already lists (another grid's runs written into
+    the same folder, in their listed order), then those of ``runs`` it does not list.
+
+    So a second grid run into a pipeline's folder (the controls, pre-training replicates, more seeds) adds its runs to
+    the table the analysis reads instead of replacing it; a listed run whose per-run CSV has since been deleted
+    drops out when :func:`collect` re-reads the per-run CSVs. A table that cannot be read is rebuilt from ``runs``
+    alone (its rows come from the per-run CSVs, so nothing is lost)."""
+    import pandas as pd
+
+    path = Path(csv_path)
+    if not path.is_file():
+        return list(runs)
+    try:
+        listed = pd.read_csv(path, dtype={"train_size": str}, usecols=lambda c: c in (*RUN_KEYS, "arch"))
+        keys = listed[list(RUN_KEYS)].assign(arch=listed["arch"] if "arch" in listed.columns else None)
+    except (ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        say(f"[sweep] {path}: not a sweep table ({err}); rebuilt from this grid's runs")
+        return list(runs)
+    by_name = {run.name: run for run in runs}
+    out: list[SweepRun] = []
+    for task, init, size, seed, mode, arch in keys.drop_duplicates().itertuples(index=False):
+        overrides = {} if arch is None or pd.isna(arch) else {"seg_arch": str(arch)}
+        run = SweepRun(str(task), str(init), str(size), int(seed), str(mode), overrides)
+        out.append(by_name.pop(run.name, run))
+    return out + [run for run in runs if run.name in by_name]
+
+
 def collect_curves(runs: Sequence[SweepRun], output_root: str | os.PathLike) -> Any:
     """Concatenate the validation curves (``<output_root>/segmentation/<run>/val_curve.csv``, written during
     training by :class:`bundle.handlers.training.ValidationCurveWriter`) of ``runs`` into one ``DataFrame``."""
@@ -411,7 +442,9 @@ def run_sweep(
             ``models`` under the bundle root, as in the configs).
         device: torch device of every run (default: the config's).
         split: the evaluated split.
-        output_csv: the tidy CSV (default ``<output_root>/segmentation/sweep_<split>.csv``).
+        output_csv: the tidy CSV of this grid's runs. Default: the folder's table
+            ``<output_root>/segmentation/sweep_<split>.csv``, which also keeps the runs it already lists from other
+            grids run into the same folder (:func:`folder_runs`); the printed and logged summary is this grid's.
         verbose: stream the runs' output (default: ``<output_root>/segmentation/logs/<run>.log``).
         keep_going: record a failed run and continue (default: raise at the first failure).
         log_mlflow: log the sweep's summary run to MLflow.
@@ -490,13 +523,15 @@ def run_sweep(
     if failures and not keep_going:
         raise RuntimeError(failures[0])
 
-    frame = collect(runs, paths["output_root"], split)
     csv_path = str(output_csv or Path(paths["output_root"]) / "segmentation" / f"sweep_{split}.csv")
+    # the folder's table keeps the runs other grids wrote there (an explicit output_csv holds this grid alone)
+    table_runs = runs if output_csv else folder_runs(csv_path, runs)
+    frame = collect(table_runs, paths["output_root"], split)
     atomic_write_text(csv_path, frame.to_csv(index=False))
-    curves = collect_curves(runs, paths["output_root"])
+    curves = collect_curves(table_runs, paths["output_root"])
     if not curves.empty:
         atomic_write_text(str(Path(csv_path).with_name("sweep_val_curves.csv")), curves.to_csv(index=False))
-    table = summarise(frame)
+    table = summarise(frame if table_runs is runs else collect(runs, paths["output_root"], split))
     if not table.empty:
         with pd.option_context("display.width", 120, "display.max_rows", 200):
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)

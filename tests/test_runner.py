@@ -236,6 +236,42 @@ def test_sweep_collect_only_writes_the_finished_runs_and_trains_nothing(tmp_path
     assert not (tmp_path / "models").exists()  # the shuffled control's pre-training was not started
 
 
+def test_a_second_grid_in_the_same_folder_keeps_the_first_grids_runs_in_the_table(tmp_path):
+    """The folder's sweep_test.csv (what the analysis reads) is the union of the grids run into it, in the order
+    they were listed; a run whose per-run CSV is deleted drops out; --output_csv holds one grid alone."""
+    import pandas as pd
+
+    from scripts.sweep import SweepGrid, metrics_csv, run_sweep
+
+    out = tmp_path / "eval"
+    paths = {"data_root": str(tmp_path / "data"), "output_root": str(out), "models_dir": str(tmp_path / "models")}
+
+    def finish(run, dice):
+        path = metrics_csv(out, run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("task,init,train_size,seed,mode,split,image,structure,dice,arch\n"
+                        f"{run.task},{run.init},{run.train_size},{run.seed},{run.mode},test,a,lungs,{dice},"
+                        f"{run.arch}\n")
+
+    first = SweepGrid.from_mapping({"tasks": ["scr"], "inits": ["doll", "scratch"], "sizes": [4], "seeds": [0]})
+    second = SweepGrid.from_mapping({"tasks": ["scr"], "inits": ["scratch"], "sizes": [4], "seeds": [0, 1],
+                                     "overrides": {"seg_arch": "unet"}})
+    for k, run in enumerate(first.runs() + second.runs()):
+        finish(run, 0.5 + k / 10)
+    run_sweep(first, paths, collect_only=True)
+    result = run_sweep(second, paths, collect_only=True)
+    frame = pd.read_csv(result.csv_path)
+    assert list(zip(frame["init"], frame["seed"], frame["arch"])) == [
+        ("doll", 0, "segresnet"), ("scratch", 0, "segresnet"), ("scratch", 0, "unet"), ("scratch", 1, "unet")]
+    assert [r["init"] for r in result.summary] == ["scratch"] and result.summary[0]["n_seeds"] == 2
+    metrics_csv(out, first.runs()[0]).unlink()
+    frame = pd.read_csv(run_sweep(first, paths, collect_only=True).csv_path)
+    assert list(zip(frame["init"], frame["arch"])) == [("scratch", "segresnet"), ("scratch", "unet"),
+                                                       ("scratch", "unet")]
+    alone = run_sweep(second, paths, output_csv=str(tmp_path / "second.csv"), collect_only=True)
+    assert set(pd.read_csv(alone.csv_path)["arch"]) == {"unet"} and alone.num_rows == 2
+
+
 def test_pretrain_over_processes_shares_the_batch_out(monkeypatch):
     """pretrain_processes > 1 on CPU: torchrun with configs/multi_gpu_pretrain.yaml and batch_size / nproc per rank (a
     step still sees the single-process batch); 1, or CUDA: the plain config; an indivisible batch is refused."""
