@@ -104,6 +104,8 @@ def test_controls_step_and_report_section(tmp_path: Path) -> None:
     assert any("exceeds it significantly" in c for c in report["conclusions"]), report["conclusions"]
     html = Path(report["html"]).read_text()
     assert "What pre-training buys" in html and "shuffled-DoLL init" in html
+    assert "pretrain_replicates.py" in html  # the caveat: one pre-training per label kind holds its draw fixed
+    assert any("for this pre-training" in c for c in report["conclusions"]), report["conclusions"]
 
     no_controls = tmp_path / "plain.csv"
     make_sweep(no_controls, inits=("doll", "scratch"))

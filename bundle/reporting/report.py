@@ -680,11 +680,23 @@ def _statistics_section(analysis_dir: str, status: Mapping[str, str], labels: Ma
     return sec, sentences
 
 
+#: What the controls' paired tests do not cover, said under the controls table of every report.
+ONE_PRETRAINING_CAVEAT = (
+    "Each init is one pre-training (one network initialisation, augmentation draw and, for the shuffled control, one "
+    "permutation), so these tests hold the pre-training draw fixed: a significant difference is shown for these "
+    "pre-trainings, not yet for the label kind. `scripts/pretrain_replicates.py` pre-trains each label kind with "
+    "several seeds and tests with the pre-training replicate as the unit.")
+
+
 def controls_conclusions(table: pd.DataFrame, labels: Mapping[str, str] | None = None,
                          alpha: float = 0.05) -> list[str]:
     """The generated conclusions of the pre-training controls (:func:`bundle.reporting.analysis.controls_table`):
     per task and size, whether the DoLL's gain over no pre-training exceeds the gain of the same pre-training on
-    shuffled labels (the generic "learn to segment blobs" effect), then one :func:`comparison_sentence` per row."""
+    shuffled labels (the generic "learn to segment blobs" effect), then one :func:`comparison_sentence` per row.
+
+    The tests pair test images under one pre-training per label kind, so a significant verdict is said of *this*
+    pre-training; whether it holds across pre-training draws is what ``scripts/pretrain_replicates.py`` tests, and
+    the section says so (:data:`ONE_PRETRAINING_CAVEAT`)."""
     labels = {**DEFAULT_LABELS, **dict(labels or {})}
     out = []
     for (task, size), g in table.groupby(["task", "train_size"], sort=False):
@@ -695,9 +707,11 @@ def controls_conclusions(table: pd.DataFrame, labels: Mapping[str, str] | None =
             p = float(rows["doll_shuffled"]["p_holm"])
             gain, generic = doll - scratch, shuffled - scratch
             if p < alpha and doll > shuffled:
-                verdict = "exceeds it significantly: the DoLL's localisation, not only pre-training on masks, helps"
+                verdict = ("exceeds it significantly for this pre-training: the DoLL's localisation, not only "
+                           "pre-training on masks, helped")
             elif p < alpha:
-                verdict = "is significantly below it: pre-training on the DoLL's masks in the wrong place does better"
+                verdict = ("is significantly below it for this pre-training: pre-training on the DoLL's masks in the "
+                           "wrong place did better")
             else:
                 verdict = ("does not differ significantly from it: the gain is not shown to come from where the DoLL "
                            "puts its masks")
@@ -737,6 +751,7 @@ def _controls_section(analysis_dir: str, status: Mapping[str, str], labels: Mapp
              "ci_high", "p_value", "p_holm", "cohens_dz", "significant"]
     sec.blocks.append(Table("controls", table[[c for c in shown if c in table.columns]],
                             "DoLL-init minus each control per task and training size", _p_formats()))
+    sec.blocks.append(Text(ONE_PRETRAINING_CAVEAT))
     sec.blocks += [Text(t, conclusion=True) for t in controls_conclusions(table, labels, alpha)]
     return sec
 
