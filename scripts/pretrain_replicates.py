@@ -15,7 +15,8 @@ difference, how many replicates favour the first init and a one-sample t-test of
 
 Layout under ``--root`` (default ``<bundle>/eval/replicates``): ``rep<s>/models/pretrain/<arch>_<labels>/model.pt``
 and ``rep<s>/eval`` per replicate; ``scratch/eval`` for the scratch runs, which no pre-training touches and which run
-once. Writes ``<root>/replicates.csv`` and ``<root>/replicates.md``. Finished pre-trainings and runs are skipped, so
+once. Writes ``<root>/replicates.csv`` and ``<root>/replicates.md`` (the table) and ``<root>/replicates_per_image.csv``
+(every run's per-image test Dice with a ``replicate`` column: ``0``, ``1``, ... or ``scratch``). Finished pre-trainings and runs are skipped, so
 an interrupted call resumes. Cost on the 2-core CPU (2026-12-06): 3.4-3.8 min per pre-training, 9.0-9.6 min per
 replicate for 12 fine-tuning runs (SCR and infection at 4 labels, 2 inits x 3 seeds) two at a time.
 """
@@ -108,6 +109,10 @@ def run_replicates(replicates: Any = (0, 1, 2), tasks: Any = ("scr", "infection"
     table = replicate_table(frames, scratch)
     root_path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(str(root_path / "replicates.csv"), table.to_csv(index=False))
+    runs = [f.assign(replicate=str(rep)) for rep, f in [*frames.items(), ("scratch", scratch)] if f is not None]
+    if runs:  # every test image's Dice of every run, with its replicate, for re-analysis
+        atomic_write_text(str(root_path / "replicates_per_image.csv"), pd.concat(runs, ignore_index=True)
+                          .to_csv(index=False))
     with pd.option_context("display.width", 160, "display.max_rows", 500):
         text = table.to_string(index=False, float_format=lambda v: f"{v:.4f}")
     from bundle.reporting.publish import _markdown  # a pipe table as the report renders its tables

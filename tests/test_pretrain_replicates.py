@@ -80,6 +80,10 @@ def test_collect_only_reads_each_replicates_folder_and_the_shared_scratch_runs(t
     written = pd.read_csv(root / "replicates.csv")
     assert np.allclose(written.mean_diff, expected.mean_diff)
     assert "| infection | 4 | all | doll | doll_shuffled |" in (root / "replicates.md").read_text()
+    per_image = pd.read_csv(root / "replicates_per_image.csv", dtype={"replicate": str})
+    assert len(per_image) == sum(len(f) for f in frames.values()) + len(scratch)
+    assert set(per_image.replicate) == {"0", "1", "2", "scratch"}
+    assert set(per_image.loc[per_image.replicate == "scratch", "init"]) == {"scratch"}
     assert not any(root.glob("rep*/models"))                            # no pre-training under --collect_only
 
 
