@@ -52,6 +52,16 @@ def test_replicate_table_matches_scipy_per_replicate_and_across_replicates():
     shuffled_vs_scratch = table[(table.a == "doll_shuffled") & (table.b == "scratch")]
     assert np.allclose(shuffled_vs_scratch.mean_diff, 0.05)
     assert np.isnan(shuffled_vs_scratch.set_index("replicate").loc["all"].p_value)   # no spread: no t-test
+    # Holm over the replicate-level rows with a t-test (the per-replicate rows have none), by hand: sorted
+    # p-values times (m - rank), running maximum, capped at 1
+    across_rows = table[table.replicate == "all"]
+    tested = across_rows.p_value.notna()
+    raw = across_rows.p_value[tested].to_numpy()
+    order = np.argsort(raw)
+    expected = np.empty_like(raw)
+    expected[order] = np.minimum(1, np.maximum.accumulate(raw[order] * (len(raw) - np.arange(len(raw)))))
+    assert tested.sum() == 2 and np.allclose(across_rows.p_holm[tested], expected)
+    assert table[table.replicate != "all"].p_holm.isna().all() and across_rows.p_holm[~tested].isna().all()
 
 
 def test_replicate_table_leaves_out_comparisons_without_both_inits():

@@ -272,16 +272,18 @@ def replicate_table(frames: Mapping[int, pd.DataFrame], scratch: pd.DataFrame | 
 
     Returns:
         A ``DataFrame``: ``task, train_size, replicate, a, b, mean_a, mean_b, worst_seed_a, worst_seed_b, mean_diff,
-        p_value, n, n_favour_a``. Per replicate: the means are over the test images of each image's Dice averaged
+        p_value, n, n_favour_a, p_holm``. Per replicate: the means are over the test images of each image's Dice averaged
         over its structures and fine-tuning seeds, ``worst_seed_*`` the lowest fine-tuning seed's mean, ``p_value``
         the two-sided Wilcoxon signed-rank test over the ``n`` test images. Across the replicates
         (``replicate="all"``): the means of the replicates' values, ``n`` replicates, ``n_favour_a`` of them with a
-        positive difference and ``p_value`` the two-sided one-sample t-test of their differences (NaN under 2).
+        positive difference and ``p_value`` the two-sided one-sample t-test of their differences (NaN under 2);
+        ``p_holm`` is that p-value Holm-corrected over every replicate-level row of the table (every task, size and
+        comparison: the family the reading draws its conclusions from), NaN on the per-replicate rows.
     """
     import pandas as pd
     from scipy import stats
 
-    from ..stats.paired import wilcoxon_signed_rank
+    from ..stats.paired import holm, wilcoxon_signed_rank
 
     def per_image(frame: Any) -> Any:
         return frame.groupby("image")["dice"].mean()
@@ -326,8 +328,13 @@ def replicate_table(frames: Mapping[int, pd.DataFrame], scratch: pd.DataFrame | 
                              "worst_seed_b": float(min(r["worst_seed_b"] for r in diffs)),
                              "mean_diff": float(values.mean()), "p_value": p, "n": len(values),
                              "n_favour_a": int((values > 0).sum())})
-    return pd.DataFrame(rows, columns=["task", "train_size", "replicate", "a", "b", "mean_a", "mean_b", "worst_seed_a",
-                                       "worst_seed_b", "mean_diff", "p_value", "n", "n_favour_a"])
+    table = pd.DataFrame(rows, columns=["task", "train_size", "replicate", "a", "b", "mean_a", "mean_b",
+                                        "worst_seed_a", "worst_seed_b", "mean_diff", "p_value", "n", "n_favour_a"])
+    across = (table["replicate"] == "all").to_numpy()
+    table["p_holm"] = np.nan
+    if across.any():
+        table.loc[across, "p_holm"] = holm(table.loc[across, "p_value"].to_numpy())
+    return table
 
 
 def replicability_table(df: pd.DataFrame) -> pd.DataFrame:
