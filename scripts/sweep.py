@@ -12,8 +12,8 @@ the interpreter and import start-up; :func:`scripts.processes.process_pool`):
 A run whose per-image metrics CSV exists (``<output_root>/segmentation/<run_name>/metrics_<split>.csv``) is finished
 and skipped; an interrupted run resumes from its ``last.pt``. At the end the per-run CSVs are concatenated into one
 tidy CSV (``task, init, train_size, seed, mode, split, n_train, image, structure, dice, iou, hd95, pred_area,
-ref_area``; default ``<output_root>/segmentation/sweep_<split>.csv``, which keeps the runs other grids wrote into
-the same folder) and an MLflow run
+ref_area``; default ``<output_root>/segmentation/sweep_<split>.csv``, which lists every finished run of the folder,
+the runs other grids wrote into it included) and an MLflow run
 (``<mlflow_experiment_prefix>_sweep``) records the grid, the mean Dice per cell and the CSV. Every training and
 evaluation run is also in MLflow (``<prefix>_finetune``) with the tags ``task``, ``init``, ``train_size``, ``seed``,
 ``mode``.
@@ -363,32 +363,49 @@ def collect(runs: Sequence[SweepRun], output_root: str | os.PathLike, split: str
     return frame[[c for c in COLUMNS if c in frame.columns] + extra]
 
 
-def folder_runs(csv_path: str | os.PathLike, runs: Sequence[SweepRun]) -> list[SweepRun]:
-    """The runs of an output folder's tidy CSV: those ``csv_path`` already lists (another grid's runs written into
-    the same folder, in their listed order), then those of ``runs`` it does not list.
-
-    So a second grid run into a pipeline's folder (the controls, pre-training replicates, more seeds) adds its runs to
-    the table the analysis reads instead of replacing it; a listed run whose per-run CSV has since been deleted
-    drops out when :func:`collect` re-reads the per-run CSVs. A table that cannot be read is rebuilt from ``runs``
-    alone (its rows come from the per-run CSVs, so nothing is lost)."""
+def _runs_of(keys: Any) -> list[SweepRun]:
+    """The runs named by the rows of a frame with the :data:`RUN_KEYS` columns (and ``arch`` where present), once
+    each, in their order."""
     import pandas as pd
 
+    keys = keys[list(RUN_KEYS)].assign(arch=keys["arch"] if "arch" in keys.columns else None).drop_duplicates()
+    return [SweepRun(str(task), str(init), str(size), int(seed), str(mode),
+                     {} if arch is None or pd.isna(arch) else {"seg_arch": str(arch)})
+            for task, init, size, seed, mode, arch in keys.itertuples(index=False)]
+
+
+def folder_runs(csv_path: str | os.PathLike, runs: Sequence[SweepRun], output_root: str | os.PathLike | None = None,
+                split: str = "test") -> list[SweepRun]:
+    """The runs of an output folder's tidy CSV: every finished run of the folder, this grid's and those other grids
+    wrote into it. Order: the runs ``csv_path`` already lists (in their order), then those of ``runs`` it does not
+    list, then any other finished run found under ``<output_root>/segmentation/<run>/metrics_<split>.csv`` (by
+    name; e.g. one an older table lost).
+
+    So a second grid run into a pipeline's folder (the controls, pre-training replicates, more seeds) adds its runs to
+    the table the analysis reads instead of replacing it, and a run whose per-run CSV has been deleted drops out when
+    :func:`collect` re-reads the per-run CSVs. A table that cannot be read only loses its ordering (its rows come from
+    the per-run CSVs, so nothing is lost)."""
+    import pandas as pd
+
+    def read_keys(path: Path, **kwargs: Any) -> list[SweepRun]:
+        try:
+            return _runs_of(pd.read_csv(path, dtype={"train_size": str},
+                                        usecols=lambda c: c in (*RUN_KEYS, "arch"), **kwargs))
+        except (ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            say(f"[sweep] {path}: no run keys ({err}); left out of the folder's table")
+            return []
+
     path = Path(csv_path)
-    if not path.is_file():
-        return list(runs)
-    try:
-        listed = pd.read_csv(path, dtype={"train_size": str}, usecols=lambda c: c in (*RUN_KEYS, "arch"))
-        keys = listed[list(RUN_KEYS)].assign(arch=listed["arch"] if "arch" in listed.columns else None)
-    except (ValueError, KeyError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        say(f"[sweep] {path}: not a sweep table ({err}); rebuilt from this grid's runs")
-        return list(runs)
+    listed = read_keys(path) if path.is_file() else []
+    found: list[SweepRun] = []
+    if output_root is not None:
+        for csv in sorted((Path(output_root) / "segmentation").glob(f"*/metrics_{split}.csv")):
+            found += [r for r in read_keys(csv, nrows=1) if r.name == csv.parent.name]
     by_name = {run.name: run for run in runs}
-    out: list[SweepRun] = []
-    for task, init, size, seed, mode, arch in keys.drop_duplicates().itertuples(index=False):
-        overrides = {} if arch is None or pd.isna(arch) else {"seg_arch": str(arch)}
-        run = SweepRun(str(task), str(init), str(size), int(seed), str(mode), overrides)
-        out.append(by_name.pop(run.name, run))
-    return out + [run for run in runs if run.name in by_name]
+    out: dict[str, SweepRun] = {}
+    for run in [*listed, *runs, *found]:
+        out.setdefault(run.name, by_name.get(run.name, run))
+    return list(out.values())
 
 
 def collect_curves(runs: Sequence[SweepRun], output_root: str | os.PathLike) -> Any:
@@ -443,8 +460,8 @@ def run_sweep(
         device: torch device of every run (default: the config's).
         split: the evaluated split.
         output_csv: the tidy CSV of this grid's runs. Default: the folder's table
-            ``<output_root>/segmentation/sweep_<split>.csv``, which also keeps the runs it already lists from other
-            grids run into the same folder (:func:`folder_runs`); the printed and logged summary is this grid's.
+            ``<output_root>/segmentation/sweep_<split>.csv``, which lists every finished run of the folder, other
+            grids' included (:func:`folder_runs`); the printed and logged summary is this grid's.
         verbose: stream the runs' output (default: ``<output_root>/segmentation/logs/<run>.log``).
         keep_going: record a failed run and continue (default: raise at the first failure).
         log_mlflow: log the sweep's summary run to MLflow.
@@ -525,7 +542,7 @@ def run_sweep(
 
     csv_path = str(output_csv or Path(paths["output_root"]) / "segmentation" / f"sweep_{split}.csv")
     # the folder's table keeps the runs other grids wrote there (an explicit output_csv holds this grid alone)
-    table_runs = runs if output_csv else folder_runs(csv_path, runs)
+    table_runs = runs if output_csv else folder_runs(csv_path, runs, paths["output_root"], split)
     frame = collect(table_runs, paths["output_root"], split)
     atomic_write_text(csv_path, frame.to_csv(index=False))
     curves = collect_curves(table_runs, paths["output_root"])

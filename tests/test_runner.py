@@ -237,8 +237,9 @@ def test_sweep_collect_only_writes_the_finished_runs_and_trains_nothing(tmp_path
 
 
 def test_a_second_grid_in_the_same_folder_keeps_the_first_grids_runs_in_the_table(tmp_path):
-    """The folder's sweep_test.csv (what the analysis reads) is the union of the grids run into it, in the order
-    they were listed; a run whose per-run CSV is deleted drops out; --output_csv holds one grid alone."""
+    """The folder's sweep_test.csv (what the analysis reads) lists every finished run of the folder, whichever grid
+    made it, listed runs first in their order; a run whose per-run CSV is deleted drops out; --output_csv holds one
+    grid alone."""
     import pandas as pd
 
     from scripts.sweep import SweepGrid, metrics_csv, run_sweep
@@ -270,6 +271,14 @@ def test_a_second_grid_in_the_same_folder_keeps_the_first_grids_runs_in_the_tabl
                                                        ("scratch", "unet")]
     alone = run_sweep(second, paths, output_csv=str(tmp_path / "second.csv"), collect_only=True)
     assert set(pd.read_csv(alone.csv_path)["arch"]) == {"unet"} and alone.num_rows == 2
+    # a table that lost runs (written by an older version, or deleted): the folder's finished runs come back
+    Path(alone.csv_path).replace(out / "segmentation" / "sweep_test.csv")
+    frame = pd.read_csv(run_sweep(first, paths, collect_only=True).csv_path)
+    assert list(zip(frame["init"], frame["arch"])) == [("scratch", "unet"), ("scratch", "unet"),
+                                                       ("scratch", "segresnet")]
+    (out / "segmentation" / "sweep_test.csv").unlink()
+    frame = pd.read_csv(run_sweep(second, paths, collect_only=True).csv_path)
+    assert list(zip(frame["seed"], frame["arch"])) == [(0, "unet"), (1, "unet"), (0, "segresnet")]
 
 
 def test_pretrain_over_processes_shares_the_batch_out(monkeypatch):
