@@ -15,9 +15,9 @@ difference, how many replicates favour the first init and a one-sample t-test of
 
 Layout under ``--root`` (default ``<bundle>/eval/replicates``): ``rep<s>/models/pretrain/<arch>_<labels>/model.pt``
 and ``rep<s>/eval`` per replicate; ``scratch/eval`` for the scratch runs, which no pre-training touches and which run
-once. Writes ``<root>/replicates.csv`` and ``<root>/replicates.md`` (the table) and ``<root>/replicates_per_image.csv``
-(every run's per-image test Dice with a ``replicate`` column: ``0``, ``1``, ... or ``scratch``). Finished pre-trainings and runs are skipped, so
-an interrupted call resumes. Cost on the 2-core CPU (2026-12-06): 3.4-3.8 min per pre-training, 9.0-9.6 min per
+once. Writes ``<root>/replicates.csv`` and ``<root>/replicates.md`` (the table) and
+``<root>/replicates_per_image.csv`` (every run's per-image test Dice with a ``replicate`` column: ``0``, ``1``, ...
+or ``scratch``). Finished pre-trainings and runs are skipped, so an interrupted call resumes. Cost on the 2-core CPU (2026-12-06): 3.4-3.8 min per pre-training, 9.0-9.6 min per
 replicate for 12 fine-tuning runs (SCR and infection at 4 labels, 2 inits x 3 seeds) two at a time.
 """
 
@@ -35,6 +35,7 @@ from bundle.reporting.analysis import replicate_table  # noqa: E402
 from bundle.tasks import DEFAULT_SEG_ARCH  # noqa: E402
 from scripts.processes import process_pool, say  # noqa: E402
 from scripts.sweep import PretrainStep, SweepGrid, _as_list, collect, run_pretraining, run_sweep  # noqa: E402
+
 
 def replicate_paths(root: str | Path, replicate: int | str, data_root: str | Path) -> dict[str, str]:
     """The shared folders of one replicate (``replicate="scratch"``: the scratch runs' folder)."""

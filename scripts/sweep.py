@@ -363,12 +363,14 @@ def collect(runs: Sequence[SweepRun], output_root: str | os.PathLike, split: str
     return frame[[c for c in COLUMNS if c in frame.columns] + extra]
 
 
-def _runs_of(keys: Any) -> list[SweepRun]:
-    """The runs named by the rows of a frame with the :data:`RUN_KEYS` columns (and ``arch`` where present), once
-    each, in their order."""
+def _runs_of(keys: Any, unique: bool = True) -> list[SweepRun]:
+    """The runs named by the rows of a frame with the :data:`RUN_KEYS` columns (and ``arch`` where present), in their
+    order: once each (``unique``) or one per row."""
     import pandas as pd
 
-    keys = keys[list(RUN_KEYS)].assign(arch=keys["arch"] if "arch" in keys.columns else None).drop_duplicates()
+    keys = keys[list(RUN_KEYS)].assign(arch=keys["arch"] if "arch" in keys.columns else None)
+    if unique:
+        keys = keys.drop_duplicates()
     return [SweepRun(str(task), str(init), str(size), int(seed), str(mode),
                      {} if arch is None or pd.isna(arch) else {"seg_arch": str(arch)})
             for task, init, size, seed, mode, arch in keys.itertuples(index=False)]
@@ -548,7 +550,8 @@ def run_sweep(
     curves = collect_curves(table_runs, paths["output_root"])
     if not curves.empty:
         atomic_write_text(str(Path(csv_path).with_name("sweep_val_curves.csv")), curves.to_csv(index=False))
-    table = summarise(frame if table_runs is runs else collect(runs, paths["output_root"], split))
+    own = {run.name for run in runs}  # the summary is this grid's: its rows of the folder's table
+    table = summarise(frame[[run.name in own for run in _runs_of(frame, unique=False)]])
     if not table.empty:
         with pd.option_context("display.width", 120, "display.max_rows", 200):
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
