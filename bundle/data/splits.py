@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["patient_of", "group_by_patient", "patient_split", "split_datalist", "subsample_order", "subsample"]
+__all__ = ["patient_of", "group_by_patient", "patient_split", "split_datalist", "patient_folds", "crossval_datalist",
+           "subsample_order", "subsample"]
 
 
 def patient_of(item: Mapping[str, Any], patient_key: str = "patient") -> str:
@@ -137,6 +138,67 @@ def split_datalist(
         raise ValueError(f"{len(names)} names for {len(fractions)} fractions")
     parts = patient_split(items, fractions=list(fractions), seed=seed, patient_key=patient_key)
     return dict(zip(names, parts))
+
+
+def _fold_indices(items: Sequence[Mapping[str, Any]], num_folds: int, seed: int, patient_key: str) -> list[list[int]]:
+    """Sorted item indices of each fold of :func:`patient_folds`."""
+    if num_folds < 2:
+        raise ValueError(f"num_folds must be >= 2, got {num_folds}")
+    groups = group_by_patient(items, patient_key)
+    patients = list(groups)
+    if len(patients) < num_folds:
+        raise ValueError(f"{num_folds} folds need at least {num_folds} patients, there are {len(patients)}")
+    shuffled = [patients[i] for i in np.random.default_rng(seed).permutation(len(patients))]
+    shuffled.sort(key=lambda p: -len(groups[p]))  # stable: the shuffle orders patients of one size
+    members: list[list[int]] = [[] for _ in range(num_folds)]
+    for p in shuffled:
+        k = min(range(num_folds), key=lambda j: (len(members[j]), j))
+        members[k].extend(groups[p])
+    return [sorted(m) for m in members]
+
+
+def patient_folds(
+    items: Sequence[Mapping[str, Any]], num_folds: int, seed: int = 0, patient_key: str = "patient"
+) -> list[list[Any]]:
+    """Partition ``items`` into ``num_folds`` cross-validation folds with no patient in two folds.
+
+    Patients are sorted by id and shuffled with ``numpy.random.default_rng(seed)``; then, largest first (a stable sort
+    of the shuffled order by item count), each patient joins the fold with the fewest items so far (the lowest index
+    on a tie). Fold sizes so differ by at most the largest patient's item count. Inside each fold the items keep
+    their input order. Every item is in exactly one fold.
+
+    Raises:
+        ValueError: when ``num_folds < 2`` or there are fewer patients than folds.
+    """
+    return [[items[i] for i in fold] for fold in _fold_indices(items, num_folds, seed, patient_key)]
+
+
+def crossval_datalist(
+    items: Sequence[Mapping[str, Any]],
+    fold: int,
+    num_folds: int,
+    validation_fraction: float = 0.25,
+    seed: int = 0,
+    patient_key: str = "patient",
+) -> dict[str, list[Any]]:
+    """The datalist of one cross-validation fold: ``test`` is fold ``fold`` of :func:`patient_folds`, and the other
+    folds' patients are split by :func:`patient_split` into ``training`` and ``validation`` (``validation_fraction``
+    of their items, for the checkpoint choice and the plateau rule). Over the folds every item is tested exactly
+    once, by a network that saw none of its patient's images.
+
+    Raises:
+        ValueError: for a fold outside ``[0, num_folds)`` or a fraction outside ``(0, 1)``.
+    """
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in [0, {num_folds}), got {fold}")
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    folds = _fold_indices(items, num_folds, seed, patient_key)
+    tested = set(folds[fold])
+    rest = [it for i, it in enumerate(items) if i not in tested]
+    training, validation = patient_split(rest, fractions=[1 - validation_fraction, validation_fraction], seed=seed,
+                                         patient_key=patient_key)
+    return {"training": training, "validation": validation, "test": [items[i] for i in folds[fold]]}
 
 
 def subsample_order(

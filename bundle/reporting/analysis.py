@@ -70,6 +70,7 @@ __all__ = [
     "replicability_table",
     "REPLICATE_COMPARISONS",
     "replicate_table",
+    "crossval_table",
     "learning_curves",
     "image_ids",
     "eval_transforms",
@@ -335,6 +336,46 @@ def replicate_table(frames: Mapping[int, pd.DataFrame], scratch: pd.DataFrame | 
     if across.any():
         table.loc[across, "p_holm"] = holm(table.loc[across, "p_value"].to_numpy())
     return table
+
+
+def crossval_table(frame: pd.DataFrame, reference: str = "scratch") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Cross-validation by patient (``scripts/crossval.py``): every image is tested once, by the fold that held its
+    patient out, so the folds' test rows pool into one estimate over all images.
+
+    Args:
+        frame: the tidy per-image frame of every fold's runs (``scripts/sweep.py``'s ``collect`` with a ``fold``
+            column).
+        reference: the init the others are compared with (skipped when absent).
+
+    Returns:
+        ``(summary, tests)``. ``summary``: per ``task, train_size, structure, init``: ``n_images``, ``n_folds``,
+        ``mean`` (over the images of each image's Dice averaged over seeds), ``worst_seed`` (the lowest seed's mean
+        over all images; seed ``s`` of every fold trained with seed ``s``), ``fold_min`` / ``fold_max`` (the
+        lowest and highest fold mean) and ``lowest_image``. ``tests``: :func:`bundle.stats.paired.compare_inits`
+        of every init against ``reference`` with the images as the paired units (one Holm family).
+    """
+    import pandas as pd
+
+    from ..stats.paired import compare_inits
+
+    keys = ["task", "train_size", "structure", "init"]
+    rows: list[dict[str, Any]] = []
+    data = frame.assign(train_size=frame["train_size"].astype(str))
+    for key, cell in data.groupby(keys, sort=False):
+        per_image = cell.groupby(["fold", "image"])["dice"].mean()
+        rows.append({**dict(zip(keys, key)), "n_images": int(per_image.size),
+                     "n_folds": int(cell["fold"].nunique()), "mean": float(per_image.mean()),
+                     "worst_seed": float(cell.groupby("seed")["dice"].mean().min()),
+                     "fold_min": float(per_image.groupby(level="fold").mean().min()),
+                     "fold_max": float(per_image.groupby(level="fold").mean().max()),
+                     "lowest_image": float(per_image.min())})
+    summary = pd.DataFrame(rows, columns=[*keys, "n_images", "n_folds", "mean", "worst_seed", "fold_min",
+                                          "fold_max", "lowest_image"])
+    if reference in set(data["init"]) and data["init"].nunique() > 1:
+        tests = compare_inits(data, reference, by=["task", "train_size", "structure"], unit="image_mean")
+    else:
+        tests = pd.DataFrame()
+    return summary, tests
 
 
 def replicability_table(df: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""Cross-validation by patient for a small task: every image tested once, by a network that never saw its patient.
+
+A fixed split of a small dataset tests few images (the real lungs of ``../shared/data/real-cxr-lungs``: 8 test
+images of 34), so one unlucky draw of test patients moves the figure by more than the differences it is meant to
+show. Here the task's datalist (all its sections pooled) is cut into ``--folds`` folds by patient
+(:func:`bundle.data.splits.crossval_datalist`); fold ``k`` tests its own patients and trains on the others (a share
+of them held out for validation: the checkpoint choice and the plateau rule), with the sweep's ordinary grid of
+inits and seeds. The folds' test rows pool into one estimate over every image, and the inits are compared with the
+images as the paired units (:func:`bundle.reporting.analysis.crossval_table`).
+
+    python scripts/crossval.py                                  # the real lungs, 4 folds, DoLL and scratch, seeds 0-2
+    python scripts/crossval.py --folds 5 --seeds 0,1,2,3,4 --set "{'seg_arch': 'unet'}"
+    python scripts/crossval.py --collect_only                   # the tables of the runs finished so far
+
+Reads ``<data_root>/datalists/<task's datalist>`` (a pipeline run's data, default ``<bundle>/data``) and the DoLL
+pre-training of ``<models_dir>`` (default ``<bundle>/models``), which every fold shares. Layout under ``--root``
+(default ``<bundle>/eval/crossval/<task>``): ``fold<k>/datalist.json``, ``fold<k>/eval`` (the sweep's folder) and
+``fold<k>/models`` (its checkpoints; ``pretrain`` links to ``<models_dir>/pretrain``). Writes
+``crossval_per_image.csv`` (every run's per-image test Dice with its ``fold``), ``crossval.csv`` (per init: the mean
+over all images, the worst seed, the lowest and highest fold), ``crossval_tests.csv`` (paired tests against
+scratch) and ``crossval.md``. Finished runs are skipped, so an interrupted call resumes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bundle.data.splits import crossval_datalist  # noqa: E402
+from bundle.reporting.analysis import crossval_table  # noqa: E402
+from bundle.tasks import task_spec  # noqa: E402
+from bundle.utils import BundleInputError, atomic_write_json, atomic_write_text  # noqa: E402
+from scripts.processes import say  # noqa: E402
+from scripts.sweep import SweepGrid, _as_list, collect, run_sweep  # noqa: E402
+
+SECTIONS = ("training", "validation", "test")
+
+
+def fold_paths(root: str | Path, fold: int, data_root: str | Path) -> dict[str, str]:
+    """The shared folders of one fold's sweep."""
+    base = Path(root) / f"fold{int(fold)}"
+    return {"data_root": str(data_root), "output_root": str(base / "eval"), "models_dir": str(base / "models")}
+
+
+def write_fold_datalists(source: str | Path, root: str | Path, folds: int, validation_fraction: float = 0.25,
+                         split_seed: int = 0) -> list[Path]:
+    """``<root>/fold<k>/datalist.json`` for every fold from the datalist ``source`` (its sections pooled; its other
+    keys kept, with ``crossval`` describing the fold). Written atomically; returns the paths.
+
+    Raises:
+        BundleInputError: naming ``source`` when it is missing or has no items.
+    """
+    source = Path(source)
+    if not source.is_file():
+        raise BundleInputError(source, "datalist not found (run the pipeline's data stage first: "
+                                       "bash scripts/main.sh --stages data, or pass --data_root)")
+    spec = json.loads(source.read_text())
+    items = [it for section in SECTIONS for it in spec.get(section, [])]
+    if not items:
+        raise BundleInputError(source, f"no items in its sections {list(SECTIONS)}")
+    meta = {k: v for k, v in spec.items() if k not in SECTIONS and not k.startswith("num")}
+    paths = []
+    for k in range(int(folds)):
+        parts = crossval_datalist(items, k, int(folds), validation_fraction, split_seed)
+        out = {**meta, **parts, "numTraining": len(parts["training"]), "numValidation": len(parts["validation"]),
+               "numTest": len(parts["test"]),
+               "crossval": {"fold": k, "folds": int(folds), "validation_fraction": validation_fraction,
+                            "split_seed": split_seed, "source": str(source)}}
+        path = Path(root) / f"fold{k}" / "datalist.json"
+        atomic_write_json(path, out)
+        paths.append(path)
+    return paths
+
+
+def link_pretrainings(models_dir: str | Path, fold_models: str | Path) -> None:
+    """Make ``<fold_models>/pretrain`` a link to ``<models_dir>/pretrain``: every fold fine-tunes from the same
+    pre-trainings (and a pre-training the sweep has to make is made once, there)."""
+    source = (Path(models_dir) / "pretrain").absolute()
+    source.mkdir(parents=True, exist_ok=True)
+    link = Path(fold_models) / "pretrain"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and Path(os.readlink(link)) == source:
+        return
+    if link.is_symlink():
+        link.unlink()
+    elif link.exists():
+        raise BundleInputError(link, f"exists and is not a link to {source}; remove it to share the pre-trainings")
+    link.symlink_to(source, target_is_directory=True)
+
+
+def run_crossval(task: str = "real_lungs", folds: int = 4, inits: Any = ("doll", "scratch"), sizes: Any = ("all",),
+                 seeds: Any = (0, 1, 2), root: str | None = None, data_root: str | None = None,
+                 models_dir: str | None = None, jobs: int = 2, validation_fraction: float = 0.25,
+                 split_seed: int = 0, set: Mapping[str, Any] | None = None,  # noqa: A002
+                 collect_only: bool = False) -> Any:
+    """Write the folds' datalists, fine-tune every fold's grid (finished runs skipped) and tabulate; returns
+    ``(summary, tests)`` of :func:`bundle.reporting.analysis.crossval_table`.
+
+    Args:
+        task: the fine-tuning task (``configs/train.yaml --task``). folds: the number of folds.
+        inits, sizes, seeds: the grid every fold runs. jobs: fine-tuning runs at once.
+        root: the cross-validation's folder (default ``<bundle>/eval/crossval/<task>``).
+        data_root: the data (default ``<bundle>/data``). models_dir: where the pre-trainings are (default
+            ``<bundle>/models``).
+        validation_fraction: the share of each fold's training patients' images held out for validation.
+        split_seed: the seed of the folds and of the training/validation cut.
+        set: bundle overrides of every run. collect_only: train nothing, tabulate the finished runs.
+    """
+    import pandas as pd
+
+    from bundle.reporting.publish import _markdown
+
+    root_path = Path(root or ROOT / "eval" / "crossval" / task)
+    data = Path(data_root or ROOT / "data")
+    models = Path(models_dir or ROOT / "models")
+    datalists = write_fold_datalists(data / "datalists" / task_spec(task).datalist, root_path, folds,
+                                     float(validation_fraction), int(split_seed))
+    frames = []
+    for k, datalist in enumerate(datalists):
+        paths = fold_paths(root_path, k, data)
+        link_pretrainings(models, paths["models_dir"])
+        grid = SweepGrid.from_mapping({"tasks": [task], "inits": _as_list(inits), "sizes": _as_list(sizes),
+                                       "seeds": _as_list(seeds), "jobs": int(jobs),
+                                       "overrides": {**dict(set or {}), "datalist": str(datalist.absolute())}})
+        say(f"[crossval] fold {k}: {len(grid.runs())} runs under {paths['output_root']}")
+        run_sweep(grid, paths, collect_only=collect_only, log_mlflow=False)
+        frames.append(collect(grid.runs(), paths["output_root"]).assign(fold=k))
+    frame = pd.concat(frames, ignore_index=True)
+    summary, tests = crossval_table(frame)
+    atomic_write_text(str(root_path / "crossval_per_image.csv"), frame.to_csv(index=False))
+    atomic_write_text(str(root_path / "crossval.csv"), summary.to_csv(index=False))
+    atomic_write_text(str(root_path / "crossval_tests.csv"), tests.to_csv(index=False))
+    text = [f"# Cross-validation by patient: {task}, {folds} folds\n", _markdown(summary)]
+    if not tests.empty:
+        text += ["\nPaired tests (images as units, each image's Dice averaged over seeds):\n",
+                 _markdown(tests.drop(columns=["wilcoxon_stat", "significant"], errors="ignore"))]
+    atomic_write_text(str(root_path / "crossval.md"), "\n".join(text) + "\n")
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
+    say(f"[crossval] {len(frame)} rows of {frame['image'].nunique() if len(frame) else 0} images -> "
+        f"{root_path / 'crossval.csv'}")
+    return summary, tests
+
+
+@functools.wraps(run_crossval)
+def main(*args: Any, **kwargs: Any) -> None:
+    """The command line of :func:`run_crossval` (the tables are printed and written, not returned to ``fire``)."""
+    run_crossval(*args, **kwargs)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)

@@ -1,0 +1,139 @@
+"""Cross-validation by patient: the folds (bundle.data.splits), the pooled table against scipy and a hand computation
+(bundle.reporting.analysis.crossval_table) and the layout scripts/crossval.py reads and writes, without training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from bundle.data.splits import crossval_datalist, patient_folds
+from bundle.reporting.analysis import crossval_table
+from bundle.tasks import run_name
+from scripts.crossval import run_crossval
+
+
+def _items(sizes: dict[str, int]) -> list[dict]:
+    return [{"image": f"{p}_{i}.png", "label": f"{p}_{i}_mask.png", "patient": p}
+            for p, n in sizes.items() for i in range(n)]
+
+
+def test_patient_folds_balance_items_and_never_split_a_patient():
+    # largest patient first, each to the emptiest fold (lowest index on a tie): A(3) -> 0, B(2) -> 1, then the three
+    # one-image patients -> 1, 0, 1 whatever their shuffled order: 4 and 4 items
+    items = _items({"A": 3, "B": 2, "C": 1, "D": 1, "E": 1})
+    for seed in range(5):
+        folds = patient_folds(items, 2, seed=seed)
+        assert [len(f) for f in folds] == [4, 4]
+        assert {it["patient"] for it in folds[0]} >= {"A"} and {it["patient"] for it in folds[1]} >= {"B"}
+        assert sorted(it["image"] for f in folds for it in f) == sorted(it["image"] for it in items)
+        patients = [{it["patient"] for it in f} for f in folds]
+        assert not patients[0] & patients[1]
+    # the seed decides which one-image patients go where; a seed gives the same folds every time
+    assert patient_folds(items, 2, seed=3) == patient_folds(items, 2, seed=3)
+    draws = {tuple(sorted(it["patient"] for it in patient_folds(items, 2, seed=s)[0])) for s in range(10)}
+    assert len(draws) > 1
+    with pytest.raises(ValueError, match="at least 6 patients"):
+        patient_folds(items, 6)
+    with pytest.raises(ValueError, match="num_folds"):
+        patient_folds(items, 1)
+
+
+def test_crossval_datalist_tests_every_item_once_and_keeps_patients_within_a_section():
+    rng = np.random.default_rng(0)
+    items = _items({f"p{k:02d}": int(rng.integers(1, 4)) for k in range(21)})
+    tested: list[str] = []
+    for fold in range(4):
+        parts = crossval_datalist(items, fold, 4, validation_fraction=0.25, seed=0)
+        sections = {k: {it["patient"] for it in v} for k, v in parts.items()}
+        assert not sections["training"] & sections["validation"]
+        assert not (sections["training"] | sections["validation"]) & sections["test"]
+        assert sum(len(v) for v in parts.values()) == len(items)
+        assert parts["validation"] and parts["training"]
+        tested += [it["image"] for it in parts["test"]]
+    assert sorted(tested) == sorted(it["image"] for it in items)
+    with pytest.raises(ValueError, match="fold must be"):
+        crossval_datalist(items, 4, 4)
+
+
+def _frame() -> pd.DataFrame:
+    """Two folds of two images; scratch is 0.01 below the DoLL on image a, 0.03 on b, 0.02 on c, 0.04 on d."""
+    base = {"a": 0.95, "b": 0.93, "c": 0.96, "d": 0.90}
+    gain = {"a": 0.01, "b": 0.03, "c": 0.02, "d": 0.04}
+    fold = {"a": 0, "b": 0, "c": 1, "d": 1}
+    rows = []
+    for init in ("doll", "scratch"):
+        for seed, offset in ((0, -0.005), (1, 0.005)):
+            for image, v in base.items():
+                rows.append({"task": "real_lungs", "init": init, "train_size": "all", "seed": seed, "mode": "full",
+                             "image": image, "structure": "lungs", "fold": fold[image],
+                             "dice": v + offset - (gain[image] if init == "scratch" else 0.0)})
+    return pd.DataFrame(rows)
+
+
+def test_crossval_table_pools_the_folds_by_hand_and_tests_against_scipy():
+    summary, tests = crossval_table(_frame())
+    doll = summary[summary.init == "doll"].iloc[0]
+    assert doll.n_images == 4 and doll.n_folds == 2
+    assert doll["mean"] == pytest.approx(np.mean([0.95, 0.93, 0.96, 0.90]))
+    assert doll.worst_seed == pytest.approx(np.mean([0.95, 0.93, 0.96, 0.90]) - 0.005)
+    assert doll.fold_min == pytest.approx((0.96 + 0.90) / 2) and doll.fold_max == pytest.approx((0.95 + 0.93) / 2)
+    assert doll.lowest_image == pytest.approx(0.90)
+    scratch = summary[summary.init == "scratch"].iloc[0]
+    assert scratch["mean"] == pytest.approx(doll["mean"] - 0.025)
+    row = tests.iloc[0]
+    assert (row.init, row.reference, row.n) == ("doll", "scratch", 4)
+    assert row.mean_diff == pytest.approx(0.025)
+    assert row.p_value == pytest.approx(stats.wilcoxon([0.01, 0.03, 0.02, 0.04]).pvalue)
+
+
+def _write_datalist(data_root: Path) -> list[dict]:
+    items = _items({"P1": 2, "P2": 1, "P3": 1, "P4": 2, "P5": 1, "P6": 1})
+    spec = {"name": "real_lungs", "labels": {"1": "lungs"}, "numTraining": 4, "training": items[:4],
+            "validation": items[4:6], "test": items[6:]}
+    path = data_root / "datalists" / "real_lungs.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(spec))
+    return items
+
+
+def test_run_crossval_writes_the_folds_and_pools_the_finished_runs(tmp_path):
+    data_root, models, root = tmp_path / "data", tmp_path / "models", tmp_path / "cv"
+    items = _write_datalist(data_root)
+    # first call: the folds' datalists and links, nothing finished yet
+    summary, _ = run_crossval(folds=2, seeds=[0], root=str(root), data_root=str(data_root), models_dir=str(models),
+                              collect_only=True)
+    assert summary.empty
+    fold_items = []
+    for k in range(2):
+        spec = json.loads((root / f"fold{k}" / "datalist.json").read_text())
+        assert spec["crossval"]["fold"] == k and spec["name"] == "real_lungs" and spec["numTest"] == len(spec["test"])
+        fold_items.append(spec["test"])
+        assert (root / f"fold{k}" / "models" / "pretrain").resolve() == (models / "pretrain").resolve()
+    assert sorted(it["image"] for f in fold_items for it in f) == sorted(it["image"] for it in items)
+    # the runs of each fold finish (their per-image CSVs appear): the tables pool every image once
+    for k, tests in enumerate(fold_items):
+        for init, dice in (("doll", 0.95), ("scratch", 0.94)):
+            out = root / f"fold{k}" / "eval" / "segmentation" / run_name("real_lungs", init, "all", 0)
+            out.mkdir(parents=True)
+            pd.DataFrame([{"task": "real_lungs", "init": init, "train_size": "all", "seed": 0, "mode": "full",
+                           "split": "test", "n_train": 3, "image": Path(it["image"]).stem, "structure": "lungs",
+                           "dice": dice + 0.01 * k} for it in tests]).to_csv(out / "metrics_test.csv", index=False)
+    summary, tests = run_crossval(folds=2, seeds=[0], root=str(root), data_root=str(data_root),
+                                  models_dir=str(models), collect_only=True)
+    doll = summary[summary.init == "doll"].iloc[0]
+    assert doll.n_images == len(items) and doll.n_folds == 2
+    assert doll.fold_max - doll.fold_min == pytest.approx(0.01)
+    assert tests.iloc[0].mean_diff == pytest.approx(0.01)
+    per_image = pd.read_csv(root / "crossval_per_image.csv")
+    assert set(per_image.fold) == {0, 1} and len(per_image) == 2 * len(items)
+    assert "Cross-validation by patient" in (root / "crossval.md").read_text()
+
+
+def test_run_crossval_names_a_missing_datalist(tmp_path):
+    with pytest.raises(Exception, match="real_lungs.json.*datalist not found"):
+        run_crossval(root=str(tmp_path / "cv"), data_root=str(tmp_path / "nodata"), collect_only=True)
