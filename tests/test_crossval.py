@@ -137,3 +137,32 @@ def test_run_crossval_writes_the_folds_and_pools_the_finished_runs(tmp_path):
 def test_run_crossval_names_a_missing_datalist(tmp_path):
     with pytest.raises(Exception, match="real_lungs.json.*datalist not found"):
         run_crossval(root=str(tmp_path / "cv"), data_root=str(tmp_path / "nodata"), collect_only=True)
+
+
+def test_the_report_shows_the_studies_found_and_leaves_the_section_out_without_them(tmp_path):
+    from bundle.reporting.analysis import replicate_table
+    from bundle.reporting.report import build_report
+    from tests.test_pretrain_replicates import _frames
+
+    cv = tmp_path / "eval" / "crossval" / "real_lungs"
+    cv.mkdir(parents=True)
+    summary, tests = crossval_table(_frame())
+    summary.to_csv(cv / "crossval.csv", index=False)
+    tests.to_csv(cv / "crossval_tests.csv", index=False)
+    reps = tmp_path / "eval" / "replicates"
+    reps.mkdir()
+    replicate_table(*_frames()).to_csv(reps / "replicates.csv", index=False)
+    res = build_report(tmp_path / "report", packages=("numpy",), crossval_dirs=[cv], replicates_dirs=[reps])
+    assert res["status"]["studies"] == "done"
+    text = "\n".join(res["conclusions"])
+    assert ("Cross-validation by patient on real_lungs (lungs) with all labelled images: each of 4 images tested "
+            "once over 2 folds: DoLL-init 0.935 (worst seed 0.930, folds 0.930-0.940, lowest image 0.900)") in text
+    # the DoLL is above scratch on all 4 images, but 4 pairs cannot reach p < 0.05 (exact Wilcoxon floor 2/16)
+    assert "No significant difference between DoLL-init and scratch on real_lungs" in text
+    assert "with n=4 the Wilcoxon test cannot reach p < 0.05" in text
+    # replicate 1 of 3 favours the shuffled control (tests/test_pretrain_replicates.py)
+    assert "Across 3 pre-training replicates on infection with 4 labelled images: DoLL-init - " in text
+    assert "in 2 of 3 replicates" in text
+    bare = build_report(tmp_path / "report2", packages=("numpy",))
+    assert "studies" not in bare["status"]
+    assert "Studies beside the pipeline" not in (tmp_path / "report2" / "report.md").read_text()

@@ -14,9 +14,12 @@ Sections (each says "not run" when its inputs are missing, so a partial pipeline
    ``panel.png``);
 4. the classifiers' AUROC (``classifiers/*/metrics_test.json``);
 5. learning curves, Dice distributions, the statistics table and replicability (``analysis/``);
-6. Grad-CAM of the segmenters and the mask ensembles / synergy (``analysis/``);
-7. throughput (``pipeline_timing.json``, any benchmark JSON files);
-8. reproducibility: the configs' text and the package versions.
+6. the studies run beside the pipeline into its output folder, when there are any: cross-validation by patient
+   (``crossval/<task>/``, ``scripts/crossval.py``) and pre-training replicates (``replicates/``,
+   ``scripts/pretrain_replicates.py``);
+7. Grad-CAM of the segmenters and the mask ensembles / synergy (``analysis/``);
+8. throughput (``pipeline_timing.json``, any benchmark JSON files);
+9. reproducibility: the configs' text and the package versions.
 
 Outputs in ``out_dir``: ``report.html``, ``report.md``, ``figures/<name>.png`` (what the Markdown links to),
 ``tables/<name>.csv`` (every table, full precision) and ``conclusions.csv`` (``section, statement``). Everything is
@@ -64,6 +67,8 @@ __all__ = [
     "comparison_sentence",
     "statistics_conclusions",
     "controls_conclusions",
+    "crossval_conclusions",
+    "replicate_conclusions",
     "package_versions",
     "build_report",
 ]
@@ -756,6 +761,82 @@ def _controls_section(analysis_dir: str, status: Mapping[str, str], labels: Mapp
     return sec
 
 
+def crossval_conclusions(summary: pd.DataFrame, tests: pd.DataFrame | None = None,
+                         labels: Mapping[str, str] | None = None, alpha: float = 0.05) -> list[str]:
+    """The generated conclusions of a cross-validation by patient (:func:`bundle.reporting.analysis.crossval_table`):
+    per task, size and structure each init's mean over every image with its worst seed and fold range, then one
+    :func:`comparison_sentence` per paired test."""
+    labels = {**DEFAULT_LABELS, **dict(labels or {})}
+    out = []
+    for (task, size, structure), g in summary.groupby(["task", "train_size", "structure"], sort=False):
+        parts = [f"{_label(r['init'], labels)} {fmt_num(r['mean'], 3)} (worst seed {fmt_num(r['worst_seed'], 3)}, "
+                 f"folds {fmt_num(r['fold_min'], 3)}-{fmt_num(r['fold_max'], 3)}, lowest image "
+                 f"{fmt_num(r['lowest_image'], 3)})" for r in g.to_dict("records")]
+        out.append(f"Cross-validation by patient on {task} ({structure}) with {size_phrase(size)}: each of "
+                   f"{int(g['n_images'].max())} images tested once over {int(g['n_folds'].max())} folds: "
+                   + "; ".join(parts) + ".")
+    if tests is not None and len(tests):
+        out += [comparison_sentence(r, labels, alpha) for r in tests.to_dict("records")]
+    return out
+
+
+def replicate_conclusions(table: pd.DataFrame, labels: Mapping[str, str] | None = None,
+                          alpha: float = 0.05) -> list[str]:
+    """The generated conclusions of the pre-training replicates (:func:`bundle.reporting.analysis.replicate_table`):
+    one sentence per task, size and comparison, with the replicate as the unit."""
+    labels = {**DEFAULT_LABELS, **dict(labels or {})}
+    out = []
+    for r in table[table["replicate"].astype(str) == "all"].to_dict("records"):
+        a, b = _label(r["a"], labels), _label(r["b"], labels)
+        p_holm = r.get("p_holm", float("nan"))
+        verdict = ("established across pre-trainings" if not _isnan(p_holm) and float(p_holm) < alpha else
+                   "not established across pre-trainings")
+        out.append(f"Across {int(r['n'])} pre-training replicates on {r['task']} with {size_phrase(r['train_size'])}: "
+                   f"{a} - {b} {fmt_num(r['mean_diff'], signed=True)} mean Dice ({fmt_num(r['mean_a'])} vs "
+                   f"{fmt_num(r['mean_b'])}), favouring {a} in {int(r['n_favour_a'])} of {int(r['n'])} replicates, "
+                   f"t-test p={fmt_p(r['p_value'])}, Holm p={fmt_p(p_holm)}: {verdict} (alpha={alpha:g}).")
+    return out
+
+
+def _studies_section(crossval_dirs: Sequence[PathLike], replicates_dirs: Sequence[PathLike],
+                     labels: Mapping[str, str], alpha: float) -> Section | None:
+    """The studies run beside the pipeline into its output folder (``scripts/crossval.py``,
+    ``scripts/pretrain_replicates.py``); ``None`` when there are none (the section is then left out, not "not
+    run": the pipeline does not run them)."""
+    sec = Section("studies", "Studies beside the pipeline: cross-validation and pre-training replicates")
+    for k, folder in enumerate(crossval_dirs):
+        summary = _read_csv(os.path.join(folder, "crossval.csv"), dtype={"train_size": str})
+        if summary is None or summary.empty:
+            continue
+        tests = _read_csv(os.path.join(folder, "crossval_tests.csv"), dtype={"train_size": str})
+        tests = tests if tests is not None and len(tests) else None
+        sec.blocks.append(Text(
+            f"Cross-validation by patient ({os.fspath(folder)}; scripts/crossval.py): the task's images cut into "
+            "folds by patient, each fold tested by networks trained on the others, so every image is tested once "
+            "by a network that never saw its patient. Means over all images of each image's Dice averaged over "
+            "seeds; worst seed: the lowest seed's mean over all images; folds: the lowest and highest fold mean."))
+        sec.blocks.append(Table(f"crossval_{k}", summary, "Cross-validation: mean test Dice over every image"))
+        if tests is not None:
+            shown = ["task", "train_size", "structure", "init", "reference", "n", "mean_init", "mean_reference",
+                     "mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "significant"]
+            sec.blocks.append(Table(f"crossval_tests_{k}", tests[[c for c in shown if c in tests.columns]],
+                                    "Paired tests over every image (Wilcoxon signed-rank, Holm)", _p_formats()))
+        sec.blocks += [Text(t, conclusion=True) for t in crossval_conclusions(summary, tests, labels, alpha)]
+    for k, folder in enumerate(replicates_dirs):
+        table = _read_csv(os.path.join(folder, "replicates.csv"), dtype={"train_size": str, "replicate": str})
+        if table is None or table.empty:
+            continue
+        sec.blocks.append(Text(
+            f"Pre-training replicates ({os.fspath(folder)}; scripts/pretrain_replicates.py): each label kind "
+            "pre-trained with several seeds, each fine-tuned with the same grid; the replicate is the unit "
+            "(one-sample t-test of the replicates' differences, Holm over the replicate-level rows)."))
+        sec.blocks.append(Table(f"replicates_{k}", sort_by_size(table[table["replicate"] == "all"],
+                                                               ["task", "train_size"]),
+                                "Across the replicates (per-replicate rows in replicates.csv)", _p_formats()))
+        sec.blocks += [Text(t, conclusion=True) for t in replicate_conclusions(table, labels, alpha)]
+    return sec if sec.blocks else None
+
+
 def _gradcam_section(analysis_dir: str, status: Mapping[str, str], labels: Mapping[str, str]) -> Section:
     sec = Section("gradcam", "Grad-CAM of the segmentation networks")
     rows = _read_csv(os.path.join(analysis_dir, "gradcam.csv"))
@@ -893,6 +974,8 @@ def build_report(
     tracking_uri: str | None = None,
     experiment: str = "cxr_doll_report",
     data_summary: PathLike | None = None,
+    crossval_dirs: Sequence[PathLike] = (),
+    replicates_dirs: Sequence[PathLike] = (),
 ) -> dict[str, Any]:
     """Build the report (see the module docstring) from the stages' outputs.
 
@@ -913,6 +996,9 @@ def build_report(
         experiment: MLflow experiment.
         data_summary: the data stage's ``datalists/summary.json``: a first section states which data were real
             (``None``: no such section).
+        crossval_dirs: folders of ``scripts/crossval.py`` (``crossval.csv``, ``crossval_tests.csv``).
+        replicates_dirs: folders of ``scripts/pretrain_replicates.py`` (``replicates.csv``). With neither, the
+            studies section is left out.
 
     Returns:
         ``{"html", "markdown", "conclusions": [statements], "status": {section: status}, "files": [...],
@@ -933,6 +1019,7 @@ def build_report(
 
     report = Report(title)
     stats_section, _ = _statistics_section(adir, status, labels, alpha)
+    studies = _studies_section(list(crossval_dirs), list(replicates_dirs), labels, alpha)
     body = [
         *([_data_section(data_summary)] if data_summary is not None else []),
         _phantom_section(montage),
@@ -942,6 +1029,7 @@ def build_report(
         _efficiency_section(adir, status, labels),
         stats_section,
         _controls_section(adir, status, labels, alpha),
+        *([studies] if studies is not None else []),
         _gradcam_section(adir, status, labels),
         _ensemble_section(adir, status),
         _throughput_section(timing_json, list(bench_files), fig_dir),
