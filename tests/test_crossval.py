@@ -163,6 +163,16 @@ def test_the_report_shows_the_studies_found_and_leaves_the_section_out_without_t
     # replicate 1 of 3 favours the shuffled control (tests/test_pretrain_replicates.py)
     assert "Across 3 pre-training replicates on infection with 4 labelled images: DoLL-init - " in text
     assert "in 2 of 3 replicates" in text
+    # the shuffled control is 0.05 above scratch on every image of every replicate: no spread, no t-test, no verdict
+    assert ("shuffled-DoLL init - scratch +0.0500 mean Dice (0.7500 vs 0.7000), favouring shuffled-DoLL init in 3 of 3 "
+            "replicates, t-test p=n/a, Holm p=n/a: no difference established across pre-trainings") in text
+    # DoLL - scratch: Holm p 0.072 over the 3 replicate-level rows: a verdict at alpha 0.1, none at 0.05
+    from bundle.reporting.report import replicate_conclusions
+
+    table = replicate_table(*_frames())
+    assert "Holm p=0.0719: no difference established" in "\n".join(replicate_conclusions(table))
+    assert "Holm p=0.0719: DoLL-init is better, established across pre-trainings (alpha=0.1)" in \
+        "\n".join(replicate_conclusions(table, alpha=0.1))
     bare = build_report(tmp_path / "report2", packages=("numpy",))
     assert "studies" not in bare["status"]
     assert "Studies beside the pipeline" not in (tmp_path / "report2" / "report.md").read_text()

@@ -789,8 +789,10 @@ def replicate_conclusions(table: pd.DataFrame, labels: Mapping[str, str] | None 
     for r in table[table["replicate"].astype(str) == "all"].to_dict("records"):
         a, b = _label(r["a"], labels), _label(r["b"], labels)
         p_holm = r.get("p_holm", float("nan"))
-        verdict = ("established across pre-trainings" if not _isnan(p_holm) and float(p_holm) < alpha else
-                   "not established across pre-trainings")
+        if not _isnan(p_holm) and float(p_holm) < alpha:
+            verdict = f"{a if float(r['mean_diff']) > 0 else b} is better, established across pre-trainings"
+        else:
+            verdict = "no difference established across pre-trainings"
         out.append(f"Across {int(r['n'])} pre-training replicates on {r['task']} with {size_phrase(r['train_size'])}: "
                    f"{a} - {b} {fmt_num(r['mean_diff'], signed=True)} mean Dice ({fmt_num(r['mean_a'])} vs "
                    f"{fmt_num(r['mean_b'])}), favouring {a} in {int(r['n_favour_a'])} of {int(r['n'])} replicates, "
