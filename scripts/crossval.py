@@ -19,7 +19,8 @@ pre-training of ``<models_dir>`` (default ``<bundle>/models``), which every fold
 ``fold<k>/models`` (its checkpoints; ``pretrain`` links to ``<models_dir>/pretrain``). Writes
 ``crossval_per_image.csv`` (every run's per-image test Dice with its ``fold``), ``crossval.csv`` (per init: the mean
 over all images, the worst seed, the lowest and highest fold), ``crossval_tests.csv`` (paired tests against
-scratch) and ``crossval.md``. Finished runs are skipped, so an interrupted call resumes.
+scratch), ``crossval_efficiency.csv`` (optimizer steps to 95% of each run's best validation Dice) with its paired
+tests ``crossval_efficiency_tests.csv``, and ``crossval.md``. Finished runs are skipped, so an interrupted call resumes.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bundle.data.splits import crossval_datalist  # noqa: E402
-from bundle.reporting.analysis import crossval_table  # noqa: E402
+from bundle.reporting.analysis import crossval_table, efficiency_pairs, efficiency_table  # noqa: E402
 from bundle.tasks import task_spec  # noqa: E402
 from bundle.utils import BundleInputError, atomic_write_json, atomic_write_text  # noqa: E402
 from scripts.processes import say  # noqa: E402
-from scripts.sweep import SweepGrid, _as_list, collect, run_sweep  # noqa: E402
+from scripts.sweep import SweepGrid, _as_list, collect, collect_curves, run_sweep  # noqa: E402
 
 SECTIONS = ("training", "validation", "test")
 
@@ -96,6 +97,18 @@ def link_pretrainings(models_dir: str | Path, fold_models: str | Path) -> None:
     link.symlink_to(source, target_is_directory=True)
 
 
+def crossval_efficiency(curves: Any) -> tuple[Any, Any]:
+    """Training efficiency of the folds' validation curves, every fold and seed one run: per init
+    (:func:`bundle.reporting.analysis.efficiency_table`) and each init against scratch paired by fold and seed
+    (:func:`bundle.reporting.analysis.efficiency_pairs`); empty frames when no run has a curve."""
+    import pandas as pd
+
+    if curves.empty or "steps" not in curves.columns:
+        return pd.DataFrame(), pd.DataFrame()
+    runs = curves.assign(seed=curves["fold"].astype(str) + ":" + curves["seed"].astype(str))
+    return efficiency_table(runs).rename(columns={"n_seeds": "n_runs"}), efficiency_pairs(runs)
+
+
 def run_crossval(task: str = "real_lungs", folds: int = 4, inits: Any = ("doll", "scratch"), sizes: Any = ("all",),
                  seeds: Any = (0, 1, 2), root: str | None = None, data_root: str | None = None,
                  models_dir: str | None = None, jobs: int = 2, validation_fraction: float = 0.25,
@@ -123,7 +136,7 @@ def run_crossval(task: str = "real_lungs", folds: int = 4, inits: Any = ("doll",
     models = Path(models_dir or ROOT / "models")
     datalists = write_fold_datalists(data / "datalists" / task_spec(task).datalist, root_path, folds,
                                      float(validation_fraction), int(split_seed))
-    frames = []
+    frames, curves = [], []
     for k, datalist in enumerate(datalists):
         paths = fold_paths(root_path, k, data)
         link_pretrainings(models, paths["models_dir"])
@@ -133,8 +146,12 @@ def run_crossval(task: str = "real_lungs", folds: int = 4, inits: Any = ("doll",
         say(f"[crossval] fold {k}: {len(grid.runs())} runs under {paths['output_root']}")
         run_sweep(grid, paths, collect_only=collect_only, log_mlflow=False)
         frames.append(collect(grid.runs(), paths["output_root"]).assign(fold=k))
+        curves.append(collect_curves(grid.runs(), paths["output_root"]).assign(fold=k))
     frame = pd.concat(frames, ignore_index=True)
     summary, tests = crossval_table(frame)
+    efficiency, pairs = crossval_efficiency(pd.concat(curves, ignore_index=True))
+    atomic_write_text(str(root_path / "crossval_efficiency.csv"), efficiency.to_csv(index=False))
+    atomic_write_text(str(root_path / "crossval_efficiency_tests.csv"), pairs.to_csv(index=False))
     atomic_write_text(str(root_path / "crossval_per_image.csv"), frame.to_csv(index=False))
     atomic_write_text(str(root_path / "crossval.csv"), summary.to_csv(index=False))
     atomic_write_text(str(root_path / "crossval_tests.csv"), tests.to_csv(index=False))
@@ -142,6 +159,11 @@ def run_crossval(task: str = "real_lungs", folds: int = 4, inits: Any = ("doll",
     if not tests.empty:
         text += ["\nPaired tests (images as units, each image's Dice averaged over seeds):\n",
                  _markdown(tests.drop(columns=["wilcoxon_stat", "significant"], errors="ignore"))]
+    if not efficiency.empty:
+        text += ["\nTraining efficiency (each fold and seed is a run; steps of 8 images to 95% of the run's best "
+                 "validation Dice):\n", _markdown(efficiency)]
+    if not pairs.empty:
+        text += ["\nPaired by fold and seed against scratch (Wilcoxon signed-rank over the runs):\n", _markdown(pairs)]
     atomic_write_text(str(root_path / "crossval.md"), "\n".join(text) + "\n")
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)

@@ -71,6 +71,7 @@ __all__ = [
     "REPLICATE_COMPARISONS",
     "replicate_table",
     "crossval_table",
+    "efficiency_pairs",
     "learning_curves",
     "image_ids",
     "eval_transforms",
@@ -510,6 +511,45 @@ def efficiency_table(curves: pd.DataFrame, fraction: float = 0.95, metric: str =
         **{f"steps_to_{pct}_mean": ("steps_to", "mean"), f"steps_to_{pct}_max": ("steps_to", "max")},
         steps_run_mean=("steps_run", "mean")).reset_index()
     return sort_by_size(out, ["task", "train_size", "init"])
+
+
+def efficiency_pairs(curves: pd.DataFrame, reference: str = "scratch", fraction: float = 0.95,
+                     metric: str = "val_mean_dice") -> pd.DataFrame:
+    """Training efficiency, paired: each init's runs against ``reference``'s run of the same ``seed`` (same task and
+    size), on the steps to ``fraction`` of each run's best validation Dice and on the steps each run trained.
+
+    Returns:
+        DataFrame ``task, train_size, init, reference, n, steps_to_<pct>_diff, n_fewer, p_steps_to, steps_run_diff,
+        p_steps_run``: mean differences (init - reference; negative: the init needs fewer steps), how many pairs
+        the init needs fewer steps to ``fraction`` in, and two-sided Wilcoxon signed-rank p-values over the pairs.
+    """
+    import pandas as pd
+
+    from ..stats.paired import wilcoxon_signed_rank
+
+    pct = int(round(100 * fraction))
+    runs = []
+    for (task, init, size, seed), g in curves.groupby(["task", "init", "train_size", "seed"], sort=False):
+        best = float(g[metric].max())
+        runs.append({"task": task, "init": init, "train_size": size, "seed": seed, "steps_run": int(g["steps"].max()),
+                     "steps_to": int(g.loc[g[metric] >= fraction * best, "steps"].min())})
+    per_run = pd.DataFrame(runs, columns=["task", "init", "train_size", "seed", "steps_to", "steps_run"])
+    rows = []
+    for (task, size), g in per_run.groupby(["task", "train_size"], sort=False):
+        ref = g[g["init"] == reference].set_index("seed")
+        for init in [i for i in dict.fromkeys(g["init"]) if i != reference]:
+            other = g[g["init"] == init].set_index("seed")
+            common = other.index.intersection(ref.index)
+            if not len(common):
+                continue
+            d_to = (other.loc[common, "steps_to"] - ref.loc[common, "steps_to"]).to_numpy(dtype=float)
+            d_run = (other.loc[common, "steps_run"] - ref.loc[common, "steps_run"]).to_numpy(dtype=float)
+            rows.append({"task": task, "train_size": size, "init": init, "reference": reference, "n": len(common),
+                         f"steps_to_{pct}_diff": float(d_to.mean()), "n_fewer": int((d_to < 0).sum()),
+                         "p_steps_to": wilcoxon_signed_rank(d_to).pvalue, "steps_run_diff": float(d_run.mean()),
+                         "p_steps_run": wilcoxon_signed_rank(d_run).pvalue})
+    return pd.DataFrame(rows, columns=["task", "train_size", "init", "reference", "n", f"steps_to_{pct}_diff",
+                                       "n_fewer", "p_steps_to", "steps_run_diff", "p_steps_run"])
 
 
 def mean_val_curves(curves: pd.DataFrame, metric: str = "val_mean_dice") -> pd.DataFrame:

@@ -69,6 +69,7 @@ __all__ = [
     "controls_conclusions",
     "crossval_conclusions",
     "replicate_conclusions",
+    "efficiency_pair_sentences",
     "package_versions",
     "build_report",
 ]
@@ -780,6 +781,31 @@ def crossval_conclusions(summary: pd.DataFrame, tests: pd.DataFrame | None = Non
     return out
 
 
+def efficiency_pair_sentences(pairs: pd.DataFrame, labels: Mapping[str, str] | None = None,
+                              alpha: float = 0.05) -> list[str]:
+    """One sentence per row of :func:`bundle.reporting.analysis.efficiency_pairs`: how many fewer optimizer steps
+    an init needs to reach 95% (or the table's fraction) of its best validation Dice than the reference."""
+    labels = {**DEFAULT_LABELS, **dict(labels or {})}
+    out = []
+    for r in pairs.to_dict("records"):
+        col = next(c for c in r if str(c).startswith("steps_to_") and str(c).endswith("_diff"))
+        pct = str(col)[len("steps_to_"):-len("_diff")]
+        a, b = _label(r["init"], labels), _label(r["reference"], labels)
+        p = r["p_steps_to"]
+        verdict = "significant" if not _isnan(p) and float(p) < alpha else "not significant"
+        def steps(value: Any) -> str:
+            if _isnan(value) or float(value) == 0:
+                return "as many optimizer steps as"
+            return f"{fmt_num(abs(float(value)), 1)} optimizer steps {'sooner' if float(value) < 0 else 'later'} than"
+
+        out.append(f"Training efficiency on {r['task']} with {size_phrase(r['train_size'])}: {a} reaches {pct}% of "
+                   f"its best validation Dice {steps(r[col])} {b} (mean over {int(r['n'])} paired runs; sooner in "
+                   f"{int(r['n_fewer'])}; Wilcoxon p={fmt_p(p)}, {verdict}), and its runs end "
+                   f"{steps(r['steps_run_diff']).replace('optimizer steps ', 'steps ')} {b}'s "
+                   f"(p={fmt_p(r['p_steps_run'])}).")
+    return out
+
+
 def replicate_conclusions(table: pd.DataFrame, labels: Mapping[str, str] | None = None,
                           alpha: float = 0.05) -> list[str]:
     """The generated conclusions of the pre-training replicates (:func:`bundle.reporting.analysis.replicate_table`):
@@ -824,6 +850,11 @@ def _studies_section(crossval_dirs: Sequence[PathLike], replicates_dirs: Sequenc
             sec.blocks.append(Table(f"crossval_tests_{k}", tests[[c for c in shown if c in tests.columns]],
                                     "Paired tests over every image (Wilcoxon signed-rank, Holm)", _p_formats()))
         sec.blocks += [Text(t, conclusion=True) for t in crossval_conclusions(summary, tests, labels, alpha)]
+        pairs = _read_csv(os.path.join(folder, "crossval_efficiency_tests.csv"), dtype={"train_size": str})
+        if pairs is not None and len(pairs):
+            sec.blocks.append(Table(f"crossval_efficiency_{k}", pairs, "Training efficiency, paired by fold and seed "
+                                    "(optimizer steps; negative: fewer than the reference)", _p_formats()))
+            sec.blocks += [Text(t, conclusion=True) for t in efficiency_pair_sentences(pairs, labels, alpha)]
     for k, folder in enumerate(replicates_dirs):
         table = _read_csv(os.path.join(folder, "replicates.csv"), dtype={"train_size": str, "replicate": str})
         if table is None or table.empty:
