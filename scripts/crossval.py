@@ -12,6 +12,7 @@ images as the paired units (:func:`bundle.reporting.analysis.crossval_table`).
     python scripts/crossval.py                                  # the real lungs, 4 folds, DoLL and scratch, seeds 0-2
     python scripts/crossval.py --folds 5 --seeds 0,1,2,3,4 --set "{'seg_arch': 'unet'}"
     python scripts/crossval.py --collect_only                   # the tables of the runs finished so far
+    python scripts/crossval.py --sizes "[4]" --pretrain_replicates "{1: 'eval/replicates/rep1/models', 2: ...}"
 
 Reads ``<data_root>/datalists/<task's datalist>`` (a pipeline run's data, default ``<bundle>/data``) and the DoLL
 pre-training of ``<models_dir>`` (default ``<bundle>/models``), which every fold shares. Layout under ``--root``
@@ -20,7 +21,8 @@ pre-training of ``<models_dir>`` (default ``<bundle>/models``), which every fold
 ``crossval_per_image.csv`` (every run's per-image test Dice with its ``fold``), ``crossval.csv`` (per init: the mean
 over all images, the worst seed, the lowest and highest fold), ``crossval_tests.csv`` (paired tests against
 scratch), ``crossval_efficiency.csv`` (optimizer steps to 95% of each run's best validation Dice) with its paired
-tests ``crossval_efficiency_tests.csv``, and ``crossval.md``. Finished runs are skipped, so an interrupted call resumes.
+tests ``crossval_efficiency_tests.csv``, and ``crossval.md``; with ``--pretrain_replicates``, the same folds for
+each further pre-training under ``rep<label>/`` and ``crossval_replicates.csv`` (the pre-training as the unit). Finished runs are skipped, so an interrupted call resumes.
 """
 
 from __future__ import annotations
@@ -109,11 +111,32 @@ def crossval_efficiency(curves: Any) -> tuple[Any, Any]:
     return efficiency_table(runs).rename(columns={"n_seeds": "n_runs"}), efficiency_pairs(runs)
 
 
+def _run_folds(root_path: Path, data: Path, models: Path, task: str, folds: int, grid: Mapping[str, Any],
+               validation_fraction: float, split_seed: int, collect_only: bool) -> tuple[Any, Any]:
+    """Write the folds' datalists under ``root_path``, run (or collect) ``grid`` in every fold with the pre-trainings
+    of ``models``; returns the folds' per-image frame and validation curves, each with its ``fold``."""
+    import pandas as pd
+
+    datalists = write_fold_datalists(data / "datalists" / task_spec(task).datalist, root_path, folds,
+                                     float(validation_fraction), int(split_seed))
+    frames, curves = [], []
+    for k, datalist in enumerate(datalists):
+        paths = fold_paths(root_path, k, data)
+        link_pretrainings(models, paths["models_dir"])
+        fold_grid = SweepGrid.from_mapping({**grid, "overrides": {**grid.get("overrides", {}),
+                                                                  "datalist": str(datalist.absolute())}})
+        say(f"[crossval] fold {k}: {len(fold_grid.runs())} runs under {paths['output_root']}")
+        run_sweep(fold_grid, paths, collect_only=collect_only, log_mlflow=False)
+        frames.append(collect(fold_grid.runs(), paths["output_root"]).assign(fold=k))
+        curves.append(collect_curves(fold_grid.runs(), paths["output_root"]).assign(fold=k))
+    return pd.concat(frames, ignore_index=True), pd.concat(curves, ignore_index=True)
+
+
 def run_crossval(task: str = "real_lungs", folds: int = 4, inits: Any = ("doll", "scratch"), sizes: Any = ("all",),
                  seeds: Any = (0, 1, 2), root: str | None = None, data_root: str | None = None,
                  models_dir: str | None = None, jobs: int = 2, validation_fraction: float = 0.25,
                  split_seed: int = 0, set: Mapping[str, Any] | None = None,  # noqa: A002
-                 collect_only: bool = False) -> Any:
+                 pretrain_replicates: Mapping[Any, str] | None = None, collect_only: bool = False) -> Any:
     """Write the folds' datalists, fine-tune every fold's grid (finished runs skipped) and tabulate; returns
     ``(summary, tests)`` of :func:`bundle.reporting.analysis.crossval_table`.
 
@@ -125,31 +148,42 @@ def run_crossval(task: str = "real_lungs", folds: int = 4, inits: Any = ("doll",
             ``<bundle>/models``).
         validation_fraction: the share of each fold's training patients' images held out for validation.
         split_seed: the seed of the folds and of the training/validation cut.
-        set: bundle overrides of every run. collect_only: train nothing, tabulate the finished runs.
+        set: bundle overrides of every run.
+        pretrain_replicates: more pre-trainings of the pre-trained inits, ``{label: models_dir}`` (e.g. the
+            ``rep<s>/models`` folders of ``scripts/pretrain_replicates.py``; label ``0`` is ``models_dir``'s own and
+            may not be given). Each runs the same folds and grid for the pre-trained inits under
+            ``<root>/rep<label>``, against the one set of scratch runs; ``crossval_replicates.csv`` then has
+            :func:`bundle.reporting.analysis.replicate_table` with the pre-training as the unit.
+        collect_only: train nothing, tabulate the finished runs.
     """
     import pandas as pd
 
+    from bundle.reporting.analysis import replicate_table
     from bundle.reporting.publish import _markdown
 
     root_path = Path(root or ROOT / "eval" / "crossval" / task)
     data = Path(data_root or ROOT / "data")
     models = Path(models_dir or ROOT / "models")
-    datalists = write_fold_datalists(data / "datalists" / task_spec(task).datalist, root_path, folds,
-                                     float(validation_fraction), int(split_seed))
-    frames, curves = [], []
-    for k, datalist in enumerate(datalists):
-        paths = fold_paths(root_path, k, data)
-        link_pretrainings(models, paths["models_dir"])
-        grid = SweepGrid.from_mapping({"tasks": [task], "inits": _as_list(inits), "sizes": _as_list(sizes),
-                                       "seeds": _as_list(seeds), "jobs": int(jobs),
-                                       "overrides": {**dict(set or {}), "datalist": str(datalist.absolute())}})
-        say(f"[crossval] fold {k}: {len(grid.runs())} runs under {paths['output_root']}")
-        run_sweep(grid, paths, collect_only=collect_only, log_mlflow=False)
-        frames.append(collect(grid.runs(), paths["output_root"]).assign(fold=k))
-        curves.append(collect_curves(grid.runs(), paths["output_root"]).assign(fold=k))
-    frame = pd.concat(frames, ignore_index=True)
+    replicates = {str(k): v for k, v in dict(pretrain_replicates or {}).items()}
+    if "0" in replicates:
+        raise ValueError("pretrain_replicates: label 0 is models_dir's own pre-training; give the others")
+    grid = {"tasks": [task], "inits": _as_list(inits), "sizes": _as_list(sizes), "seeds": _as_list(seeds),
+            "jobs": int(jobs), "overrides": dict(set or {})}
+    frame, curves = _run_folds(root_path, data, models, task, folds, grid, validation_fraction, split_seed,
+                               collect_only)
+    if replicates:
+        pretrained = [i for i in grid["inits"] if i != "scratch"]
+        by_rep = {"0": frame[frame["init"].isin(pretrained)]}
+        for label, rep_models in replicates.items():
+            by_rep[label], _ = _run_folds(root_path / f"rep{label}", data, Path(rep_models), task, folds,
+                                          {**grid, "inits": pretrained}, validation_fraction, split_seed,
+                                          collect_only)
+        table = replicate_table(by_rep, frame[frame["init"] == "scratch"])
+        atomic_write_text(str(root_path / "crossval_replicates.csv"), table.to_csv(index=False))
+        atomic_write_text(str(root_path / "crossval_replicates_per_image.csv"), pd.concat(
+            [f.assign(replicate=label) for label, f in by_rep.items()], ignore_index=True).to_csv(index=False))
     summary, tests = crossval_table(frame)
-    efficiency, pairs = crossval_efficiency(pd.concat(curves, ignore_index=True))
+    efficiency, pairs = crossval_efficiency(curves)
     atomic_write_text(str(root_path / "crossval_efficiency.csv"), efficiency.to_csv(index=False))
     atomic_write_text(str(root_path / "crossval_efficiency_tests.csv"), pairs.to_csv(index=False))
     atomic_write_text(str(root_path / "crossval_per_image.csv"), frame.to_csv(index=False))
@@ -164,6 +198,9 @@ def run_crossval(task: str = "real_lungs", folds: int = 4, inits: Any = ("doll",
                  "validation Dice):\n", _markdown(efficiency)]
     if not pairs.empty:
         text += ["\nPaired by fold and seed against scratch (Wilcoxon signed-rank over the runs):\n", _markdown(pairs)]
+    if replicates:
+        text += ["\nPre-training replicates (the pre-training as the unit; per replicate a Wilcoxon test over the "
+                 "images, across replicates a one-sample t-test):\n", _markdown(table)]
     atomic_write_text(str(root_path / "crossval.md"), "\n".join(text) + "\n")
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)

@@ -139,6 +139,23 @@ def test_run_crossval_writes_the_folds_and_pools_the_finished_runs(tmp_path):
     assert "Cross-validation by patient" in (root / "crossval.md").read_text()
     pairs = pd.read_csv(root / "crossval_efficiency_tests.csv").iloc[0]     # fold 0 and fold 1, seed 0: two pairs
     assert (pairs.n, pairs.steps_to_95_diff, pairs.n_fewer) == (2, -15.0, 2)
+    # a second pre-training of the DoLL (replicate 1) runs the same folds under rep1/, against the same scratch runs
+    rep_models = tmp_path / "rep1_models"
+    for k, tests in enumerate(fold_items):
+        out = root / "rep1" / f"fold{k}" / "eval" / "segmentation" / run_name("real_lungs", "doll", "all", 0)
+        out.mkdir(parents=True)
+        pd.DataFrame([{"task": "real_lungs", "init": "doll", "train_size": "all", "seed": 0, "mode": "full",
+                       "split": "test", "n_train": 3, "image": Path(it["image"]).stem, "structure": "lungs",
+                       "dice": 0.93 + 0.01 * k} for it in tests]).to_csv(out / "metrics_test.csv", index=False)
+    run_crossval(folds=2, seeds=[0], root=str(root), data_root=str(data_root), models_dir=str(models),
+                 pretrain_replicates={1: str(rep_models)}, collect_only=True)
+    reps = pd.read_csv(root / "crossval_replicates.csv", dtype={"replicate": str}).set_index("replicate")
+    assert reps.loc["0"].mean_diff == pytest.approx(0.01) and reps.loc["1"].mean_diff == pytest.approx(-0.01)
+    assert reps.loc["all"].n == 2 and reps.loc["all"].mean_diff == pytest.approx(0.0)
+    assert (root / "rep1" / "fold0" / "models" / "pretrain").resolve() == (rep_models / "pretrain").resolve()
+    with pytest.raises(ValueError, match="label 0"):
+        run_crossval(folds=2, root=str(root), data_root=str(data_root), pretrain_replicates={0: "x"},
+                     collect_only=True)
 
 
 def test_run_crossval_names_a_missing_datalist(tmp_path):

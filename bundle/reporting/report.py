@@ -855,6 +855,12 @@ def _studies_section(crossval_dirs: Sequence[PathLike], replicates_dirs: Sequenc
             sec.blocks.append(Table(f"crossval_efficiency_{k}", pairs, "Training efficiency, paired by fold and seed "
                                     "(optimizer steps; negative: fewer than the reference)", _p_formats()))
             sec.blocks += [Text(t, conclusion=True) for t in efficiency_pair_sentences(pairs, labels, alpha)]
+        reps = _read_csv(os.path.join(folder, "crossval_replicates.csv"), dtype={"train_size": str, "replicate": str})
+        if reps is not None and len(reps):
+            sec.blocks.append(Table(f"crossval_replicates_{k}", reps, "Cross-validation with several pre-trainings "
+                                    "(the pre-training as the unit)", _p_formats()))
+            sec.blocks += [Text(t, conclusion=True) for t in replicate_conclusions(reps, labels, alpha)
+                           if not t.startswith("Across 1 ")]
     for k, folder in enumerate(replicates_dirs):
         table = _read_csv(os.path.join(folder, "replicates.csv"), dtype={"train_size": str, "replicate": str})
         if table is None or table.empty:
