@@ -197,6 +197,8 @@ def test_the_report_shows_the_studies_found_and_leaves_the_section_out_without_t
     assert "Holm p=0.0719: no difference established" in "\n".join(replicate_conclusions(table))
     assert "Holm p=0.0719: DoLL-init is better, established across pre-trainings (alpha=0.1)" in \
         "\n".join(replicate_conclusions(table, alpha=0.1))
+    frames, scratch = _frames()                      # a single replicate: no sentence across replicates
+    assert replicate_conclusions(replicate_table({0: frames[0]}, scratch)) == []
     bare = build_report(tmp_path / "report2", packages=("numpy",))
     assert "studies" not in bare["status"]
     assert "Studies beside the pipeline" not in (tmp_path / "report2" / "report.md").read_text()

@@ -483,6 +483,20 @@ def load_val_curves(path: PathLike) -> pd.DataFrame:
     return _fold_arch(df)
 
 
+def _run_efficiency(curves: pd.DataFrame, fraction: float, metric: str) -> pd.DataFrame:
+    """Per run (``task, init, train_size, seed``): ``best`` (the highest validation ``metric``), ``steps_to`` (the
+    first validation step at which the run reaches ``fraction * best``) and ``steps_run`` (its last validation)."""
+    import pandas as pd
+
+    runs = []
+    for (task, init, size, seed), g in curves.groupby(["task", "init", "train_size", "seed"], sort=False):
+        best = float(g[metric].max())
+        runs.append({"task": task, "init": init, "train_size": size, "seed": seed, "best": best,
+                     "steps_to": int(g.loc[g[metric] >= fraction * best, "steps"].min()),
+                     "steps_run": int(g["steps"].max())})
+    return pd.DataFrame(runs, columns=["task", "init", "train_size", "seed", "best", "steps_to", "steps_run"])
+
+
 def efficiency_table(curves: pd.DataFrame, fraction: float = 0.95, metric: str = "val_mean_dice") -> pd.DataFrame:
     """Training efficiency per ``task, init, train_size``: how many optimizer steps each run needs to reach
     ``fraction`` of its own best validation Dice, and where it ends.
@@ -495,17 +509,8 @@ def efficiency_table(curves: pd.DataFrame, fraction: float = 0.95, metric: str =
         DataFrame ``task, init, train_size, n_seeds, best_mean, best_worst, steps_to_<pct>_mean,
         steps_to_<pct>_max, steps_run_mean``.
     """
-    import pandas as pd
-
     pct = int(round(100 * fraction))
-    runs = []
-    for (task, init, size, seed), g in curves.groupby(["task", "init", "train_size", "seed"], sort=False):
-        g = g.sort_values("steps")
-        best = float(g[metric].max())
-        reached = g.loc[g[metric] >= fraction * best, "steps"]
-        runs.append({"task": task, "init": init, "train_size": size, "seed": seed, "best": best,
-                     "steps_to": int(reached.iloc[0]), "steps_run": int(g["steps"].max())})
-    per_run = pd.DataFrame(runs, columns=["task", "init", "train_size", "seed", "best", "steps_to", "steps_run"])
+    per_run = _run_efficiency(curves, fraction, metric)
     out = per_run.groupby(["task", "init", "train_size"], sort=False).agg(
         n_seeds=("seed", "count"), best_mean=("best", "mean"), best_worst=("best", "min"),
         **{f"steps_to_{pct}_mean": ("steps_to", "mean"), f"steps_to_{pct}_max": ("steps_to", "max")},
@@ -528,12 +533,7 @@ def efficiency_pairs(curves: pd.DataFrame, reference: str = "scratch", fraction:
     from ..stats.paired import wilcoxon_signed_rank
 
     pct = int(round(100 * fraction))
-    runs = []
-    for (task, init, size, seed), g in curves.groupby(["task", "init", "train_size", "seed"], sort=False):
-        best = float(g[metric].max())
-        runs.append({"task": task, "init": init, "train_size": size, "seed": seed, "steps_run": int(g["steps"].max()),
-                     "steps_to": int(g.loc[g[metric] >= fraction * best, "steps"].min())})
-    per_run = pd.DataFrame(runs, columns=["task", "init", "train_size", "seed", "steps_to", "steps_run"])
+    per_run = _run_efficiency(curves, fraction, metric)
     rows = []
     for (task, size), g in per_run.groupby(["task", "train_size"], sort=False):
         ref = g[g["init"] == reference].set_index("seed")

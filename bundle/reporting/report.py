@@ -781,6 +781,14 @@ def crossval_conclusions(summary: pd.DataFrame, tests: pd.DataFrame | None = Non
     return out
 
 
+def _steps_phrase(diff: Any, unit: str) -> str:
+    """``-45`` -> ``"45.0 <unit> sooner than"``, ``+65`` -> ``"65.0 <unit> later than"``, ``0`` -> ``"as many <unit>
+    as"``."""
+    if _isnan(diff) or float(diff) == 0:
+        return f"as many {unit} as"
+    return f"{fmt_num(abs(float(diff)), 1)} {unit} {'sooner' if float(diff) < 0 else 'later'} than"
+
+
 def efficiency_pair_sentences(pairs: pd.DataFrame, labels: Mapping[str, str] | None = None,
                               alpha: float = 0.05) -> list[str]:
     """One sentence per row of :func:`bundle.reporting.analysis.efficiency_pairs`: how many fewer optimizer steps
@@ -793,15 +801,10 @@ def efficiency_pair_sentences(pairs: pd.DataFrame, labels: Mapping[str, str] | N
         a, b = _label(r["init"], labels), _label(r["reference"], labels)
         p = r["p_steps_to"]
         verdict = "significant" if not _isnan(p) and float(p) < alpha else "not significant"
-        def steps(value: Any) -> str:
-            if _isnan(value) or float(value) == 0:
-                return "as many optimizer steps as"
-            return f"{fmt_num(abs(float(value)), 1)} optimizer steps {'sooner' if float(value) < 0 else 'later'} than"
-
         out.append(f"Training efficiency on {r['task']} with {size_phrase(r['train_size'])}: {a} reaches {pct}% of "
-                   f"its best validation Dice {steps(r[col])} {b} (mean over {int(r['n'])} paired runs; sooner in "
-                   f"{int(r['n_fewer'])}; Wilcoxon p={fmt_p(p)}, {verdict}), and its runs end "
-                   f"{steps(r['steps_run_diff']).replace('optimizer steps ', 'steps ')} {b}'s "
+                   f"its best validation Dice {_steps_phrase(r[col], 'optimizer steps')} {b} (mean over "
+                   f"{int(r['n'])} paired runs; sooner in {int(r['n_fewer'])}; Wilcoxon p={fmt_p(p)}, {verdict}), "
+                   f"and its runs end {_steps_phrase(r['steps_run_diff'], 'steps')} {b}'s "
                    f"(p={fmt_p(r['p_steps_run'])}).")
     return out
 
@@ -809,10 +812,12 @@ def efficiency_pair_sentences(pairs: pd.DataFrame, labels: Mapping[str, str] | N
 def replicate_conclusions(table: pd.DataFrame, labels: Mapping[str, str] | None = None,
                           alpha: float = 0.05) -> list[str]:
     """The generated conclusions of the pre-training replicates (:func:`bundle.reporting.analysis.replicate_table`):
-    one sentence per task, size and comparison, with the replicate as the unit."""
+    one sentence per task, size and comparison with at least two replicates, the replicate as the unit."""
     labels = {**DEFAULT_LABELS, **dict(labels or {})}
     out = []
     for r in table[table["replicate"].astype(str) == "all"].to_dict("records"):
+        if int(r["n"]) < 2:  # one replicate: nothing to say across replicates
+            continue
         a, b = _label(r["a"], labels), _label(r["b"], labels)
         p_holm = r.get("p_holm", float("nan"))
         if not _isnan(p_holm) and float(p_holm) < alpha:
@@ -859,8 +864,7 @@ def _studies_section(crossval_dirs: Sequence[PathLike], replicates_dirs: Sequenc
         if reps is not None and len(reps):
             sec.blocks.append(Table(f"crossval_replicates_{k}", reps, "Cross-validation with several pre-trainings "
                                     "(the pre-training as the unit)", _p_formats()))
-            sec.blocks += [Text(t, conclusion=True) for t in replicate_conclusions(reps, labels, alpha)
-                           if not t.startswith("Across 1 ")]
+            sec.blocks += [Text(t, conclusion=True) for t in replicate_conclusions(reps, labels, alpha)]
     for k, folder in enumerate(replicates_dirs):
         table = _read_csv(os.path.join(folder, "replicates.csv"), dtype={"train_size": str, "replicate": str})
         if table is None or table.empty:
