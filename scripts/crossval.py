@@ -20,9 +20,11 @@ pre-training of ``<models_dir>`` (default ``<bundle>/models``), which every fold
 ``fold<k>/models`` (its checkpoints; ``pretrain`` links to ``<models_dir>/pretrain``). Writes
 ``crossval_per_image.csv`` (every run's per-image test Dice with its ``fold``), ``crossval.csv`` (per init: the mean
 over all images, the worst seed, the lowest and highest fold), ``crossval_tests.csv`` (paired tests against
-scratch), ``crossval_efficiency.csv`` (optimizer steps to 95% of each run's best validation Dice) with its paired
-tests ``crossval_efficiency_tests.csv``, and ``crossval.md``; with ``--pretrain_replicates``, the same folds for
-each further pre-training under ``rep<label>/`` and ``crossval_replicates.csv`` (the pre-training as the unit). Finished runs are skipped, so an interrupted call resumes.
+scratch), ``crossval_controls.csv`` (with a pre-training control in ``--inits``, e.g. ``doll_shuffled``: the DoLL
+against each control and scratch), ``crossval_efficiency.csv`` (optimizer steps to 95% of each run's best validation
+Dice) with its paired tests ``crossval_efficiency_tests.csv``, and ``crossval.md``; with ``--pretrain_replicates``,
+the same folds for each further pre-training under ``rep<label>/`` and ``crossval_replicates.csv`` (the pre-training
+as the unit). Finished runs are skipped, so an interrupted call resumes.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bundle.data.splits import crossval_datalist  # noqa: E402
-from bundle.reporting.analysis import crossval_table, efficiency_pairs, efficiency_table  # noqa: E402
+from bundle.reporting.analysis import (  # noqa: E402
+    CONTROL_INITS, controls_table, crossval_table, efficiency_pairs, efficiency_table)
 from bundle.tasks import task_spec  # noqa: E402
 from bundle.utils import BundleInputError, atomic_write_json, atomic_write_text  # noqa: E402
 from scripts.processes import say  # noqa: E402
@@ -101,14 +104,34 @@ def link_pretrainings(models_dir: str | Path, fold_models: str | Path) -> None:
 
 def crossval_efficiency(curves: Any) -> tuple[Any, Any]:
     """Training efficiency of the folds' validation curves, every fold and seed one run: per init
-    (:func:`bundle.reporting.analysis.efficiency_table`) and each init against scratch paired by fold and seed
-    (:func:`bundle.reporting.analysis.efficiency_pairs`); empty frames when no run has a curve."""
+    (:func:`bundle.reporting.analysis.efficiency_table`), each init against scratch paired by fold and seed, and the
+    DoLL init against each pre-training control of the grid (``doll_shuffled`` ...: is a faster start the DoLL's or
+    any pre-training's?) (:func:`bundle.reporting.analysis.efficiency_pairs`); empty frames when no run has a curve."""
     import pandas as pd
 
     if curves.empty or "steps" not in curves.columns:
         return pd.DataFrame(), pd.DataFrame()
     runs = curves.assign(seed=curves["fold"].astype(str) + ":" + curves["seed"].astype(str))
-    return efficiency_table(runs).rename(columns={"n_seeds": "n_runs"}), efficiency_pairs(runs)
+    present = set(runs["init"].astype(str))
+    pairs = [efficiency_pairs(runs)]
+    if "doll" in present:
+        pairs += [efficiency_pairs(runs[runs["init"].astype(str).isin(["doll", control])], reference=control)
+                  for control in CONTROL_INITS if control != "scratch" and control in present]
+    return (efficiency_table(runs).rename(columns={"n_seeds": "n_runs"}),
+            pd.concat([p for p in pairs if len(p)] or [pairs[0]], ignore_index=True))
+
+
+def crossval_controls(frame: Any) -> Any:
+    """The DoLL init against each pre-training control of the grid (shuffled DoLL, Grad-CAM or single-classifier
+    labels, true lesions) and scratch, the images as the paired units
+    (:func:`bundle.reporting.analysis.controls_table`, Holm over the table); an empty frame when the grid has no
+    control other than scratch (:func:`bundle.reporting.analysis.crossval_table` already tests against scratch)."""
+    import pandas as pd
+
+    present = set(frame["init"].astype(str)) if len(frame) else set()
+    if "doll" not in present or not present & (set(CONTROL_INITS) - {"scratch"}):
+        return pd.DataFrame()
+    return controls_table(frame.assign(train_size=frame["train_size"].astype(str)))
 
 
 def _run_folds(root_path: Path, data: Path, models: Path, task: str, folds: int, grid: Mapping[str, Any],
@@ -183,21 +206,31 @@ def run_crossval(task: str = "real_lungs", folds: int = 4, inits: Any = ("doll",
         atomic_write_text(str(root_path / "crossval_replicates_per_image.csv"), pd.concat(
             [f.assign(replicate=label) for label, f in by_rep.items()], ignore_index=True).to_csv(index=False))
     summary, tests = crossval_table(frame)
+    controls = crossval_controls(frame)
     efficiency, pairs = crossval_efficiency(curves)
     atomic_write_text(str(root_path / "crossval_efficiency.csv"), efficiency.to_csv(index=False))
     atomic_write_text(str(root_path / "crossval_efficiency_tests.csv"), pairs.to_csv(index=False))
     atomic_write_text(str(root_path / "crossval_per_image.csv"), frame.to_csv(index=False))
     atomic_write_text(str(root_path / "crossval.csv"), summary.to_csv(index=False))
     atomic_write_text(str(root_path / "crossval_tests.csv"), tests.to_csv(index=False))
+    if len(controls):
+        atomic_write_text(str(root_path / "crossval_controls.csv"), controls.to_csv(index=False))
+    else:  # the tables describe the grid of this call: no control table of an earlier grid is left beside them
+        (root_path / "crossval_controls.csv").unlink(missing_ok=True)
     text = [f"# Cross-validation by patient: {task}, {folds} folds\n", _markdown(summary)]
     if not tests.empty:
         text += ["\nPaired tests (images as units, each image's Dice averaged over seeds):\n",
                  _markdown(tests.drop(columns=["wilcoxon_stat", "significant"], errors="ignore"))]
+    if len(controls):
+        text += ["\nThe DoLL against each pre-training control (images as units, each image's Dice averaged over "
+                 "seeds; Holm over the table):\n", _markdown(controls.drop(
+                     columns=["wilcoxon_stat", "significant", "conclusion", "unit", "confidence"], errors="ignore"))]
     if not efficiency.empty:
         text += ["\nTraining efficiency (each fold and seed is a run; steps of 8 images to 95% of the run's best "
                  "validation Dice):\n", _markdown(efficiency)]
     if not pairs.empty:
-        text += ["\nPaired by fold and seed against scratch (Wilcoxon signed-rank over the runs):\n", _markdown(pairs)]
+        text += ["\nPaired by fold and seed against scratch and the DoLL against each control (Wilcoxon signed-rank "
+                 "over the runs):\n", _markdown(pairs)]
     if replicates:
         text += ["\nPre-training replicates (the pre-training as the unit; per replicate a Wilcoxon test over the "
                  "images, across replicates a one-sample t-test):\n", _markdown(table)]

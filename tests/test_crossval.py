@@ -158,6 +158,58 @@ def test_run_crossval_writes_the_folds_and_pools_the_finished_runs(tmp_path):
                      collect_only=True)
 
 
+def test_run_crossval_tests_the_doll_against_its_controls_and_the_report_says_so(tmp_path):
+    """With a pre-training control in the grid (``doll_shuffled``) the cross-validation tests the DoLL against it
+    over every image and pairs the training efficiency against it by fold and seed; the report's studies section shows
+    the table and the controls' conclusion; a later grid without the control leaves no stale table."""
+    from bundle.reporting.report import build_report
+
+    data_root, models, root = tmp_path / "data", tmp_path / "models", tmp_path / "eval" / "crossval" / "real_lungs"
+    items = _write_datalist(data_root)
+    inits = ["doll", "doll_shuffled", "scratch"]
+    run_crossval(folds=2, inits=inits, seeds=[0], root=str(root), data_root=str(data_root), models_dir=str(models),
+                 collect_only=True)
+    # per image: DoLL 0.95, shuffled 0.95 - 0.002 * i (below on every image but the first), scratch 0.90;
+    # steps to the best validation Dice: DoLL 15, shuffled 45, scratch 45
+    for k in range(2):
+        tests = json.loads((root / f"fold{k}" / "datalist.json").read_text())["test"]
+        for init in inits:
+            out = root / f"fold{k}" / "eval" / "segmentation" / run_name("real_lungs", init, "all", 0)
+            out.mkdir(parents=True)
+            rows = []
+            for it in tests:
+                i = next(n for n, x in enumerate(items) if x["image"] == it["image"])
+                dice = {"doll": 0.95, "doll_shuffled": 0.95 - 0.002 * i, "scratch": 0.90}[init]
+                rows.append({"task": "real_lungs", "init": init, "train_size": "all", "seed": 0, "mode": "full",
+                             "split": "test", "n_train": 3, "image": Path(it["image"]).stem, "structure": "lungs",
+                             "dice": dice})
+            pd.DataFrame(rows).to_csv(out / "metrics_test.csv", index=False)
+            reach = 15 if init == "doll" else 45
+            pd.DataFrame([{"stage": "finetune", "task": "real_lungs", "init": init, "train_size": "all", "seed": 0,
+                           "mode": "full", "arch": "segresnet", "epoch": e, "steps": 15 * e,
+                           "val_mean_dice": 0.9 if 15 * e >= reach else 0.3} for e in (1, 2, 3)]
+                         ).to_csv(out / "val_curve.csv", index=False)
+    run_crossval(folds=2, inits=inits, seeds=[0], root=str(root), data_root=str(data_root), models_dir=str(models),
+                 collect_only=True)
+    controls = pd.read_csv(root / "crossval_controls.csv").set_index("reference")
+    diffs = [0.002 * i for i in range(len(items))]
+    assert controls.loc["doll_shuffled", "n"] == len(items)
+    assert controls.loc["doll_shuffled", "mean_diff"] == pytest.approx(np.mean(diffs))
+    assert controls.loc["doll_shuffled", "p_value"] == pytest.approx(stats.wilcoxon(diffs[1:]).pvalue)
+    assert controls.loc["scratch", "mean_diff"] == pytest.approx(0.05)
+    pairs = pd.read_csv(root / "crossval_efficiency_tests.csv").set_index(["init", "reference"])
+    assert pairs.loc[("doll", "doll_shuffled"), "steps_to_95_diff"] == -30.0
+    assert pairs.loc[("doll_shuffled", "scratch"), "steps_to_95_diff"] == 0.0
+    assert "pre-training control" in (root / "crossval.md").read_text()
+    res = build_report(tmp_path / "report", packages=("numpy",), crossval_dirs=[root])
+    text = "\n".join(res["conclusions"])
+    assert "On real_lungs with all labelled images, the DoLL's gain over no pre-training (+0.0500 mean Dice)" in text
+    assert "DoLL-init reaches 95% of its best validation Dice 30.0 optimizer steps sooner than shuffled-DoLL" in text
+    run_crossval(folds=2, inits=["doll", "scratch"], seeds=[0], root=str(root), data_root=str(data_root),
+                 models_dir=str(models), collect_only=True)
+    assert not (root / "crossval_controls.csv").exists()
+
+
 def test_run_crossval_names_a_missing_datalist(tmp_path):
     with pytest.raises(Exception, match="real_lungs.json.*datalist not found"):
         run_crossval(root=str(tmp_path / "cv"), data_root=str(tmp_path / "nodata"), collect_only=True)

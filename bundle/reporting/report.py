@@ -855,6 +855,16 @@ def _studies_section(crossval_dirs: Sequence[PathLike], replicates_dirs: Sequenc
             sec.blocks.append(Table(f"crossval_tests_{k}", tests[[c for c in shown if c in tests.columns]],
                                     "Paired tests over every image (Wilcoxon signed-rank, Holm)", _p_formats()))
         sec.blocks += [Text(t, conclusion=True) for t in crossval_conclusions(summary, tests, labels, alpha)]
+        controls = _read_csv(os.path.join(folder, "crossval_controls.csv"), dtype={"train_size": str})
+        if controls is not None and len(controls):
+            shown = ["task", "train_size", "init", "reference", "n", "mean_init", "mean_reference", "mean_diff",
+                     "ci_low", "ci_high", "p_value", "p_holm", "significant"]
+            sec.blocks.append(Table(f"crossval_controls_{k}", sort_by_size(
+                controls[[c for c in shown if c in controls.columns]], ["task", "train_size", "reference"]),
+                "Cross-validation: the DoLL init minus each pre-training control over every image (Wilcoxon "
+                "signed-rank, Holm over the table)", _p_formats()))
+            sec.blocks.append(Text(ONE_PRETRAINING_CAVEAT))
+            sec.blocks += [Text(t, conclusion=True) for t in controls_conclusions(controls, labels, alpha)]
         pairs = _read_csv(os.path.join(folder, "crossval_efficiency_tests.csv"), dtype={"train_size": str})
         if pairs is not None and len(pairs):
             sec.blocks.append(Table(f"crossval_efficiency_{k}", pairs, "Training efficiency, paired by fold and seed "
