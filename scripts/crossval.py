@@ -13,6 +13,8 @@ images as the paired units (:func:`bundle.reporting.analysis.crossval_table`).
     python scripts/crossval.py --folds 5 --seeds 0,1,2,3,4 --set "{'seg_arch': 'unet'}"
     python scripts/crossval.py --collect_only                   # the tables of the runs finished so far
     python scripts/crossval.py --sizes "[4]" --pretrain_replicates "{1: 'eval/replicates/rep1/models', 2: ...}"
+    python scripts/crossval.py --inits "[doll,doll_shuffled,scratch]"   # with the shuffled-DoLL control (its
+                                                                        # pre-training in <models_dir>/pretrain)
 
 Reads ``<data_root>/datalists/<task's datalist>`` (a pipeline run's data, default ``<bundle>/data``) and the DoLL
 pre-training of ``<models_dir>`` (default ``<bundle>/models``), which every fold shares. Layout under ``--root``
