@@ -687,6 +687,11 @@ def _statistics_section(analysis_dir: str, status: Mapping[str, str], labels: Ma
 
 
 #: What the controls' paired tests do not cover, said under the controls table of every report.
+#: the columns of :func:`bundle.reporting.analysis.controls_table` the report shows (the controls section and the
+#: cross-validation's controls table)
+CONTROLS_COLUMNS: tuple[str, ...] = ("task", "train_size", "init", "reference", "n", "mean_init", "mean_reference",
+                                     "mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "cohens_dz", "significant")
+
 ONE_PRETRAINING_CAVEAT = (
     "Each init is one pre-training (one network initialisation, augmentation draw and, for the shuffled control, one "
     "permutation), so these tests hold the pre-training draw fixed: a significant difference is shown for these "
@@ -753,9 +758,7 @@ def _controls_section(analysis_dir: str, status: Mapping[str, str], labels: Mapp
     fig = os.path.join(analysis_dir, "controls.png")
     if os.path.isfile(fig):
         sec.blocks.append(FigureBlock("controls", fig, "Mean test Dice per init and training size (95% CI)"))
-    shown = ["task", "train_size", "init", "reference", "n", "mean_init", "mean_reference", "mean_diff", "ci_low",
-             "ci_high", "p_value", "p_holm", "cohens_dz", "significant"]
-    sec.blocks.append(Table("controls", table[[c for c in shown if c in table.columns]],
+    sec.blocks.append(Table("controls", table[[c for c in CONTROLS_COLUMNS if c in table.columns]],
                             "DoLL-init minus each control per task and training size", _p_formats()))
     sec.blocks.append(Text(ONE_PRETRAINING_CAVEAT))
     sec.blocks += [Text(t, conclusion=True) for t in controls_conclusions(table, labels, alpha)]
@@ -857,10 +860,8 @@ def _studies_section(crossval_dirs: Sequence[PathLike], replicates_dirs: Sequenc
         sec.blocks += [Text(t, conclusion=True) for t in crossval_conclusions(summary, tests, labels, alpha)]
         controls = _read_csv(os.path.join(folder, "crossval_controls.csv"), dtype={"train_size": str})
         if controls is not None and len(controls):
-            shown = ["task", "train_size", "init", "reference", "n", "mean_init", "mean_reference", "mean_diff",
-                     "ci_low", "ci_high", "p_value", "p_holm", "significant"]
             sec.blocks.append(Table(f"crossval_controls_{k}", sort_by_size(
-                controls[[c for c in shown if c in controls.columns]], ["task", "train_size", "reference"]),
+                controls[[c for c in CONTROLS_COLUMNS if c in controls.columns]], ["task", "train_size", "reference"]),
                 "Cross-validation: the DoLL init minus each pre-training control over every image (Wilcoxon "
                 "signed-rank, Holm over the table)", _p_formats()))
             sec.blocks.append(Text(ONE_PRETRAINING_CAVEAT))
