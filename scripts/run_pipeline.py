@@ -200,8 +200,10 @@ class Pipeline:
                             threads=threads_for(nproc), launcher=launcher)
         else:
             self.bundle_run("doll_generate", ["generate_doll.yaml"], overrides)
-        if self.datalist_info("chexpert").get("source") == "real":  # real CheXpert has no true lesion masks
-            say("[pipeline] doll_quality: skipped (real CheXpert: no true lesion masks to score DoLL against)")
+        info = self.datalist_info("chexpert")
+        if info.get("source") == "real" and not info.get("with_lesion"):  # no phantom lesions, no CheXlocalize
+            say("[pipeline] doll_quality: skipped (real CheXpert without lesion masks to score the DoLL against: "
+                "give CheXlocalize's segmentations as chexpert.localize in the data file)")
             return
         quality = {**overrides, **(self.settings["overrides"].get("doll_quality") or {})}
         self.bundle_run("doll_quality", ["generate_doll.yaml", "evaluate_doll.yaml"], quality)

@@ -1,7 +1,8 @@
 """Small datasets in the exact on-disk formats users download (for the adapter tests and the end-to-end ``--data``
 run): JSRT ``.IMG`` (headerless 12-bit big-endian, values growing toward black) with SCR GIF masks at half the
 image's size under the archive's ``scratch/fold<k>/masks/<structure>/`` folders, QaTa-COV19-v2, COVID-QU-Ex's
-``Infection Segmentation Data`` and a CheXpert-v1.0-small tree. The pictures are simple chest-like drawings whose
+``Infection Segmentation Data``, a CheXpert-v1.0-small tree and CheXlocalize's ``gt_segmentations_val.json`` for it
+(COCO RLE by pycocotools, as the release was written). The pictures are simple chest-like drawings whose
 masks agree with them (lungs dark, heart and clavicles bright), so a few training steps have something to learn.
 
 As a script, writes every dataset and a data file for ``scripts/run_pipeline.py --data``::
@@ -161,9 +162,62 @@ def make_chexpert_small(root: Path, n_train: int = 16, n_valid: int = 8, side: i
     return top
 
 
+#: The 10 observations CheXlocalize segments, as its release names them (README of rajpurkarlab/cheXlocalize).
+CHEXLOCALIZE_TASKS: tuple[str, ...] = ("Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Lesion", "Lung Opacity",
+                                       "Edema", "Consolidation", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+                                       "Support Devices")
+
+
+def coco_rle(mask: np.ndarray) -> dict[str, object]:
+    """``{"size": [h, w], "counts": str}``: pycocotools' compressed RLE, as CheXlocalize's JSON stores it."""
+    from pycocotools import mask as coco_mask
+
+    enc = coco_mask.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"size": [int(v) for v in enc["size"]], "counts": enc["counts"].decode("ascii")}
+
+
+def chexlocalize_mask(task: str, shape: Sequence[int], k: int) -> np.ndarray:
+    """A disc for ``task`` on radiograph ``k``: placed by the task, so each observation's mask is somewhere else."""
+    h, w = shape
+    j = CHEXLOCALIZE_TASKS.index(task)
+    yy, xx = np.mgrid[:h, :w]
+    cy, cx = h * (0.25 + 0.5 * ((j + k) % 3) / 2), w * (0.25 + 0.5 * (j % 4) / 3)
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= (min(h, w) * (0.08 + 0.02 * (j % 3))) ** 2
+
+
+def make_chexlocalize(dataset_dir: Path, out: Path, scale: int = 2, lateral: bool = True) -> Path:
+    """``out/gt_segmentations_val.json`` for the ``valid.csv`` of a :func:`make_chexpert_small` tree, in the release's
+    format: every radiograph, all 10 tasks, an RLE at the full-size image's size (``scale`` x the small image's, as
+    CheXpert-v1.0 is to CheXpert-v1.0-small), non-empty exactly where the label is positive; plus (``lateral``) one
+    lateral view that the frontal-only datalist does not hold. Returns the JSON path."""
+    import json
+
+    from PIL import Image
+
+    gt: dict[str, dict[str, object]] = {}
+    with open(dataset_dir / "valid.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for k, row in enumerate(rows):
+        rel = Path(row["Path"])
+        with Image.open(dataset_dir.parent / rel) as im:
+            w, h = im.size
+        shape = (h * scale, w * scale)
+        cxr_id = "_".join(rel.with_suffix("").parts[-3:])
+        gt[cxr_id] = {t: coco_rle(chexlocalize_mask(t, shape, k) if row[t] == "1.0" else np.zeros(shape, bool))
+                      for t in CHEXLOCALIZE_TASKS}
+    if lateral:
+        first = next(iter(gt))
+        gt[first.replace("view1_frontal", "view2_lateral")] = dict(gt[first])
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gt_segmentations_val.json"
+    path.write_text(json.dumps(gt))
+    return path
+
+
 def make_all(out: Path, chexpert: bool = True) -> Path:
     """Every dataset the end-to-end ``--data`` run uses, under ``out``, and its data file ``out/data.yaml`` (JSRT/SCR
-    as two folders, QaTa-COV19-v2 by its folder, CheXpert-v1.0-small by its parent); returns the data file."""
+    as two folders, QaTa-COV19-v2 by its folder, CheXpert-v1.0-small by its parent with CheXlocalize's segmentations
+    of its valid.csv by their folder); returns the data file."""
     import yaml
 
     scr = make_jsrt_scr(out / "jsrt_scr")
@@ -171,8 +225,9 @@ def make_all(out: Path, chexpert: bool = True) -> Path:
     spec: dict[str, object] = {"jsrt_scr": {"images": str(scr["images"]), "masks": str(scr["masks"])},
                                "qata": str(qata)}
     if chexpert:
-        make_chexpert_small(out / "chexpert")
-        spec["chexpert"] = str(out / "chexpert")
+        top = make_chexpert_small(out / "chexpert")
+        spec["chexpert"] = {"root": str(out / "chexpert"),
+                            "localize": str(make_chexlocalize(top, out / "chexlocalize").parent)}
     path = out / "data.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

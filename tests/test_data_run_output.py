@@ -1,8 +1,9 @@
 """Checks of a finished ``--data`` pipeline run (CI: after ``python tests/data_formats.py quick/real-formats`` and
 ``bash scripts/main.sh --quick --data quick/real-formats/data.yaml``, with CXR_DOLL_PIPELINE_ROOT=quick): the run on
-the tests' trees in the real formats (JSRT ``.IMG`` + SCR GIF at half size, QaTa-COV19-v2, CheXpert-v1.0-small)
-reached the report, the report and MLflow say the data were real, no phantom was drawn; and a malformed or missing
-file stops the data stage with the file named and no datalist written. Skipped when no such run is there.
+the tests' trees in the real formats (JSRT ``.IMG`` + SCR GIF at half size, QaTa-COV19-v2, CheXpert-v1.0-small with
+CheXlocalize's segmentations) reached the report, the DoLL was scored against CheXlocalize, the report and MLflow say
+the data were real, no phantom was drawn; and a malformed or missing file stops the data stage with the file named
+and no datalist written. Skipped when no such run is there.
 """
 
 from __future__ import annotations
@@ -55,6 +56,20 @@ def test_every_real_task_was_trained_and_evaluated():
     assert {"scr", "infection"} <= set(sweep["task"])
     scr = sweep[sweep["task"] == "scr"]
     assert set(scr["structure"]) == {"lungs", "heart", "clavicles"} and scr["dice"].notna().all()
+
+
+def test_the_doll_was_scored_against_chexlocalize():
+    """CheXlocalize's masks of valid.csv (the data file's chexpert.localize) made the DoLL quality stage run on real
+    CheXpert: every scored image is a valid.csv radiograph, the summary names the judge, the report says so."""
+    quality = RUN / "eval" / "doll_quality"
+    rows = pd.read_csv(quality / "rows.csv")
+    summary = pd.read_csv(quality / "summary.csv")
+    assert len(rows) and rows["image"].str.contains("/CheXpert-v1.0-small/valid/").all()
+    assert set(summary["judge"]) == {"CheXlocalize"}
+    assert set(rows["observation"]) <= {"Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
+                                        "Edema", "Consolidation", "Atelectasis", "Pneumothorax", "Pleural Effusion",
+                                        "Support Devices"}
+    assert "segmentations of real CheXpert radiographs" in REPORT.read_text()
 
 
 def test_mlflow_records_the_sources():

@@ -15,6 +15,8 @@ from typing import Any
 
 from ..constants import OBSERVATIONS, SCR_STRUCTURES
 from ..utils import BundleInputError, PathLike, atomic_write_json, load_json
+from .chexlocalize import (LESION_SOURCE, CheXlocalize, attach_chexlocalize, cxr_key, read_chexlocalize,
+                           write_chexlocalize_masks)
 from .chexpert import chexpert_datalist
 from .segsets import COVID_QU_EX_CLASSES, covid_qu_ex_datalist, folder_datalist, qata_datalist, scr_datalist
 from .splits import subsample
@@ -28,6 +30,8 @@ DATALIST_SECTIONS: tuple[str, ...] = ("training", "validation", "test")
 #: Datasets built by :func:`build_all_datalists`: name -> output file name.
 DATALIST_FILES: dict[str, str] = {"chexpert": "chexpert.json", "scr": "scr.json", "qata": "qata.json",
                                   "real_lungs": "real_lungs.json"}
+#: Folder (under the datalists' folder) of the lesion masks converted from CheXlocalize.
+CHEXLOCALIZE_DIR = "chexlocalize"
 
 
 def write_datalist(
@@ -193,6 +197,7 @@ def build_all_datalists(
     built: dict[str, tuple[dict[str, list[dict[str, Any]]], dict[str, Any], dict[str, Any]]] = {}
     summary: dict[str, Any] = {}
     pre = dict((prebuilt or {}).get("built", {}))
+    lesion_writers: list[tuple[CheXlocalize, list[tuple[str, str, str]]]] = list((prebuilt or {}).get("lesion_writers", []))
     for name in DATALIST_FILES:
         if only is not None and name not in only:
             continue
@@ -217,6 +222,11 @@ def build_all_datalists(
                                             on_error=on_error)
             meta = {"name": "CheXpert", "labels": list(OBSERVATIONS),
                     "description": "CheXpert classification: train.csv split by patient, valid.csv as test"}
+            if spec.get("localize"):  # radiologists' lesion masks (CheXlocalize): written with the datalists
+                gt = read_chexlocalize(spec["localize"])
+                s["chexlocalize"] = attach_chexlocalize(datalist, gt, datalist_dir / CHEXLOCALIZE_DIR)
+                matched = {cxr_key(it["image"]) for v in datalist.values() for it in v if it.get("lesion")}
+                lesion_writers.append((gt, sorted(k for k in matched if k is not None)))
         elif name == "scr":
             if key:
                 datalist, s = scr_datalist(spec.get("root"), images_dir=spec.get("images"),
@@ -257,8 +267,17 @@ def build_all_datalists(
                          "patient_grouping": s.get("patient_grouping") or (s.get("train_set") or {}).get(
                              "patient_grouping"),
                          "patients_moved": s.get("patients_moved", 0)}
+        if name == "chexpert":  # which items have lesion masks to score the DoLL against, and whose
+            lesions = {sec: sum(1 for it in items if it.get("lesion")) for sec, items in datalist.items()}
+            summary[name]["with_lesion"] = {sec: n for sec, n in lesions.items() if n}
+            summary[name]["lesion_source"] = LESION_SOURCE if "chexlocalize" in s else (
+                "phantom" if any(lesions.values()) else None)
     if not write:
-        return {**summary, "built": built}
+        return {**summary, "built": built, "lesion_writers": lesion_writers}
+    for gt, keys in lesion_writers:  # the lesion masks (of the matched radiographs) before the datalists naming them
+        n = write_chexlocalize_masks(gt, datalist_dir / CHEXLOCALIZE_DIR, keys)
+        logger.info("datalists: wrote %d CheXlocalize lesion masks from %s into %s", n, gt.path,
+                    datalist_dir / CHEXLOCALIZE_DIR)
     for name, (datalist, s, meta) in built.items():  # all good: write
         big = sum(len(v) for v in datalist.values()) > 20000
         path = write_datalist(datalist_dir / DATALIST_FILES[name], datalist, indent=None if big else 1,

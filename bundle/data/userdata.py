@@ -3,7 +3,8 @@ no real dataset replaces them, and the data stage's entry point :func:`prepare_d
 
 The data file is YAML; every key is optional, each one given replaces that phantom (the others stay phantom)::
 
-    chexpert: /data/CheXpert-v1.0-small         # or its parent, or the full-size CheXpert-v1.0
+    chexpert: /data/CheXpert-v1.0-small         # or its parent, or the full-size CheXpert-v1.0; or, to score the
+    # DoLL against radiologists: {root: /data/CheXpert-v1.0, localize: /data/CheXlocalize/gt_segmentations_val.json}
     jsrt_scr: /data/jsrt-scr                    # one root holding the JSRT images and the SCR masks, or:
     # jsrt_scr: {images: /data/All247images, masks: /data/scratch}
     qata: /data/QaTa-COV19-v2                   # the infection task; or, instead of qata:
@@ -14,6 +15,9 @@ Relative paths are taken from the data file's folder. Which datalist each key fe
 ``chexpert.json`` (classifiers, DoLL, pre-training), ``jsrt_scr`` -> ``scr.json`` (tasks scr, lungs, heart,
 clavicles), ``qata`` / ``covid_qu_ex`` -> ``qata.json`` (task infection; not both: COVID-QU-Ex's infection set
 holds QaTa's images), ``folder`` -> ``real_lungs.json`` (task real_lungs; replaces ``../shared/data/real-cxr-lungs``).
+``chexpert.localize`` (a CheXlocalize ``gt_segmentations_val.json``, or its folder) gives the CheXpert radiographs it
+covers radiologists' lesion masks (:mod:`bundle.data.chexlocalize`): the DoLL quality stage then scores the DoLL on
+real radiographs, where without it it is skipped (real CheXpert has no lesion masks of its own).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: Keys of the data file: key -> (the datalist it feeds, the keys its mapping form accepts, what it is).
 DATA_KEYS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "chexpert": ("chexpert", ("root",), "CheXpert (CheXpert-v1.0-small or CheXpert-v1.0)"),
+    "chexpert": ("chexpert", ("root", "localize"), "CheXpert (CheXpert-v1.0-small or CheXpert-v1.0), optionally "
+                 "with CheXlocalize's segmentations"),
     "jsrt_scr": ("scr", ("root", "images", "masks"), "JSRT images (.IMG or converted) with SCR masks"),
     "qata": ("qata", ("root",), "QaTa-COV19(-v2) infection masks"),
     "covid_qu_ex": ("qata", ("root", "classes"), "COVID-QU-Ex Infection Segmentation Data"),
@@ -40,6 +45,8 @@ DATA_KEYS: dict[str, tuple[str, tuple[str, ...], str]] = {
                "a plain images/ + masks/ + cases.csv folder"),
 }
 _PATH_FIELDS = ("root", "images", "masks")
+#: Fields that name a file, or a folder holding it (checked to exist here, read by their adapter).
+_FILE_FIELDS = ("localize",)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -105,6 +112,15 @@ def load_data_spec(source: PathLike | Mapping[str, Any] | None, base_dir: PathLi
                 p = p if p.is_absolute() else base / p
                 if not p.is_dir():
                     raise BundleInputError(p, f"folder not found (given as {key}.{field} in "
+                                              f"{where if where else 'the data spec'})")
+                entry[field] = str(p.resolve())
+            elif field in _FILE_FIELDS:
+                if not isinstance(v, (str, os.PathLike)) or not str(v).strip():
+                    raise BundleInputError(where, f"{key}.{field}: expected a file or folder path, got {v!r}")
+                p = Path(os.path.expanduser(str(v)))
+                p = p if p.is_absolute() else base / p
+                if not p.exists():
+                    raise BundleInputError(p, f"file or folder not found (given as {key}.{field} in "
                                               f"{where if where else 'the data spec'})")
                 entry[field] = str(p.resolve())
             elif field == "classes":

@@ -129,14 +129,19 @@ def _card_markdown(card: Mapping[str, Any]) -> str:
     lines += ["", "## Classifiers explained", ""]
     lines += [f"- {k}: {json.dumps(v)}" for k, v in card["classifiers"].items()] or ["- (not recorded)"]
     lines += ["", "## Recipe", "", "```json", json.dumps(card["recipe"], indent=2, default=str), "```", "",
-              "## Measured quality (IoU with the true lesions; phantom only: real data sets have none)", ""]
+              "## Measured quality", ""]
     overall = [r for r in card["quality"] if r.get("observation") == "all"]
     if overall:
+        judge = overall[0].get("judge") or "phantom"
+        lines += [("IoU with CheXlocalize's radiologist segmentations (real CheXpert radiographs)."
+                   if judge == "CheXlocalize" else f"IoU with the lesion masks ({judge}: the phantom's true lesions)."
+                   if judge == "phantom" else f"IoU with the lesion masks ({judge})."), ""]
         lines += ["| method | n | IoU | Dice | hit |", "|---|---|---|---|---|"]
         lines += [f"| {r['method']} | {int(r['n'])} | {r['iou']:.3f} | {r['dice']:.3f} | {r['hit']:.3f} |"
                   for r in overall]
     else:
-        lines.append("Not measured (no true lesion masks).")
+        lines.append("Not measured (no lesion masks: the phantom's true lesions, or CheXlocalize's segmentations for "
+                     "real CheXpert).")
     return "\n".join(lines) + "\n"
 
 

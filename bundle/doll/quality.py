@@ -31,6 +31,32 @@ logger = logging.getLogger(__name__)
 METHODS = ("doll", "ig_single", "gradcam")
 
 
+#: The splits searched for lesion masks when none is named, in order: the phantom's true lesions are scored on the
+#: held-apart validation split; CheXlocalize's radiologist masks cover CheXpert's ``valid.csv``, the ``test`` split.
+LESION_SPLITS: tuple[str, ...] = ("validation", "test")
+
+
+def lesion_items(datalist_path: str, split: str | None = None) -> list[dict]:
+    """The items of a classification datalist that have a ``lesion`` mask, from ``split`` or, when ``None``, from the
+    first of :data:`LESION_SPLITS` that has any (each item with its split name in ``"split"``).
+
+    Raises:
+        BundleInputError: when the split (or every split searched) has no item with a lesion mask.
+    """
+    from ..utils import BundleInputError, load_json
+
+    data = load_json(datalist_path)
+    for name in ([split] if split else LESION_SPLITS):
+        if name not in data:
+            raise BundleInputError(datalist_path, f"no split {name!r} (has {sorted(data)})")
+        items = [{**it, "split": name} for it in data[name] if it.get("lesion")]
+        if items:
+            return items
+    raise BundleInputError(datalist_path, f"no item with a lesion mask in {split or ' or '.join(LESION_SPLITS)}: the "
+                                          "DoLL quality needs the phantom's true lesions or CheXlocalize's masks "
+                                          "(chexpert.localize in the data file)")
+
+
 def _resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
     """A 2-D bit mask at ``size`` on the image's pixel grid (:func:`bundle.data.io.resize_mask`)."""
     return resize_mask(mask, size)
@@ -152,6 +178,12 @@ def save_panel(examples: Sequence[dict], path: str, methods: Sequence[str] = ("d
     return save_grid(tiles, titles, ncol, path)
 
 
+def lesion_judge(items: Sequence[dict]) -> str:
+    """Whose lesion masks the items carry: ``"phantom"`` (the generator's true lesions), ``"CheXlocalize"`` (the
+    radiologists' segmentations), or both names joined by ``+``."""
+    return "+".join(sorted({str(it.get("lesion_source") or "phantom") for it in items if it.get("lesion")})) or "none"
+
+
 def run_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess: Callable[[dict], dict],
                 gradcam_layer: str | None, out_dir: str, tolerance: int = 3, max_images: int | None = 200,
                 tracking_uri: str | None = None, experiment: str = "cxr_doll_doll") -> dict[str, Any]:
@@ -163,6 +195,9 @@ def run_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess: Cal
 
     rows, examples = evaluate_quality(items, generator, preprocess, gradcam_layer, tolerance, max_images)
     table = summarize(rows)
+    judge = lesion_judge(items)
+    for row in table:
+        row["judge"] = judge
     os.makedirs(out_dir, exist_ok=True)
     atomic_save(os.path.join(out_dir, "rows.csv"), lambda t: pd.DataFrame(rows).to_csv(t, index=False))
     atomic_save(os.path.join(out_dir, "summary.csv"), lambda t: pd.DataFrame(table).to_csv(t, index=False))
@@ -174,7 +209,7 @@ def run_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess: Cal
         from ..tracking import log_run
 
         log_run(tracking_uri, experiment, "quality", params={"n_images": len({r['image'] for r in rows}),
-                                                            "tolerance": tolerance},
+                                                            "tolerance": tolerance, "judge": judge},
                 metrics={**overall, **per_obs},
                 artifacts=[p for p in (os.path.join(out_dir, "summary.csv"), panel) if p], tags={"stage": "doll"})
     logger.info("DoLL quality: " + ", ".join(f"{k}={v:.3f}" for k, v in overall.items()))

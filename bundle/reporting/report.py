@@ -10,8 +10,8 @@ Sections (each says "not run" when its inputs are missing, so a partial pipeline
 1. Conclusions: sentences **computed** from the numbers below (:func:`comparison_sentence` and friends), never
    written in advance;
 2. the phantom data (montage);
-3. DoLL against the true lesions, beside Grad-CAM and single-classifier IG (``doll_quality/summary.csv``,
-   ``panel.png``);
+3. DoLL against the lesion masks (the phantom's true lesions or CheXlocalize's), beside Grad-CAM and
+   single-classifier IG (``doll_quality/summary.csv``, ``panel.png``);
 4. the classifiers' AUROC (``classifiers/*/metrics_test.json``);
 5. learning curves, Dice distributions, the statistics table and replicability (``analysis/``);
 6. the studies run beside the pipeline into its output folder, when there are any: cross-validation by patient
@@ -490,8 +490,15 @@ def _phantom_section(montage: PathLike | None) -> Section:
     return sec
 
 
+#: What the DoLL quality was scored against, by the ``judge`` column of ``doll_quality/summary.csv``.
+JUDGES: dict[str, str] = {
+    "phantom": "true lesions of the phantom",
+    "CheXlocalize": "CheXlocalize radiologists' segmentations of real CheXpert radiographs",
+}
+
+
 def _doll_section(doll_dir: PathLike | None) -> Section:
-    sec = Section("doll", "DoLL against the true lesions, Grad-CAM and single-classifier IG")
+    sec = Section("doll", "DoLL against the lesion masks, Grad-CAM and single-classifier IG")
     summary = _read_csv(os.path.join(doll_dir, "summary.csv")) if doll_dir else None
     if summary is None or summary.empty:
         return sec.not_run(f"no DoLL quality summary in {doll_dir}")
@@ -512,7 +519,10 @@ def _doll_section(doll_dir: PathLike | None) -> Section:
     if "n" in summary.columns:
         n = summary.groupby("observation")["n"].max()
         table.insert(1, "n", table["observation"].map(n).astype("Int64"))
-    sec.blocks.append(Table("doll_quality", table, "IoU with the true lesion masks per observation (DoLL: boosted IG "
+    judge = str(summary["judge"].dropna().iloc[0]) if "judge" in summary.columns and summary["judge"].notna().any() \
+        else "phantom"
+    truth = JUDGES.get(judge, f"lesion masks ({judge})")
+    sec.blocks.append(Table("doll_quality", table, f"IoU with the {truth} per observation (DoLL: boosted IG "
                                                    "of all classifiers; gradcam and ig_single: first classifier)"))
     if "all" in iou.index:
         overall = iou.loc["all"].dropna().sort_values(ascending=False)
@@ -521,7 +531,7 @@ def _doll_section(doll_dir: PathLike | None) -> Section:
         per_obs = iou.drop(index="all", errors="ignore").dropna(how="all")
         wins = int((per_obs.idxmax(axis=1) == "doll").sum()) if "doll" in per_obs.columns else 0
         sec.blocks.append(Text(
-            f"Mean IoU over observations (true lesions of the phantom): {ranking}; the best method is {best}"
+            f"Mean IoU over observations ({truth}): {ranking}; the best method is {best}"
             + (f"; DoLL has the highest IoU on {wins} of {len(per_obs)} observations." if "doll" in per_obs.columns
                else "."), conclusion=True))
     panel = os.path.join(doll_dir, "panel.png")
