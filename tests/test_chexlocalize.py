@@ -197,3 +197,17 @@ def test_the_report_names_what_the_doll_was_scored_against(tmp_path, judge, word
     caption = [b.caption for b in sec.blocks if isinstance(b, Table)]
     assert len(conclusion) == 1 and f"Mean IoU over observations ({words}" in conclusion[0]
     assert words in caption[0]
+
+
+def test_the_data_file_names_a_missing_chexlocalize_file(tmp_path):
+    from bundle.data.userdata import load_data_spec
+
+    make_chexpert_small(tmp_path / "chexpert", n_train=2, n_valid=1, side=16)
+    data_file = tmp_path / "data.yaml"
+    data_file.write_text("chexpert: {root: chexpert, localize: gt_segmentations_val.json}\n")
+    with pytest.raises(BundleInputError) as err:
+        load_data_spec(data_file)
+    assert str(tmp_path / "gt_segmentations_val.json") in str(err.value)
+    assert "file or folder not found (given as chexpert.localize in" in str(err.value)
+    (tmp_path / "gt_segmentations_val.json").write_text("{}")
+    assert load_data_spec(data_file)["chexpert"]["localize"] == str((tmp_path / "gt_segmentations_val.json").resolve())

@@ -60,6 +60,19 @@ def _read_yaml(path: Path) -> Any:
         raise BundleInputError(path, f"not valid YAML ({e})".replace("\n", " ")) from None
 
 
+def _resolve_path(value: Any, name: str, where: Path | None, base: Path, folder: bool) -> str:
+    """The absolute path of a data-file field (relative to ``base``), checked to exist: a folder, or (``folder``
+    false) a file or a folder."""
+    what = "folder" if folder else "file or folder"
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise BundleInputError(where, f"{name}: expected a {what} path, got {value!r}")
+    p = Path(os.path.expanduser(str(value)))
+    p = p if p.is_absolute() else base / p
+    if not (p.is_dir() if folder else p.exists()):
+        raise BundleInputError(p, f"{what} not found (given as {name} in {where if where else 'the data spec'})")
+    return str(p.resolve())
+
+
 def load_data_spec(source: PathLike | Mapping[str, Any] | None, base_dir: PathLike | None = None) -> dict[str, Any]:
     """Read and check the user's data file (see the module docstring); returns ``{key: {"root"|"images"|...:
     absolute path, ...}}`` with only the keys given (``{}`` for ``None`` or an empty string).
@@ -105,24 +118,8 @@ def load_data_spec(source: PathLike | Mapping[str, Any] | None, base_dir: PathLi
             raise BundleInputError(where, f"{key}: unknown field(s) {bad}; allowed: {list(fields)}")
         entry: dict[str, Any] = {}
         for field, v in value.items():
-            if field in _PATH_FIELDS:
-                if not isinstance(v, (str, os.PathLike)) or not str(v).strip():
-                    raise BundleInputError(where, f"{key}.{field}: expected a folder path, got {v!r}")
-                p = Path(os.path.expanduser(str(v)))
-                p = p if p.is_absolute() else base / p
-                if not p.is_dir():
-                    raise BundleInputError(p, f"folder not found (given as {key}.{field} in "
-                                              f"{where if where else 'the data spec'})")
-                entry[field] = str(p.resolve())
-            elif field in _FILE_FIELDS:
-                if not isinstance(v, (str, os.PathLike)) or not str(v).strip():
-                    raise BundleInputError(where, f"{key}.{field}: expected a file or folder path, got {v!r}")
-                p = Path(os.path.expanduser(str(v)))
-                p = p if p.is_absolute() else base / p
-                if not p.exists():
-                    raise BundleInputError(p, f"file or folder not found (given as {key}.{field} in "
-                                              f"{where if where else 'the data spec'})")
-                entry[field] = str(p.resolve())
+            if field in _PATH_FIELDS or field in _FILE_FIELDS:
+                entry[field] = _resolve_path(v, f"{key}.{field}", where, base, folder=field in _PATH_FIELDS)
             elif field == "classes":
                 if isinstance(v, str):
                     v = [v]
