@@ -395,6 +395,26 @@ def test_quality_scores_hand_computed_case():
     assert big.shape == (10, 10) and np.array_equal(big, truth)
 
 
+def test_quality_summary_by_hand_with_the_true_positive_slice():
+    """summarize: every true lesion counts (a lesion left empty scores 0) and, apart, the true-positive slice
+    (CheXlocalize's true_pos_only); the `all` row averages observations, an observation without any true positive
+    is left out of the slice's mean."""
+    from bundle.doll.quality import summarize
+
+    rows = [{"observation": "Edema", "method": "doll", "iou": 0.5, "dice": 0.6, "hit": 1.0, "predicted": 1},
+            {"observation": "Edema", "method": "doll", "iou": 0.0, "dice": 0.0, "hit": 0.0, "predicted": 0},
+            {"observation": "Edema", "method": "doll", "iou": 0.3, "dice": 0.4, "hit": 0.0, "predicted": 1},
+            {"observation": "Cardiomegaly", "method": "doll", "iou": 0.0, "dice": 0.0, "hit": 1.0, "predicted": 0}]
+    table = {r["observation"]: r for r in summarize(rows)}
+    assert list(table) == ["Cardiomegaly", "Edema", "all"]           # observation order, then the overall row
+    edema, cardio, overall = table["Edema"], table["Cardiomegaly"], table["all"]
+    assert edema["n"] == 3 and edema["iou"] == pytest.approx(0.8 / 3) and edema["hit"] == pytest.approx(1 / 3)
+    assert edema["n_tp"] == 2 and edema["iou_tp"] == pytest.approx(0.4) and edema["hit_tp"] == pytest.approx(0.5)
+    assert cardio["n_tp"] == 0 and cardio["iou_tp"] is None and cardio["hit_tp"] is None
+    assert overall["n"] == 4 and overall["iou"] == pytest.approx((0.8 / 3 + 0.0) / 2)
+    assert overall["n_tp"] == 2 and overall["iou_tp"] == pytest.approx(0.4) and overall["hit"] == pytest.approx(2 / 3)
+
+
 def test_quality_of_a_known_classifier(tmp_path):
     """Single classifier: DoLL equals single-classifier IG, and both find the bright patch (its true lesion)."""
     from bundle.data.io import encode_bitmask, save_png

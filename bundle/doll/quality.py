@@ -132,7 +132,8 @@ def evaluate_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess
                         pred = np.zeros(truth.shape, dtype=bool)
                     iou, dice, hit = _scores(pred, soft, truth, tolerance)
                     rows.append({"image": it["image"], "observation": names[c], "method": method, "iou": iou,
-                                 "dice": dice, "hit": hit, "target": int(c in row_targets)})
+                                 "dice": dice, "hit": hit, "target": int(c in row_targets),
+                                 "predicted": int(pred.any())})
                     preds[method] = pred
                 if c in row_targets and (c not in examples or truth.sum() > examples[c]["truth"].sum()):
                     examples[c] = {"observation": names[c], "image": images[i, 0].numpy(), "truth": truth, **preds}
@@ -141,22 +142,35 @@ def evaluate_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess
 
 
 def summarize(rows: Sequence[dict], names: Sequence[str] = OBSERVATIONS) -> list[dict]:
-    """Per observation and method: n, mean IoU, mean Dice, pointing-game hit rate; plus an ``all`` row per method
-    (mean over observations, each weighted equally)."""
+    """Per observation and method: n, mean IoU, mean Dice, pointing-game hit rate over every true lesion (a finding
+    the method left empty scores 0), and the same on the true-positive slice (``n_tp``, ``iou_tp``, ``hit_tp``: the
+    lesions the method drew a mask for, CheXlocalize's default ``true_pos_only`` evaluation, the one its published
+    Grad-CAM and radiologist figures use); plus an ``all`` row per method (mean over observations, each weighted
+    equally)."""
     import pandas as pd
 
     if not rows:
         return []
     df = pd.DataFrame(rows)
+    if "predicted" not in df.columns:
+        df["predicted"] = 1
+    tp = df[df["predicted"] > 0]
     table = df.groupby(["observation", "method"]).agg(n=("iou", "size"), iou=("iou", "mean"), dice=("dice", "mean"),
                                                       hit=("hit", "mean")).reset_index()
+    sliced = tp.groupby(["observation", "method"]).agg(n_tp=("iou", "size"), iou_tp=("iou", "mean"),
+                                                       hit_tp=("hit", "mean")).reset_index()
+    table = table.merge(sliced, on=["observation", "method"], how="left")
+    table["n_tp"] = table["n_tp"].fillna(0).astype(int)
     order = {n: i for i, n in enumerate(names)}
     table["order"] = table["observation"].map(order)
     table = table.sort_values(["order", "method"]).drop(columns="order")
     overall = table.groupby("method").agg(n=("n", "sum"), iou=("iou", "mean"), dice=("dice", "mean"),
-                                          hit=("hit", "mean")).reset_index()
+                                          hit=("hit", "mean"), n_tp=("n_tp", "sum"), iou_tp=("iou_tp", "mean"),
+                                          hit_tp=("hit_tp", "mean")).reset_index()
     overall.insert(0, "observation", "all")
-    return pd.concat([table, overall], ignore_index=True).to_dict(orient="records")
+    out = pd.concat([table, overall], ignore_index=True)
+    return [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+            for r in out.to_dict(orient="records")]
 
 
 def save_panel(examples: Sequence[dict], path: str, methods: Sequence[str] = ("doll", "gradcam", "ig_single")) -> str:
@@ -188,7 +202,7 @@ def run_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess: Cal
                 gradcam_layer: str | None, out_dir: str, tolerance: int = 3, max_images: int | None = 200,
                 tracking_uri: str | None = None, experiment: str = "cxr_doll_doll") -> dict[str, Any]:
     """Score, write ``rows.csv``, ``summary.csv``/``summary.json`` and ``panel.png`` into ``out_dir``, log to MLflow.
-    Returns the overall mean IoU / Dice / hit rate per method."""
+    Returns the overall mean IoU / Dice / hit rate per method (and on the true-positive slice, see :func:`summarize`)."""
     import pandas as pd
 
     from ..utils import atomic_save, atomic_write_json
@@ -203,7 +217,8 @@ def run_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess: Cal
     atomic_save(os.path.join(out_dir, "summary.csv"), lambda t: pd.DataFrame(table).to_csv(t, index=False))
     atomic_write_json(os.path.join(out_dir, "summary.json"), table)
     panel = save_panel(examples, os.path.join(out_dir, "panel.png")) if examples else None
-    overall = {f"{r['method']}_{m}": r[m] for r in table if r["observation"] == "all" for m in ("iou", "dice", "hit")}
+    overall = {f"{r['method']}_{m}": r[m] for r in table if r["observation"] == "all"
+               for m in ("iou", "dice", "hit", "iou_tp", "hit_tp") if r.get(m) is not None}
     per_obs = {f"{r['method']}_iou_{slug(r['observation'])}": r["iou"] for r in table if r["observation"] != "all"}
     if tracking_uri:
         from ..tracking import log_run

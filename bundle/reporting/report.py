@@ -534,6 +534,15 @@ def _doll_section(doll_dir: PathLike | None) -> Section:
             f"Mean IoU over observations ({truth}): {ranking}; the best method is {best}"
             + (f"; DoLL has the highest IoU on {wins} of {len(per_obs)} observations." if "doll" in per_obs.columns
                else "."), conclusion=True))
+    if "iou_tp" in summary.columns:
+        tp = summary[summary["observation"] == "all"].set_index("method").reindex(methods)
+        tp = tp[tp["iou_tp"].notna()]
+        if len(tp):
+            sec.blocks.append(Text(
+                "On the true-positive slice (the lesions each method drew a mask for: CheXlocalize's true_pos_only "
+                "evaluation, the one its published figures use), mean IoU / hit rate: "
+                + ", ".join(f"{m} {fmt_num(r['iou_tp'])} / {fmt_num(r['hit_tp'])} ({int(r['n_tp'])} lesions)"
+                            for m, r in tp.iterrows()) + "."))
     panel = os.path.join(doll_dir, "panel.png")
     if os.path.isfile(panel):
         sec.blocks.append(FigureBlock("doll_panel", panel, "Per observation: image, true lesion (green), then each "
