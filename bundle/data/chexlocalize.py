@@ -152,7 +152,8 @@ def parse_cxr_id(cxr_id: str) -> tuple[str, str, str] | None:
 
 
 def cxr_key(image_path: str) -> tuple[str, str, str] | None:
-    """``(patient, study, view)`` of a CheXpert image path (``.../patient64541/study1/view1_frontal.jpg``), or ``None``."""
+    """``(patient, study, view)`` of a CheXpert image path (``.../patient64541/study1/view1_frontal.jpg``), or
+    ``None``."""
     m = _PATH_RE.search(str(image_path))
     return (m.group(1), m.group(2), m.group(3)) if m else None
 

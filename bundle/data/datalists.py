@@ -197,7 +197,9 @@ def build_all_datalists(
     built: dict[str, tuple[dict[str, list[dict[str, Any]]], dict[str, Any], dict[str, Any]]] = {}
     summary: dict[str, Any] = {}
     pre = dict((prebuilt or {}).get("built", {}))
-    lesion_writers: list[tuple[CheXlocalize, list[tuple[str, str, str]]]] = list((prebuilt or {}).get("lesion_writers", []))
+    # CheXlocalize files read and checked, with the radiographs they give masks to: written with the datalists
+    lesion_writers: list[tuple[CheXlocalize, list[tuple[str, str, str]]]] = list(
+        (prebuilt or {}).get("lesion_writers", []))
     for name in DATALIST_FILES:
         if only is not None and name not in only:
             continue

@@ -202,7 +202,7 @@ def run_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess: Cal
                 gradcam_layer: str | None, out_dir: str, tolerance: int = 3, max_images: int | None = 200,
                 tracking_uri: str | None = None, experiment: str = "cxr_doll_doll") -> dict[str, Any]:
     """Score, write ``rows.csv``, ``summary.csv``/``summary.json`` and ``panel.png`` into ``out_dir``, log to MLflow.
-    Returns the overall mean IoU / Dice / hit rate per method (and on the true-positive slice, see :func:`summarize`)."""
+    Returns the overall mean IoU / Dice / hit rate per method (and on the true-positive slice: :func:`summarize`)."""
     import pandas as pd
 
     from ..utils import atomic_save, atomic_write_json
