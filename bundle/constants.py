@@ -50,3 +50,17 @@ def slug(name: str) -> str:
 IMAGE_SIZE: tuple[int, int] = (128, 128)
 #: Prefix of every stage's MLflow experiment name (``<prefix>_finetune``, ``<prefix>_doll``, ...).
 MLFLOW_EXPERIMENT_PREFIX: str = "cxr_doll"
+
+
+#: What the DoLL quality was scored against, by the ``judge`` of ``doll_quality/summary.csv``
+#: (:func:`bundle.doll.quality.lesion_judge`): the phantom's true lesions or CheXlocalize's radiologist masks.
+LESION_JUDGES: dict[str, str] = {
+    "phantom": "true lesions of the phantom",
+    "CheXlocalize": "CheXlocalize radiologists' segmentations of real CheXpert radiographs",
+}
+
+
+def judge_description(judge: str | None) -> str:
+    """The words for a DoLL-quality judge (``None``: the phantom, the judge before the column existed)."""
+    judge = judge or "phantom"
+    return LESION_JUDGES.get(judge, f"lesion masks ({judge})")

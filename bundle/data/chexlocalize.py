@@ -246,7 +246,7 @@ def read_chexlocalize(path: PathLike) -> CheXlocalize:
                 raise BundleInputError(gt_path, f"{cxr_id} / {task}: size {list(this)} differs from the radiograph's "
                                                 f"other masks ({list(size)})")
             size = this
-            if len(runs) > 1 and int(runs[1::2].sum()) > 0:  # a non-empty mask
+            if int(runs[1::2].sum()) > 0:  # a non-empty mask (the odd runs are foreground)
                 out.masks.setdefault(key, {}).setdefault(index[CHEXLOCALIZE_TASKS[task]], []).append(rle)
         if size is not None:
             out.sizes[key] = size
@@ -254,13 +254,15 @@ def read_chexlocalize(path: PathLike) -> CheXlocalize:
 
 
 def attach_chexlocalize(datalist: Mapping[str, list[dict[str, Any]]], gt: CheXlocalize,
-                        lesion_dir: PathLike) -> dict[str, Any]:
+                        lesion_dir: PathLike) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
     """Point the datalist items whose radiograph has a CheXlocalize mask at their lesion bit mask (``lesion``, a PNG
     under ``lesion_dir`` written by :func:`write_chexlocalize_masks`) and mark them (``lesion_source``).
 
-    Items are matched by ``patient/study/view`` in their image path. Returns a summary: the file, the radiographs in
-    it, the items matched per datalist section, the radiographs with masks that match no item (e.g. lateral views
-    under the frontal-only datalist, or images not downloaded), and the masks per observation."""
+    Items are matched by ``patient/study/view`` in their image path. Returns ``(summary, matched)``: the summary holds
+    the file, the radiographs in it, the items matched per datalist section, the radiographs with masks that match no
+    item (e.g. lateral views under the frontal-only datalist, or images not downloaded) and the masks per
+    observation; ``matched`` lists the radiographs given to items (the masks :func:`write_chexlocalize_masks` must
+    write)."""
     lesion_dir = Path(lesion_dir)
     matched: dict[str, int] = {}
     seen: set[tuple[str, str, str]] = set()
@@ -280,9 +282,10 @@ def attach_chexlocalize(datalist: Mapping[str, list[dict[str, Any]]], gt: CheXlo
     if not seen:
         raise BundleInputError(gt.path, "no radiograph of this CheXlocalize file is in the CheXpert datalist (its "
                                         "ids are patient/study/view of CheXpert's valid or test images)")
-    return {"file": gt.path, "radiographs": gt.radiographs, "with_masks": len(gt.masks), "matched": matched,
-            "unmatched": len(unmatched), "unmatched_examples": unmatched[:10], "masks_per_observation": gt.counts(),
-            "lesion_dir": str(lesion_dir)}
+    summary = {"file": gt.path, "radiographs": gt.radiographs, "with_masks": len(gt.masks), "matched": matched,
+               "unmatched": len(unmatched), "unmatched_examples": unmatched[:10],
+               "masks_per_observation": gt.counts(), "lesion_dir": str(lesion_dir)}
+    return summary, sorted(seen)
 
 
 def write_chexlocalize_masks(gt: CheXlocalize, lesion_dir: PathLike,

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..constants import OBSERVATIONS, SCR_STRUCTURES
 from ..utils import BundleInputError, PathLike, atomic_write_json, load_json
-from .chexlocalize import (LESION_SOURCE, CheXlocalize, attach_chexlocalize, cxr_key, read_chexlocalize,
+from .chexlocalize import (LESION_SOURCE, CheXlocalize, attach_chexlocalize, read_chexlocalize,
                            write_chexlocalize_masks)
 from .chexpert import chexpert_datalist
 from .segsets import COVID_QU_EX_CLASSES, covid_qu_ex_datalist, folder_datalist, qata_datalist, scr_datalist
@@ -226,9 +226,8 @@ def build_all_datalists(
                     "description": "CheXpert classification: train.csv split by patient, valid.csv as test"}
             if spec.get("localize"):  # radiologists' lesion masks (CheXlocalize): written with the datalists
                 gt = read_chexlocalize(spec["localize"])
-                s["chexlocalize"] = attach_chexlocalize(datalist, gt, datalist_dir / CHEXLOCALIZE_DIR)
-                matched = {cxr_key(it["image"]) for v in datalist.values() for it in v if it.get("lesion")}
-                lesion_writers.append((gt, sorted(k for k in matched if k is not None)))
+                s["chexlocalize"], matched = attach_chexlocalize(datalist, gt, datalist_dir / CHEXLOCALIZE_DIR)
+                lesion_writers.append((gt, matched))
         elif name == "scr":
             if key:
                 datalist, s = scr_datalist(spec.get("root"), images_dir=spec.get("images"),

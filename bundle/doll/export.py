@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..constants import OBSERVATIONS
+from ..constants import OBSERVATIONS, judge_description
 from ..utils import BundleInputError, PathLike, atomic_save, atomic_write_json, atomic_write_text, load_json
 
 
@@ -132,10 +132,7 @@ def _card_markdown(card: Mapping[str, Any]) -> str:
               "## Measured quality", ""]
     overall = [r for r in card["quality"] if r.get("observation") == "all"]
     if overall:
-        judge = overall[0].get("judge") or "phantom"
-        lines += [("IoU with CheXlocalize's radiologist segmentations (real CheXpert radiographs)."
-                   if judge == "CheXlocalize" else f"IoU with the lesion masks ({judge}: the phantom's true lesions)."
-                   if judge == "phantom" else f"IoU with the lesion masks ({judge})."), ""]
+        lines += [f"IoU with the {judge_description(overall[0].get('judge'))}.", ""]
         lines += ["| method | n | IoU | Dice | hit |", "|---|---|---|---|---|"]
         lines += [f"| {r['method']} | {int(r['n'])} | {r['iou']:.3f} | {r['dice']:.3f} | {r['hit']:.3f} |"
                   for r in overall]

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..constants import OBSERVATIONS, slug
+from ..constants import OBSERVATIONS, judge_description, slug
 from ..utils import PathLike, atomic_save, atomic_write_text
 from .plots import sort_by_size
 
@@ -490,13 +490,6 @@ def _phantom_section(montage: PathLike | None) -> Section:
     return sec
 
 
-#: What the DoLL quality was scored against, by the ``judge`` column of ``doll_quality/summary.csv``.
-JUDGES: dict[str, str] = {
-    "phantom": "true lesions of the phantom",
-    "CheXlocalize": "CheXlocalize radiologists' segmentations of real CheXpert radiographs",
-}
-
-
 def _doll_section(doll_dir: PathLike | None) -> Section:
     sec = Section("doll", "DoLL against the lesion masks, Grad-CAM and single-classifier IG")
     summary = _read_csv(os.path.join(doll_dir, "summary.csv")) if doll_dir else None
@@ -519,9 +512,8 @@ def _doll_section(doll_dir: PathLike | None) -> Section:
     if "n" in summary.columns:
         n = summary.groupby("observation")["n"].max()
         table.insert(1, "n", table["observation"].map(n).astype("Int64"))
-    judge = str(summary["judge"].dropna().iloc[0]) if "judge" in summary.columns and summary["judge"].notna().any() \
-        else "phantom"
-    truth = JUDGES.get(judge, f"lesion masks ({judge})")
+    judges = summary["judge"].dropna() if "judge" in summary.columns else ()
+    truth = judge_description(str(judges.iloc[0]) if len(judges) else None)
     sec.blocks.append(Table("doll_quality", table, f"IoU with the {truth} per observation (DoLL: boosted IG "
                                                    "of all classifiers; gradcam and ig_single: first classifier)"))
     if "all" in iou.index:
@@ -705,12 +697,12 @@ def _statistics_section(analysis_dir: str, status: Mapping[str, str], labels: Ma
     return sec, sentences
 
 
-#: What the controls' paired tests do not cover, said under the controls table of every report.
 #: the columns of :func:`bundle.reporting.analysis.controls_table` the report shows (the controls section and the
 #: cross-validation's controls table)
 CONTROLS_COLUMNS: tuple[str, ...] = ("task", "train_size", "init", "reference", "n", "mean_init", "mean_reference",
                                      "mean_diff", "ci_low", "ci_high", "p_value", "p_holm", "cohens_dz", "significant")
 
+#: What the controls' paired tests do not cover, said under the controls table of every report.
 ONE_PRETRAINING_CAVEAT = (
     "Each init is one pre-training (one network initialisation, augmentation draw and, for the shuffled control, one "
     "permutation), so these tests hold the pre-training draw fixed: a significant difference is shown for these "
