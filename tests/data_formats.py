@@ -1,8 +1,9 @@
 """Small datasets in the exact on-disk formats users download (for the adapter tests and the end-to-end ``--data``
 run): JSRT ``.IMG`` (headerless 12-bit big-endian, values growing toward black) with SCR GIF masks at half the
 image's size under the archive's ``scratch/fold<k>/masks/<structure>/`` folders, QaTa-COV19-v2, COVID-QU-Ex's
-``Infection Segmentation Data``, a CheXpert-v1.0-small tree and CheXlocalize's ``gt_segmentations_val.json`` for it
-(COCO RLE by pycocotools, as the release was written). The pictures are simple chest-like drawings whose
+``Infection Segmentation Data``, a CheXpert-v1.0-small tree and a CheXlocalize release folder for it (the ground truth
+of its valid.csv and of a small CheXpert test set, COCO RLE by pycocotools as the release was written, and that test
+set's ``test_labels.csv`` and images). The pictures are simple chest-like drawings whose
 masks agree with them (lungs dark, heart and clavicles bright), so a few training steps have something to learn.
 
 As a script, writes every dataset and a data file for ``scripts/run_pipeline.py --data``::
@@ -214,10 +215,51 @@ def make_chexlocalize(dataset_dir: Path, out: Path, scale: int = 2, lateral: boo
     return path
 
 
+#: The columns of CheXpert's ``test_labels.csv`` as the CheXlocalize release ships it: ``Path`` (relative to the CSV's
+#: folder) and the 14 labels; no Sex, Age, Frontal/Lateral or AP/PA.
+TEST_LABELS_COLUMNS: tuple[str, ...] = ("Path", *OBSERVATIONS)
+
+
+def make_chexlocalize_release(dataset_dir: Path, out: Path, n_test: int = 6, side: int = 64) -> Path:
+    """The CheXlocalize release folder as downloaded, for the ``valid.csv`` of a :func:`make_chexpert_small` tree::
+
+        out/CheXlocalize/gt_segmentations_val.json      (:func:`make_chexlocalize`: valid.csv, full-size masks)
+        out/CheXlocalize/gt_segmentations_test.json     (the test radiographs, masks at the image's size)
+        out/CheXpert/test_labels.csv                    (:data:`TEST_LABELS_COLUMNS`; 0/1 labels, every observation
+                                                         both positive and negative)
+        out/CheXpert/test/patient647NN/study1/view1_frontal.jpg   (+ one lateral view, listed in the CSV)
+
+    Test patients are patient64741 on, as in CheXpert. Returns ``out``."""
+    import json
+
+    make_chexlocalize(dataset_dir, out / "CheXlocalize", scale=2, lateral=True)
+    test_dir = out / "CheXpert"
+    rows, gt = [], {}
+    for i in range(n_test):
+        rel = f"test/patient{64741 + i:05d}/study1/view1_frontal.jpg"
+        img, _ = chest(side, 50 + i)
+        _save(test_dir / rel, (img * 255).astype(np.uint8), quality=95)
+        labels = ["1.0" if (i + j) % 2 else "0.0" for j in range(len(OBSERVATIONS))]
+        rows.append([rel, *labels])
+        gt["_".join(Path(rel).with_suffix("").parts[-3:])] = {
+            t: coco_rle(chexlocalize_mask(t, (side, side), i) if labels[OBSERVATIONS.index(t)] == "1.0"
+                        else np.zeros((side, side), bool)) for t in CHEXLOCALIZE_TASKS}
+    lateral = "test/patient64741/study1/view2_lateral.jpg"
+    _save(test_dir / lateral, (chest(side, 50)[0] * 255).astype(np.uint8), quality=95)
+    rows.append([lateral, *rows[0][1:]])
+    with open(test_dir / "test_labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(TEST_LABELS_COLUMNS)
+        writer.writerows(rows)
+    (out / "CheXlocalize" / "gt_segmentations_test.json").write_text(json.dumps(gt))
+    return out
+
+
 def make_all(out: Path, chexpert: bool = True) -> Path:
     """Every dataset the end-to-end ``--data`` run uses, under ``out``, and its data file ``out/data.yaml`` (JSRT/SCR
-    as two folders, QaTa-COV19-v2 by its folder, CheXpert-v1.0-small by its parent with CheXlocalize's segmentations
-    of its valid.csv by their folder); returns the data file."""
+    as two folders, QaTa-COV19-v2 by its folder, CheXpert-v1.0-small by its parent with the CheXlocalize release by
+    its top folder: the segmentations of valid.csv and of CheXpert's test set, which it also holds); returns the data
+    file."""
     import yaml
 
     scr = make_jsrt_scr(out / "jsrt_scr")
@@ -227,7 +269,7 @@ def make_all(out: Path, chexpert: bool = True) -> Path:
     if chexpert:
         top = make_chexpert_small(out / "chexpert")
         spec["chexpert"] = {"root": str(out / "chexpert"),
-                            "localize": str(make_chexlocalize(top, out / "chexlocalize").parent)}
+                            "localize": str(make_chexlocalize_release(top, out / "chexlocalize"))}
     path = out / "data.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path

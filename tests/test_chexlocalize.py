@@ -1,6 +1,7 @@
 """CheXlocalize adapter (bundle.data.chexlocalize): the COCO RLE decoder against pycocotools (the library the release
-was encoded with) and a hand-computed case, the checks of a malformed file, and the data stage giving CheXpert's
-valid.csv images the radiologists' lesion masks that the DoLL quality stage scores against."""
+was encoded with) and a hand-computed case, the checks of a malformed file, the data stage giving CheXpert's
+valid.csv images the radiologists' lesion masks that the DoLL quality stage scores against, and the release folder
+with CheXpert's test set: CheXpert's own splits, tuned on the validation masks, judged on the test masks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 from bundle.constants import OBSERVATIONS
 from bundle.data.chexlocalize import decode_rle, parse_cxr_id, read_chexlocalize, rle_counts
 from bundle.utils import BundleInputError
-from data_formats import CHEXLOCALIZE_TASKS, chexlocalize_mask, coco_rle, make_chexlocalize, make_chexpert_small
+from data_formats import (CHEXLOCALIZE_TASKS, TEST_LABELS_COLUMNS, chexlocalize_mask, coco_rle, make_chexlocalize,
+                          make_chexlocalize_release, make_chexpert_small)
 
 #: The other phantoms the data stage draws (only CheXpert is given), as small as they come.
 SMALL_PHANTOM = dict(image_size=48, scr_cases=3, qata_train=2, qata_test=1, num_workers=0, progress=False)
@@ -211,3 +213,101 @@ def test_the_data_file_names_a_missing_chexlocalize_file(tmp_path):
     assert "file or folder not found (given as chexpert.localize in" in str(err.value)
     (tmp_path / "gt_segmentations_val.json").write_text("{}")
     assert load_data_spec(data_file)["chexpert"]["localize"] == str((tmp_path / "gt_segmentations_val.json").resolve())
+
+
+def _prepare(tmp_path, spec: str):
+    from bundle.data.userdata import prepare_data
+
+    data_file = tmp_path / "user" / "data.yaml"
+    data_file.write_text(spec)
+    out = tmp_path / "data"
+    res = prepare_data(out / "phantom", out / "datalists", SMALL_PHANTOM, DATALISTS, data_spec=str(data_file))
+    return res["datalists"]["chexpert"], out / "datalists" / "chexpert.json"
+
+
+def test_the_release_folder_gives_chexperts_own_splits_tuned_on_validation_judged_on_test(tmp_path):
+    """The CheXlocalize release folder as chexpert.localize: both ground-truth files are read, CheXpert's test set is
+    found in it, and the datalist takes CheXpert's splits (train.csv, valid.csv as validation, the test set's frontal
+    views as test, labels read by column name); the recipe is tuned on the validation masks and judged on the test
+    masks, each equal to its RLE."""
+    from bundle.data.io import load_bitmask
+    from bundle.doll.quality import lesion_items, tuning_items
+
+    top = make_chexpert_small(tmp_path / "user" / "chexpert", n_train=12, n_valid=4, side=32)
+    make_chexlocalize_release(top, tmp_path / "user" / "chexlocalize", n_test=5, side=40)
+    info, path = _prepare(tmp_path, "chexpert: {root: chexpert, localize: chexlocalize}\n")
+    assert info["splits"] == "CheXpert" and (info["training"], info["validation"], info["test"]) == (12, 4, 5)
+    assert info["with_lesion"] == {"validation": 4, "test": 5} and info["lesion_source"] == "CheXlocalize"
+    datalist = json.loads(path.read_text())
+    assert all("/CheXpert-v1.0-small/valid/" in it["image"] for it in datalist["validation"])
+    assert all("/chexlocalize/CheXpert/test/" in it["image"] and "frontal" in it["image"] for it in datalist["test"])
+    loc = datalist["summary"]["chexlocalize"]
+    assert len(loc["files"]) == 2 and loc["matched"] == {"validation": 4, "test": 5} and loc["unmatched"] == 1
+    gt = json.loads((tmp_path / "user" / "chexlocalize" / "CheXlocalize" / "gt_segmentations_test.json").read_text())
+    for item in datalist["test"]:
+        i = int(item["patient"][len("patient"):]) - 64741
+        assert item["label"] == [float((i + j) % 2) for j in range(len(OBSERVATIONS))]   # the CSV, by column name
+        bits = load_bitmask(item["lesion"], len(OBSERVATIONS))
+        cxr_id = "_".join(item["image"].rsplit(".", 1)[0].split("/")[-3:])
+        for task in CHEXLOCALIZE_TASKS:
+            assert np.array_equal(bits[OBSERVATIONS.index(task)].astype(bool), decode_rle(gt[cxr_id][task]))
+    split, tune = tuning_items(str(path))
+    assert split == "validation" and len(tune) == 4
+    assert {it["split"] for it in lesion_items(str(path))} == {"test"}
+
+
+def test_without_the_test_set_tuning_names_the_fix(tmp_path):
+    """Only the validation masks: they sit on the judged split (test = valid.csv), so tuning by default refuses and
+    says how to get a held-apart split; the phantom's tuning split stays training."""
+    from bundle.doll.quality import tuning_items
+
+    top = make_chexpert_small(tmp_path / "user" / "chexpert", n_train=12, n_valid=4, side=32)
+    make_chexlocalize(top, tmp_path / "user" / "chexlocalize")
+    info, path = _prepare(tmp_path, "chexpert: {root: chexpert, localize: chexlocalize}\n")
+    assert info["splits"] == "train.csv split" and info["with_lesion"] == {"test": 4}
+    with pytest.raises(BundleInputError, match="give CheXpert's test set"):
+        tuning_items(str(path))
+    assert tuning_items(str(path), "test")[0] == "test"                      # asked for explicitly
+    phantom = tmp_path / "phantom.json"
+    phantom.write_text(json.dumps({"training": [{"image": "a.png", "lesion": "a_l.png"}], "validation": []}))
+    assert tuning_items(str(phantom))[0] == "training"
+
+
+def test_test_labels_are_read_by_name_with_the_view_from_the_file_name(tmp_path):
+    import csv
+
+    from bundle.data.chexpert import TEST_LABEL_COLUMNS, chexpert_items
+
+    columns = [TEST_LABELS_COLUMNS[0], *reversed(TEST_LABELS_COLUMNS[1:])]  # any column order
+    rows = [["test/patient64741/study1/view1_frontal.jpg", *(["1.0"] + ["0.0"] * 13)],   # Support Devices only
+            ["test/patient64741/study1/view2_lateral.jpg", *(["0.0"] * 14)],
+            ["test/patient64742/study1/view1_frontal.jpg", *(["0.0"] * 12 + ["1.0", "0.0"])]]  # Enlarged Cardiom.
+    with open(tmp_path / "test_labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([columns, *rows])
+    items, summary = chexpert_items(tmp_path / "test_labels.csv", data_root=tmp_path, required=TEST_LABEL_COLUMNS)
+    assert summary["lateral_dropped"] == 1 and [it["patient"] for it in items] == ["patient64741", "patient64742"]
+    assert items[0]["label"] == [float(o == "Support Devices") for o in OBSERVATIONS]
+    assert items[1]["label"] == [float(o == "Enlarged Cardiomediastinum") for o in OBSERVATIONS]
+    assert items[0]["image"] == str(tmp_path / "test/patient64741/study1/view1_frontal.jpg")
+    with pytest.raises(BundleInputError, match=r"missing column\(s\) \['Path'\]"):
+        (tmp_path / "bad.csv").write_text(",".join(OBSERVATIONS) + "\n" + ",".join(["0"] * 14) + "\n")
+        chexpert_items(tmp_path / "bad.csv", required=TEST_LABEL_COLUMNS)
+
+
+def test_a_patient_in_two_splits_or_a_radiograph_in_two_files_is_named(tmp_path):
+    from bundle.data.chexpert import chexpert_datalist
+
+    top = make_chexpert_small(tmp_path / "chexpert", n_train=4, n_valid=2, side=16)
+    release = make_chexlocalize_release(top, tmp_path / "release", n_test=2, side=16)
+    labels = release / "CheXpert" / "test_labels.csv"
+    labels.write_text(labels.read_text().replace("patient64742", "patient64541"))  # a valid.csv patient
+    with pytest.raises(BundleInputError) as err:
+        chexpert_datalist(tmp_path / "chexpert", test=release)
+    assert str(labels) in str(err.value) and "patient64541 is in both the validation and the test split" in str(err.value)
+    with pytest.raises(BundleInputError, match="CheXpert test set not found"):
+        chexpert_datalist(tmp_path / "chexpert", test=tmp_path / "chexpert")
+    gt = release / "CheXlocalize"
+    (gt / "gt_segmentations_test.json").write_text((gt / "gt_segmentations_val.json").read_text())
+    with pytest.raises(BundleInputError) as err:
+        read_chexlocalize(release)
+    assert str(gt / "gt_segmentations_test.json") in str(err.value) and "is also in" in str(err.value)

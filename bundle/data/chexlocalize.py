@@ -51,7 +51,8 @@ from ..utils import BundleInputError, PathLike
 
 __all__ = [
     "CHEXLOCALIZE_TASKS", "GT_FILES", "LESION_SOURCE", "rle_counts", "decode_rle", "parse_cxr_id", "cxr_key",
-    "CheXlocalize", "find_chexlocalize_file", "read_chexlocalize", "attach_chexlocalize", "write_chexlocalize_masks",
+    "CheXlocalize", "find_chexlocalize_files", "find_release_test", "read_chexlocalize",
+    "attach_chexlocalize", "write_chexlocalize_masks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -162,9 +163,11 @@ def cxr_key(image_path: str) -> tuple[str, str, str] | None:
 class CheXlocalize:
     """A checked CheXlocalize ground-truth file: per radiograph ``(patient, study, view)``, its mask size and the
     RLEs of each observation (index into :data:`~bundle.constants.OBSERVATIONS`) that has a non-empty mask (two when a
-    file names Lung Opacity twice, as "Lung Opacity" and "Airspace Opacity": their union is the mask)."""
+    file names Lung Opacity twice, as "Lung Opacity" and "Airspace Opacity": their union is the mask). ``path`` is the
+    first file read, ``files`` all of them (the validation and test set's when a folder holds both)."""
 
     path: str
+    files: list[str] = field(default_factory=list)
     masks: dict[tuple[str, str, str], dict[int, list[Mapping[str, Any]]]] = field(default_factory=dict)
     sizes: dict[tuple[str, str, str], tuple[int, int]] = field(default_factory=dict)
     radiographs: int = 0
@@ -187,25 +190,42 @@ class CheXlocalize:
         return out
 
 
-def find_chexlocalize_file(path: PathLike) -> Path:
-    """The ground-truth JSON: ``path`` itself when it is a file, else the first of :data:`GT_FILES` in the folder.
+def find_chexlocalize_files(path: PathLike) -> list[Path]:
+    """The ground-truth JSON files: ``[path]`` when it is a file, else every one of :data:`GT_FILES` in the folder or
+    in its ``CheXlocalize/`` subfolder (the release's top folder holds ``CheXlocalize/`` and ``CheXpert/``).
 
     Raises:
-        BundleInputError: when neither exists.
+        BundleInputError: when there is none.
     """
     p = Path(os.path.expanduser(str(path)))
     if p.is_file():
-        return p
+        return [p]
     if p.is_dir():
-        for name in GT_FILES:
-            if (p / name).is_file():
-                return p / name
-        raise BundleInputError(p, f"no CheXlocalize ground truth in the folder (expected one of {', '.join(GT_FILES)})")
+        for folder in (p, p / "CheXlocalize"):
+            found = [folder / name for name in GT_FILES if (folder / name).is_file()]
+            if found:
+                return found
+        raise BundleInputError(p, f"no CheXlocalize ground truth in the folder or its CheXlocalize/ subfolder "
+                                  f"(expected {' and/or '.join(GT_FILES)})")
     raise BundleInputError(p, "CheXlocalize file or folder not found")
 
 
+def find_release_test(path: PathLike) -> Path | None:
+    """The folder of CheXpert's test set in the CheXlocalize release that ``path`` (the release's top folder, its
+    ``CheXlocalize/`` folder or a file in it) belongs to: ``<top>/CheXpert`` when it holds ``test_labels.csv``; else
+    ``None``."""
+    p = Path(os.path.expanduser(str(path))).absolute()
+    start = p if p.is_dir() else p.parent
+    for top in (start, start.parent):
+        if (top / "CheXpert" / "test_labels.csv").is_file():
+            return top / "CheXpert"
+    return None
+
+
 def read_chexlocalize(path: PathLike) -> CheXlocalize:
-    """Read and check a CheXlocalize ground-truth JSON (or the folder holding it, see :func:`find_chexlocalize_file`).
+    """Read and check CheXlocalize's ground truth: one JSON file, or every one in the folder given (the validation and
+    the test set's, see :func:`find_chexlocalize_files`), merged (a radiograph in two files is an error: the sets are
+    disjoint).
 
     Every entry is checked without painting a mask: the id is ``patient<N>_study<N>_view<N>_<frontal|lateral>``, the
     task names are known (:data:`CHEXLOCALIZE_TASKS`), each RLE decodes and covers its ``size`` exactly, and one
@@ -214,7 +234,23 @@ def read_chexlocalize(path: PathLike) -> CheXlocalize:
     Raises:
         BundleInputError: naming the file, the radiograph and the task at fault.
     """
-    gt_path = find_chexlocalize_file(path)
+    files = find_chexlocalize_files(path)
+    out = _read_one(files[0])
+    for other in files[1:]:
+        more = _read_one(other)
+        both = sorted("_".join(k) for k in set(more.sizes) & set(out.sizes))
+        if both:
+            raise BundleInputError(other, f"radiograph {both[0]} is also in {out.path} ({len(both)} shared): the "
+                                          "validation and test files must not share radiographs")
+        out.masks.update(more.masks)
+        out.sizes.update(more.sizes)
+        out.radiographs += more.radiographs
+        out.files.extend(more.files)
+    return out
+
+
+def _read_one(gt_path: Path) -> CheXlocalize:
+    """One ground-truth JSON, checked (see :func:`read_chexlocalize`)."""
     try:
         raw = json.loads(gt_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -222,7 +258,7 @@ def read_chexlocalize(path: PathLike) -> CheXlocalize:
     if not isinstance(raw, Mapping):
         raise BundleInputError(gt_path, f"expected a mapping of radiograph ids, got {type(raw).__name__}")
     index = {name: i for i, name in enumerate(OBSERVATIONS)}
-    out = CheXlocalize(path=str(gt_path))
+    out = CheXlocalize(path=str(gt_path), files=[str(gt_path)])
     for cxr_id, tasks in raw.items():
         key = parse_cxr_id(cxr_id)
         if key is None:
@@ -282,7 +318,7 @@ def attach_chexlocalize(datalist: Mapping[str, list[dict[str, Any]]], gt: CheXlo
     if not seen:
         raise BundleInputError(gt.path, "no radiograph of this CheXlocalize file is in the CheXpert datalist (its "
                                         "ids are patient/study/view of CheXpert's valid or test images)")
-    summary = {"file": gt.path, "radiographs": gt.radiographs, "with_masks": len(gt.masks), "matched": matched,
+    summary = {"file": gt.path, "files": list(gt.files or [gt.path]), "radiographs": gt.radiographs, "with_masks": len(gt.masks), "matched": matched,
                "unmatched": len(unmatched), "unmatched_examples": unmatched[:10],
                "masks_per_observation": gt.counts(), "lesion_dir": str(lesion_dir)}
     return summary, sorted(seen)
@@ -296,7 +332,7 @@ def write_chexlocalize_masks(gt: CheXlocalize, lesion_dir: PathLike,
     from .io import save_png
 
     lesion_dir = Path(lesion_dir)
-    source_mtime = os.path.getmtime(gt.path)
+    source_mtime = max(os.path.getmtime(f) for f in (gt.files or [gt.path]))
     written = 0
     for key in (gt.masks if keys is None else keys):
         target = lesion_dir / key[0] / key[1] / f"{key[2]}.png"

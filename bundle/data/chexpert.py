@@ -7,7 +7,10 @@ Layout (see ``docs/DEVELOPMENT.md``)::
     <data_root>/CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg
     <data_root>/CheXpert-v1.0-small-lesions/train/patient00001/study1/view1_frontal.png    (phantom only)
 
-``Path`` is relative to ``data_root``, the folder that *contains* ``CheXpert-v1.0-small``. Parsing, validation, the
+``Path`` is relative to ``data_root``, the folder that *contains* ``CheXpert-v1.0-small``. CheXpert's test set, as the
+CheXlocalize release ships it (``<release>/CheXpert/test_labels.csv``: ``Path`` relative to the CSV's folder and the
+14 labels, no meta columns; ``<release>/CheXpert/test/patient64741/study1/view1_frontal.jpg``), is read with
+:data:`TEST_LABEL_COLUMNS` and turns the datalist into CheXpert's own splits (:func:`chexpert_datalist`). Parsing, validation, the
 uncertainty policy and the frontal filter are vectorised (pandas/numpy): on 2 shared CPU cores a ``train.csv`` of the
 real size (223,414 rows) is read and validated in 0.3-1.2 s and turned into 191,027 items in 1.1-2.8 s
 (``scripts/bench_chexpert_csv.py``). Label values are compared numerically (``1`` and ``1.0`` are the same value);
@@ -26,6 +29,7 @@ import contextlib
 import gc
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,13 +37,14 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from ..constants import CHEXPERT_COLUMNS, OBSERVATIONS
+from ..constants import CHEXPERT_COLUMNS, CHEXPERT_META_COLUMNS, OBSERVATIONS
 from ..utils import BundleInputError, PathLike
 from .splits import split_datalist
 
 __all__ = [
     "CHEXPERT_DIRNAME", "CHEXPERT_DIRNAMES", "UNCERTAINTY_POLICIES", "read_chexpert_csv", "resolve_policies", "apply_uncertainty_policy",
-    "parse_patient_ids", "chexpert_items", "find_chexpert_dir", "chexpert_datalist",
+    "parse_patient_ids", "chexpert_items", "find_chexpert_dir", "find_chexpert_test", "chexpert_datalist",
+    "TEST_LABEL_COLUMNS", "TEST_LABELS_CSV",
 ]
 
 logger = logging.getLogger(__name__)
@@ -52,6 +57,12 @@ CHEXPERT_DIRNAMES: tuple[str, ...] = ("CheXpert-v1.0-small", "CheXpert-v1.0")
 LESIONS_SUFFIX = "-lesions"
 UNCERTAINTY_POLICIES: tuple[str, ...] = ("ones", "zeros", "ignore")
 ON_ERROR: tuple[str, ...] = ("raise", "skip")
+#: The columns of the test set's labels (``CheXpert/test_labels.csv`` of the CheXlocalize release): ``Path``
+#: (``test/patient64741/study1/view1_frontal.jpg``, relative to the CSV's folder) and the 14 labels (radiologists'
+#: consensus, no uncertain labels); the other meta columns are optional, extra columns are ignored.
+TEST_LABEL_COLUMNS: tuple[str, ...] = ("Path", *OBSERVATIONS)
+#: The labels file of CheXpert's test set.
+TEST_LABELS_CSV = "test_labels.csv"
 #: The only label values allowed in the CSV (besides an empty field).
 VALID_LABEL_VALUES: tuple[float, ...] = (1.0, 0.0, -1.0)
 _PATIENT_RE = r"(patient\d+)"
@@ -80,14 +91,21 @@ def _read_header(csv_path: Path) -> list[str]:
         raise BundleInputError(csv_path, f"not a readable CSV ({e})") from None
 
 
-def _read_body(csv_path: Path, label_dtype: str) -> pd.DataFrame:
-    dtype: dict[str, str] = {c: "str" for c in ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA")}
+def _read_body(csv_path: Path, label_dtype: str, columns: Sequence[str] = CHEXPERT_COLUMNS) -> pd.DataFrame:
+    dtype: dict[str, str] = {c: "str" for c in CHEXPERT_META_COLUMNS if c in columns}
     dtype.update({c: label_dtype for c in OBSERVATIONS})
     try:
-        return pd.read_csv(csv_path, usecols=list(CHEXPERT_COLUMNS), dtype=dtype, keep_default_na=False,
+        return pd.read_csv(csv_path, usecols=list(columns), dtype=dtype, keep_default_na=False,
                            na_values=[""], engine="c")
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise BundleInputError(csv_path, f"not a readable CSV ({e})") from None
+
+
+def _view_from_path(paths: pd.Series) -> pd.Series:
+    """``Frontal`` / ``Lateral`` from CheXpert's file names (``view1_frontal.jpg``), for CSVs without the column
+    (the test set's ``test_labels.csv``); empty where the name says neither."""
+    view = paths.astype("str").str.extract(r"_(frontal|lateral)\.[^./\\]+$", flags=re.IGNORECASE, expand=False)
+    return view.str.capitalize()
 
 
 def _bad_label_cells(raw: pd.DataFrame | None, values: np.ndarray) -> np.ndarray:
@@ -98,12 +116,16 @@ def _bad_label_cells(raw: pd.DataFrame | None, values: np.ndarray) -> np.ndarray
     return ~ok
 
 
-def read_chexpert_csv(csv_path: PathLike, on_error: str = "raise") -> tuple[pd.DataFrame, dict[str, Any]]:
+def read_chexpert_csv(csv_path: PathLike, on_error: str = "raise",
+                      required: Sequence[str] = CHEXPERT_COLUMNS) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Read and validate one CheXpert CSV file.
 
     Args:
         csv_path: ``train.csv`` or ``valid.csv`` (any CSV with the 19 CheXpert columns; extra columns are ignored).
         on_error: ``"raise"``: the first bad row raises; ``"skip"``: bad rows are logged, counted and dropped.
+        required: the columns that must be there (default all 19). With :data:`TEST_LABEL_COLUMNS` (``Path`` and the
+            14 observations: the test set's ``test_labels.csv``) the other meta columns are optional: absent ones
+            are empty, and ``Frontal/Lateral`` is read from the file name (``view1_frontal.jpg``).
 
     Returns:
         ``(frame, summary)``: the frame has the 19 columns (the 14 observations as float64 with NaN for empty) and a
@@ -117,13 +139,14 @@ def read_chexpert_csv(csv_path: PathLike, on_error: str = "raise") -> tuple[pd.D
     _check_on_error(on_error)
     csv_path = Path(csv_path)
     header = _read_header(csv_path)
-    missing = [c for c in CHEXPERT_COLUMNS if c not in header]
+    missing = [c for c in required if c not in header]
     if missing:
         raise BundleInputError(csv_path, f"missing column(s) {missing}; a CheXpert CSV has the columns "
-                                         f"{list(CHEXPERT_COLUMNS)}")
+                                         f"{list(required)}")
+    columns = [c for c in CHEXPERT_COLUMNS if c in header]
     raw: pd.DataFrame | None = None
     try:  # fast path: every label parses as a float
-        df = _read_body(csv_path, "float64")
+        df = _read_body(csv_path, "float64", columns)
         values = df[list(OBSERVATIONS)].to_numpy(dtype=np.float64)
         bad = _bad_label_cells(None, values)
         if bad.any():
@@ -131,7 +154,7 @@ def read_chexpert_csv(csv_path: PathLike, on_error: str = "raise") -> tuple[pd.D
     except BundleInputError:
         raise
     except ValueError:  # slow path, only when something is wrong: re-read as text to report the exact values
-        raw = _read_body(csv_path, "str")
+        raw = _read_body(csv_path, "str", columns)
         df = raw.copy()
         for c in OBSERVATIONS:
             df[c] = pd.to_numeric(raw[c], errors="coerce")
@@ -161,6 +184,10 @@ def read_chexpert_csv(csv_path: PathLike, on_error: str = "raise") -> tuple[pd.D
         logger.warning("%s: skipping %d more bad rows (not listed)", csv_path, len(rows_bad) - MAX_LOGGED)
 
     df[list(OBSERVATIONS)] = values
+    for c in CHEXPERT_META_COLUMNS:  # optional meta columns (test_labels.csv): the view from the name, the rest empty
+        if c not in df.columns:
+            df[c] = _view_from_path(df["Path"]) if c == "Frontal/Lateral" else np.nan
+    df = df[list(CHEXPERT_COLUMNS)]
     df.insert(0, "row", np.arange(n, dtype=np.int64))
     if len(rows_bad):
         df = df[~(bad_row | empty_path)].reset_index(drop=True)
@@ -277,6 +304,7 @@ def chexpert_items(
     on_error: str = "raise",
     lesion_dirname: str | None = None,
     dataset_dirname: str | None = None,
+    required: Sequence[str] = CHEXPERT_COLUMNS,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Classification datalist items from one CheXpert CSV.
 
@@ -295,6 +323,7 @@ def chexpert_items(
             first component is another name (``CheXpert-v1.0-small/...`` in the CSV, folder renamed, or
             ``CheXpert-v1.0/...`` of the full-size release read from a copy named otherwise) are re-rooted on it
             when no folder of the CSV's name exists under ``data_root``.
+        required: the columns the CSV must have (see :func:`read_chexpert_csv`).
 
     Returns:
         ``(items, summary)``; items are ``{"image", "label", "label_mask", "patient"[, "lesion"]}`` with absolute
@@ -304,7 +333,7 @@ def chexpert_items(
     csv_path = Path(csv_path)
     policies = resolve_policies(policy, policy_overrides)
     root = os.path.abspath(data_root if data_root is not None else csv_path.parent.parent)
-    df, summary = read_chexpert_csv(csv_path, on_error=on_error)
+    df, summary = read_chexpert_csv(csv_path, on_error=on_error, required=required)
 
     n_valid = len(df)
     if frontal_only:
@@ -391,6 +420,35 @@ def find_chexpert_dir(root: PathLike, dirname: str | Sequence[str] = CHEXPERT_DI
                                                           f"{' or '.join(names)} or in the folder itself)")
 
 
+def find_chexpert_test(path: PathLike) -> Path:
+    """The labels file of CheXpert's test set: ``path`` itself when it is a file, else ``test_labels.csv`` in the
+    folder or in its ``CheXpert/`` subfolder (the CheXlocalize release's top folder).
+
+    Raises:
+        BundleInputError: when none exists.
+    """
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_file():
+        return p
+    for cand in (p / TEST_LABELS_CSV, p / "CheXpert" / TEST_LABELS_CSV):
+        if cand.is_file():
+            return cand
+    raise BundleInputError(p, f"CheXpert test set not found: no {TEST_LABELS_CSV} in the folder or in its CheXpert/ "
+                              "subfolder (the layout of the CheXlocalize release: CheXpert/test_labels.csv, "
+                              "CheXpert/test/patient<N>/study<N>/view<N>_frontal.jpg)")
+
+
+def _check_disjoint_patients(sections: Mapping[str, list[dict[str, Any]]], files: Mapping[str, Any]) -> None:
+    """No patient in two sections (CheXpert's own splits are disjoint by patient; a mix-up of files is not)."""
+    seen: dict[str, str] = {}
+    for section, items in sections.items():
+        for item in items:
+            other = seen.setdefault(item["patient"], section)
+            if other != section:
+                raise BundleInputError(files[section], f"patient {item['patient']} is in both the {other} and the "
+                                                       f"{section} split (from {files[other]}): the files mix splits")
+
+
 def chexpert_datalist(
     root: PathLike,
     policy: str = "ones",
@@ -401,18 +459,26 @@ def chexpert_datalist(
     check_files: bool = False,
     on_error: str = "raise",
     dirname: str | Sequence[str] = CHEXPERT_DIRNAMES,
+    test: PathLike | None = None,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-    """The CheXpert datalist: ``train.csv`` split by patient into training/validation, ``valid.csv`` as test.
+    """The CheXpert datalist. Without the test set: ``train.csv`` split by patient into training/validation and
+    ``valid.csv`` as test. With it (``test``): CheXpert's own three splits, ``train.csv`` as training, ``valid.csv``
+    (the radiologists' labels) as validation and the test set (``test_labels.csv``, 668 radiographs of 500 patients
+    released with CheXlocalize) as test; no patient may be in two of them.
 
     Args:
         root: the data root (folder containing ``CheXpert-v1.0-small`` or the full-size ``CheXpert-v1.0``) or the
             dataset folder itself (any name: the CSV's ``Path`` prefix is re-rooted on it).
-        val_fraction: fraction of ``train.csv``'s images (whole patients) held out for validation.
+        val_fraction: fraction of ``train.csv``'s images (whole patients) held out for validation (without the test
+            set only).
         seed: seed of the patient split.
+        test: the test set's ``test_labels.csv``, or a folder holding it (see :func:`find_chexpert_test`); its
+            ``Path`` values are relative to the CSV's folder.
         Other arguments: see :func:`chexpert_items`.
 
     Returns:
-        ``({"training", "validation", "test"}, summary)``; ``test`` is empty when there is no ``valid.csv``.
+        ``({"training", "validation", "test"}, summary)``; ``test`` is empty when there is neither a ``valid.csv``
+        nor a test set. ``summary["splits"]`` says which layout was used (``"train.csv split"`` or ``"CheXpert"``).
     """
     ds_dir = find_chexpert_dir(root, dirname)
     data_root = ds_dir.parent
@@ -420,18 +486,34 @@ def chexpert_datalist(
                                   frontal_only=frontal_only, check_files=check_files, on_error=on_error,
                                   dataset_dirname=ds_dir.name)
     train, s_train = chexpert_items(ds_dir / "train.csv", **kwargs)
-    test: list[dict[str, Any]] = []
-    s_test: dict[str, Any] | None = None
+    valid: list[dict[str, Any]] = []
+    s_valid: dict[str, Any] | None = None
     if (ds_dir / "valid.csv").is_file():
-        test, s_test = chexpert_items(ds_dir / "valid.csv", **kwargs)
+        valid, s_valid = chexpert_items(ds_dir / "valid.csv", **kwargs)
+    elif test is not None:
+        raise BundleInputError(ds_dir / "valid.csv", "CSV file not found (with the test set given, valid.csv is the "
+                                                     "validation split)")
     else:
         logger.warning("%s: no valid.csv, the test section is empty", ds_dir)
-    split = split_datalist(train, {"training": 1.0 - val_fraction, "validation": val_fraction}, seed=seed)
-    datalist = {"training": split["training"], "validation": split["validation"], "test": test}
+    s_test: dict[str, Any] | None = None
+    if test is None:
+        split = split_datalist(train, {"training": 1.0 - val_fraction, "validation": val_fraction}, seed=seed)
+        datalist = {"training": split["training"], "validation": split["validation"], "test": valid}
+        splits = "train.csv split"
+    else:
+        test_csv = find_chexpert_test(test)
+        test_items, s_test = chexpert_items(test_csv, data_root=test_csv.parent, policy=policy,
+                                            policy_overrides=policy_overrides, frontal_only=frontal_only,
+                                            check_files=check_files, on_error=on_error, required=TEST_LABEL_COLUMNS)
+        datalist = {"training": train, "validation": valid, "test": test_items}
+        _check_disjoint_patients(datalist, {"training": ds_dir / "train.csv", "validation": ds_dir / "valid.csv",
+                                            "test": test_csv})
+        splits = "CheXpert"
     summary = {
-        "train_csv": s_train, "valid_csv": s_test,
-        "training": len(datalist["training"]), "validation": len(datalist["validation"]), "test": len(test),
-        "skipped": s_train["skipped"] + (s_test["skipped"] if s_test else 0),
-        "val_fraction": val_fraction, "seed": seed,
+        "train_csv": s_train, "valid_csv": s_valid, "test_csv": s_test, "splits": splits,
+        "training": len(datalist["training"]), "validation": len(datalist["validation"]),
+        "test": len(datalist["test"]),
+        "skipped": s_train["skipped"] + sum(s["skipped"] for s in (s_valid, s_test) if s),
+        "val_fraction": val_fraction if test is None else None, "seed": seed,
     }
     return datalist, summary

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..constants import OBSERVATIONS, SCR_STRUCTURES
 from ..utils import BundleInputError, PathLike, atomic_write_json, load_json
-from .chexlocalize import (LESION_SOURCE, CheXlocalize, attach_chexlocalize, read_chexlocalize,
+from .chexlocalize import (LESION_SOURCE, CheXlocalize, attach_chexlocalize, find_release_test, read_chexlocalize,
                            write_chexlocalize_masks)
 from .chexpert import chexpert_datalist
 from .segsets import COVID_QU_EX_CLASSES, covid_qu_ex_datalist, folder_datalist, qata_datalist, scr_datalist
@@ -219,11 +219,17 @@ def build_all_datalists(
         decode = bool(decode_real_images and key)
         root = roots[name]
         if name == "chexpert":
+            test_set = spec.get("test")
+            if test_set is None and spec.get("localize"):  # the CheXlocalize release ships CheXpert's test set
+                test_set = find_release_test(spec["localize"])
+                if test_set is not None:
+                    logger.info("datalists: CheXpert's test set found in the CheXlocalize release: %s", test_set)
             datalist, s = chexpert_datalist(root, policy=policy, policy_overrides=policy_overrides,
                                             val_fraction=chexpert_val_fraction, seed=seed, check_files=check_files,
-                                            on_error=on_error)
-            meta = {"name": "CheXpert", "labels": list(OBSERVATIONS),
-                    "description": "CheXpert classification: train.csv split by patient, valid.csv as test"}
+                                            on_error=on_error, test=test_set)
+            meta = {"name": "CheXpert", "labels": list(OBSERVATIONS), "description": (
+                "CheXpert classification: train.csv split by patient, valid.csv as test" if test_set is None else
+                "CheXpert classification: CheXpert's splits, train.csv, valid.csv as validation, the test set")}
             if spec.get("localize"):  # radiologists' lesion masks (CheXlocalize): written with the datalists
                 gt = read_chexlocalize(spec["localize"])
                 s["chexlocalize"], matched = attach_chexlocalize(datalist, gt, datalist_dir / CHEXLOCALIZE_DIR)
@@ -268,7 +274,8 @@ def build_all_datalists(
                          "patient_grouping": s.get("patient_grouping") or (s.get("train_set") or {}).get(
                              "patient_grouping"),
                          "patients_moved": s.get("patients_moved", 0)}
-        if name == "chexpert":  # which items have lesion masks to score the DoLL against, and whose
+        if name == "chexpert":  # the splits used; which items have lesion masks to score the DoLL against, and whose
+            summary[name]["splits"] = s.get("splits")
             lesions = {sec: sum(1 for it in items if it.get("lesion")) for sec, items in datalist.items()}
             summary[name]["with_lesion"] = {sec: n for sec, n in lesions.items() if n}
             summary[name]["lesion_source"] = LESION_SOURCE if "chexlocalize" in s else (

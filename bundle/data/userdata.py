@@ -4,7 +4,7 @@ no real dataset replaces them, and the data stage's entry point :func:`prepare_d
 The data file is YAML; every key is optional, each one given replaces that phantom (the others stay phantom)::
 
     chexpert: /data/CheXpert-v1.0-small         # or its parent, or the full-size CheXpert-v1.0; or, to score the
-    # DoLL against radiologists: {root: /data/CheXpert-v1.0, localize: /data/CheXlocalize/gt_segmentations_val.json}
+    # DoLL against radiologists: {root: /data/CheXpert-v1.0, localize: /data/chexlocalize}  (the CheXlocalize release)
     jsrt_scr: /data/jsrt-scr                    # one root holding the JSRT images and the SCR masks, or:
     # jsrt_scr: {images: /data/All247images, masks: /data/scratch}
     qata: /data/QaTa-COV19-v2                   # the infection task; or, instead of qata:
@@ -15,9 +15,12 @@ Relative paths are taken from the data file's folder. Which datalist each key fe
 ``chexpert.json`` (classifiers, DoLL, pre-training), ``jsrt_scr`` -> ``scr.json`` (tasks scr, lungs, heart,
 clavicles), ``qata`` / ``covid_qu_ex`` -> ``qata.json`` (task infection; not both: COVID-QU-Ex's infection set
 holds QaTa's images), ``folder`` -> ``real_lungs.json`` (task real_lungs; replaces ``../shared/data/real-cxr-lungs``).
-``chexpert.localize`` (a CheXlocalize ``gt_segmentations_val.json``, or its folder) gives the CheXpert radiographs it
-covers radiologists' lesion masks (:mod:`bundle.data.chexlocalize`): the DoLL quality stage then scores the DoLL on
-real radiographs, where without it it is skipped (real CheXpert has no lesion masks of its own).
+``chexpert.localize`` (CheXlocalize's release folder, its ``CheXlocalize/`` folder, or one ground-truth JSON) gives the
+CheXpert radiographs it covers radiologists' lesion masks (:mod:`bundle.data.chexlocalize`): the DoLL quality stage
+then scores the DoLL on real radiographs, where without it it is skipped (real CheXpert has no lesion masks of its
+own). ``chexpert.test`` (``test_labels.csv`` or its folder; found by itself in the release folder) adds CheXpert's test
+set: the datalist then takes CheXpert's own splits (``valid.csv`` as validation, the test set as test), so the DoLL
+recipe can be tuned on the validation masks and judged on the test masks (:func:`bundle.data.chexpert.chexpert_datalist`).
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ logger = logging.getLogger(__name__)
 
 #: Keys of the data file: key -> (the datalist it feeds, the keys its mapping form accepts, what it is).
 DATA_KEYS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "chexpert": ("chexpert", ("root", "localize"), "CheXpert (CheXpert-v1.0-small or CheXpert-v1.0), optionally "
-                 "with CheXlocalize's segmentations"),
+    "chexpert": ("chexpert", ("root", "localize", "test"), "CheXpert (CheXpert-v1.0-small or CheXpert-v1.0), "
+                 "optionally with CheXlocalize's segmentations and CheXpert's test set"),
     "jsrt_scr": ("scr", ("root", "images", "masks"), "JSRT images (.IMG or converted) with SCR masks"),
     "qata": ("qata", ("root",), "QaTa-COV19(-v2) infection masks"),
     "covid_qu_ex": ("qata", ("root", "classes"), "COVID-QU-Ex Infection Segmentation Data"),
@@ -46,7 +49,7 @@ DATA_KEYS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 _PATH_FIELDS = ("root", "images", "masks")
 #: Fields that name a file, or a folder holding it (checked to exist here, read by their adapter).
-_FILE_FIELDS = ("localize",)
+_FILE_FIELDS = ("localize", "test")
 
 
 def _read_yaml(path: Path) -> Any:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..constants import OBSERVATIONS, slug
+from ..data.chexlocalize import LESION_SOURCE
 from ..data.io import load_bitmask, resize_mask
 from ..explain.gradcam import gradcam_maps
 from .generator import DoLLGenerator
@@ -31,14 +32,53 @@ logger = logging.getLogger(__name__)
 METHODS = ("doll", "ig_single", "gradcam")
 
 
-#: The splits searched for lesion masks when none is named, in order: the phantom's true lesions are scored on the
-#: held-apart validation split; CheXlocalize's radiologist masks cover CheXpert's ``valid.csv``, the ``test`` split.
-LESION_SPLITS: tuple[str, ...] = ("validation", "test")
+#: The splits searched for lesion masks when none is named, in order, per lesion source. The phantom's true lesions
+#: are scored on the held-apart validation split (the recipe is tuned on training). CheXlocalize's radiologist masks
+#: are scored on ``test``: CheXpert's ``valid.csv`` (the whole of CheXlocalize when the test set is not given) or,
+#: with the test set, its 668 radiographs, held apart from the validation masks the recipe is tuned on.
+LESION_SPLITS: dict[str, tuple[str, ...]] = {"phantom": ("validation", "test"), LESION_SOURCE: ("test", "validation")}
+
+
+#: The split the DoLL recipe's thresholds are tuned on (``scripts/tune_doll.py``), per lesion source: never one that
+#: :data:`LESION_SPLITS` scores. CheXlocalize's validation masks are on ``validation`` only when CheXpert's test set
+#: is given (``valid.csv`` is then the validation split).
+TUNING_SPLITS: dict[str, str] = {"phantom": "training", LESION_SOURCE: "validation"}
+
+
+def lesion_source(data: dict) -> str:
+    """``"CheXlocalize"`` when any item of the datalist has CheXlocalize's lesion masks, else ``"phantom"``."""
+    real = any(isinstance(it, dict) and it.get("lesion_source") == LESION_SOURCE
+               for items in data.values() if isinstance(items, list) for it in items)
+    return LESION_SOURCE if real else "phantom"
+
+
+def tuning_items(datalist_path: str, split: str | None = None) -> tuple[str, list[dict]]:
+    """``(split, items with a lesion mask)`` to tune the DoLL recipe on: ``split``, or by default the one of
+    :data:`TUNING_SPLITS` for the datalist's lesion source.
+
+    Raises:
+        BundleInputError: when that split has no lesion masks (for CheXlocalize: CheXpert's test set was not given,
+            so every lesion mask is on the split the quality stage scores).
+    """
+    from ..utils import BundleInputError, load_json
+
+    data = load_json(datalist_path)
+    source = lesion_source(data)
+    name = split or TUNING_SPLITS[source]
+    items = [it for it in data.get(name, []) if it.get("lesion")]
+    if not items:
+        hint = (" CheXlocalize's masks are all on the split the quality stage scores: give CheXpert's test set "
+                "(chexpert.test in the data file, or the CheXlocalize release folder as chexpert.localize) so that "
+                "valid.csv becomes the validation split, or tune on the judged radiographs with --split test"
+                if source == LESION_SOURCE and not split else "")
+        raise BundleInputError(datalist_path, f"no item with a lesion mask in the {name!r} split to tune on.{hint}")
+    return name, items
 
 
 def lesion_items(datalist_path: str, split: str | None = None) -> list[dict]:
     """The items of a classification datalist that have a ``lesion`` mask, from ``split`` or, when ``None``, from the
-    first of :data:`LESION_SPLITS` that has any (each item with its split name in ``"split"``).
+    first split of :data:`LESION_SPLITS` (by the items' ``lesion_source``) that has any (each item with its split
+    name in ``"split"``).
 
     Raises:
         BundleInputError: when the split (or every split searched) has no item with a lesion mask.
@@ -46,13 +86,14 @@ def lesion_items(datalist_path: str, split: str | None = None) -> list[dict]:
     from ..utils import BundleInputError, load_json
 
     data = load_json(datalist_path)
-    for name in ([split] if split else LESION_SPLITS):
+    order = LESION_SPLITS[lesion_source(data)]
+    for name in ([split] if split else order):
         if name not in data:
             raise BundleInputError(datalist_path, f"no split {name!r} (has {sorted(data)})")
         items = [{**it, "split": name} for it in data[name] if it.get("lesion")]
         if items:
             return items
-    raise BundleInputError(datalist_path, f"no item with a lesion mask in {split or ' or '.join(LESION_SPLITS)}: the "
+    raise BundleInputError(datalist_path, f"no item with a lesion mask in {split or ' or '.join(order)}: the "
                                           "DoLL quality needs the phantom's true lesions or CheXlocalize's masks "
                                           "(chexpert.localize in the data file)")
 
@@ -210,8 +251,10 @@ def run_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess: Cal
     rows, examples = evaluate_quality(items, generator, preprocess, gradcam_layer, tolerance, max_images)
     table = summarize(rows)
     judge = lesion_judge(items)
+    split = "+".join(sorted({str(it["split"]) for it in items if it.get("split")})) or None
     for row in table:
         row["judge"] = judge
+        row["split"] = split
     os.makedirs(out_dir, exist_ok=True)
     atomic_save(os.path.join(out_dir, "rows.csv"), lambda t: pd.DataFrame(rows).to_csv(t, index=False))
     atomic_save(os.path.join(out_dir, "summary.csv"), lambda t: pd.DataFrame(table).to_csv(t, index=False))
@@ -224,7 +267,8 @@ def run_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess: Cal
         from ..tracking import log_run
 
         log_run(tracking_uri, experiment, "quality", params={"n_images": len({r['image'] for r in rows}),
-                                                            "tolerance": tolerance, "judge": judge},
+                                                            "tolerance": tolerance, "judge": judge,
+                                                            "split": split},
                 metrics={**overall, **per_obs},
                 artifacts=[p for p in (os.path.join(out_dir, "summary.csv"), panel) if p], tags={"stage": "doll"})
     logger.info("DoLL quality: " + ", ".join(f"{k}={v:.3f}" for k, v in overall.items()))
