@@ -303,7 +303,8 @@ def test_a_patient_in_two_splits_or_a_radiograph_in_two_files_is_named(tmp_path)
     labels.write_text(labels.read_text().replace("patient64742", "patient64541"))  # a valid.csv patient
     with pytest.raises(BundleInputError) as err:
         chexpert_datalist(tmp_path / "chexpert", test=release)
-    assert str(labels) in str(err.value) and "patient64541 is in both the validation and the test split" in str(err.value)
+    assert str(labels) in str(err.value)
+    assert "patient64541 is in both the validation and the test split" in str(err.value)
     with pytest.raises(BundleInputError, match="CheXpert test set not found"):
         chexpert_datalist(tmp_path / "chexpert", test=tmp_path / "chexpert")
     gt = release / "CheXlocalize"

@@ -318,7 +318,8 @@ def attach_chexlocalize(datalist: Mapping[str, list[dict[str, Any]]], gt: CheXlo
     if not seen:
         raise BundleInputError(gt.path, "no radiograph of this CheXlocalize file is in the CheXpert datalist (its "
                                         "ids are patient/study/view of CheXpert's valid or test images)")
-    summary = {"file": gt.path, "files": list(gt.files or [gt.path]), "radiographs": gt.radiographs, "with_masks": len(gt.masks), "matched": matched,
+    summary = {"file": gt.path, "files": list(gt.files or [gt.path]), "radiographs": gt.radiographs,
+               "with_masks": len(gt.masks), "matched": matched,
                "unmatched": len(unmatched), "unmatched_examples": unmatched[:10],
                "masks_per_observation": gt.counts(), "lesion_dir": str(lesion_dir)}
     return summary, sorted(seen)

@@ -10,11 +10,12 @@ Layout (see ``docs/DEVELOPMENT.md``)::
 ``Path`` is relative to ``data_root``, the folder that *contains* ``CheXpert-v1.0-small``. CheXpert's test set, as the
 CheXlocalize release ships it (``<release>/CheXpert/test_labels.csv``: ``Path`` relative to the CSV's folder and the
 14 labels, no meta columns; ``<release>/CheXpert/test/patient64741/study1/view1_frontal.jpg``), is read with
-:data:`TEST_LABEL_COLUMNS` and turns the datalist into CheXpert's own splits (:func:`chexpert_datalist`). Parsing, validation, the
-uncertainty policy and the frontal filter are vectorised (pandas/numpy): on 2 shared CPU cores a ``train.csv`` of the
-real size (223,414 rows) is read and validated in 0.3-1.2 s and turned into 191,027 items in 1.1-2.8 s
-(``scripts/bench_chexpert_csv.py``). Label values are compared numerically (``1`` and ``1.0`` are the same value);
-anything else but an empty field is an error that names the CSV, the row, the column and the value.
+:data:`TEST_LABEL_COLUMNS` and turns the datalist into CheXpert's own splits (:func:`chexpert_datalist`).
+
+Parsing, validation, the uncertainty policy and the frontal filter are vectorised (pandas/numpy): on 2 shared CPU
+cores a ``train.csv`` of the real size (223,414 rows) is read and validated in 0.3-1.2 s and turned into 191,027 items
+in 1.1-2.8 s (``scripts/bench_chexpert_csv.py``). Label values are compared numerically (``1`` and ``1.0`` are the
+same value); anything else but an empty field is an error that names the CSV, the row, the column and the value.
 
 Uncertainty policies (Irvin et al., CheXpert, AAAI 2019), per observation:
 

@@ -20,7 +20,8 @@ CheXpert radiographs it covers radiologists' lesion masks (:mod:`bundle.data.che
 then scores the DoLL on real radiographs, where without it it is skipped (real CheXpert has no lesion masks of its
 own). ``chexpert.test`` (``test_labels.csv`` or its folder; found by itself in the release folder) adds CheXpert's test
 set: the datalist then takes CheXpert's own splits (``valid.csv`` as validation, the test set as test), so the DoLL
-recipe can be tuned on the validation masks and judged on the test masks (:func:`bundle.data.chexpert.chexpert_datalist`).
+recipe can be tuned on the validation masks and judged on the test masks
+(:func:`bundle.data.chexpert.chexpert_datalist`).
 """
 
 from __future__ import annotations
