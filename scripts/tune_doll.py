@@ -99,7 +99,9 @@ def main() -> None:
     ap.add_argument("--split", default=None,
                     help="split tuned on (default: training on the phantom, validation with CheXlocalize and "
                          "CheXpert's test set; never the split the quality stage scores)")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "doll_tuning.md"))
+    ap.add_argument("--out", default=None,
+                    help="the tables' markdown file (default: docs/doll_tuning.md for the bundle's own run, "
+                         "<root>/doll_tuning.md for another --root, so a run on real data never rewrites the docs)")
     ap.add_argument("--skip-grid", action="store_true", help="only the per-observation thresholds")
     ap.add_argument("--explainer", default=None, choices=["ig", "ig_gradcam"],
                     help="doll#ig#explainer (default: the config's); ig_gradcam tunes the consensus maps' thresholds "
@@ -112,6 +114,9 @@ def main() -> None:
                          "'image_size=[256,256]' --set doll#post#smooth_sigma=8 (the classifiers under --root must "
                          "have been trained at that size)")
     args = ap.parse_args()
+    if args.out is None:
+        own = Path(args.root).resolve() == ROOT.resolve()
+        args.out = str(ROOT / "docs" / "doll_tuning.md" if own else Path(args.root) / "doll_tuning.md")
     torch.set_num_threads(2)
     root = Path(args.root)
     parser = ConfigParser()

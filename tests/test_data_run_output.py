@@ -76,6 +76,27 @@ def test_the_doll_was_scored_against_chexlocalize():
     assert "segmentations of real CheXpert radiographs" in REPORT.read_text()
 
 
+def test_tune_doll_tunes_on_the_validation_masks_apart_from_the_judged_test_set(tmp_path):
+    """scripts/tune_doll.py on the run: CheXlocalize's validation masks (valid.csv) are the tuning split, the quality
+    stage's test set is named as the judged one, and the tables go under the run's root, not into the docs."""
+    import shutil
+
+    root = tmp_path / "run"
+    root.mkdir()
+    for sub in ("data", "models"):  # the run's data and classifiers, through links (nothing in RUN is written)
+        (root / sub).symlink_to(RUN / sub)
+    docs = (ROOT / "docs" / "doll_tuning.md").read_text()
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_doll.py"), "--root", str(root), "--skip-grid",
+                          "--max-images", "4"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "warning" not in res.stdout
+    text = (root / "doll_tuning.md").read_text()
+    assert text.startswith("# DoLL post-processing tuned on CheXlocalize")
+    assert "4 validation images with lesion masks (the quality stage scores the test split)" in text
+    assert (ROOT / "docs" / "doll_tuning.md").read_text() == docs
+    shutil.rmtree(root)
+
+
 def test_mlflow_records_the_sources():
     import mlflow
 
