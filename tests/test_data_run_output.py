@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from data_formats import make_all
+from report_parser import parse, table
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_ROOT = Path(os.environ.get("CXR_DOLL_PIPELINE_ROOT", ROOT / "quick"))
@@ -69,6 +70,8 @@ def test_the_doll_was_scored_against_chexlocalize():
     datalists = json.loads((RUN / "data" / "datalists" / "summary.json").read_text())
     assert datalists["chexpert"]["splits"] == "CheXpert" and set(datalists["chexpert"]["with_lesion"]) == {
         "validation", "test"}
+    sources = table(parse(REPORT), "data_sources").set_index("datalist")
+    assert sources.loc["chexpert", "splits"] == "CheXpert" and str(sources.loc["chexpert", "test"]) == "6"
     assert set(summary["judge"]) == {"CheXlocalize"}
     assert set(rows["observation"]) <= {"Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
                                         "Edema", "Consolidation", "Atelectasis", "Pneumothorax", "Pleural Effusion",

@@ -467,7 +467,8 @@ def _data_section(summary_path: PathLike) -> Section:
                      "dataset": info.get("dataset", "") if written else "",
                      "given as": info.get("given_as") or "", "root": info.get("root") or "",
                      "training": info.get("training", ""), "validation": info.get("validation", ""),
-                     "test": info.get("test", ""), "patients": info.get("patient_grouping") or ""})
+                     "test": info.get("test", ""), "splits": info.get("splits") or "",
+                     "patients": info.get("patient_grouping") or ""})
     import pandas as pd
 
     user = [r["datalist"] for r in rows if r["given as"]]
@@ -476,7 +477,9 @@ def _data_section(summary_path: PathLike) -> Section:
         " No data file was given: every dataset but the real lungs folder is the synthetic phantom."),
         conclusion=True))
     sec.blocks.append(Table("data_sources", pd.DataFrame(rows), "Datalists: source (real or phantom), root, split "
-                                                                  "sizes and patient identity"))
+                                                                  "sizes, how CheXpert was split (its train.csv "
+                                                                  "split by patient, or CheXpert's own splits with "
+                                                                  "the test set) and patient identity"))
     return sec
 
 
