@@ -312,3 +312,27 @@ def test_a_patient_in_two_splits_or_a_radiograph_in_two_files_is_named(tmp_path)
     with pytest.raises(BundleInputError) as err:
         read_chexlocalize(release)
     assert str(gt / "gt_segmentations_test.json") in str(err.value) and "is also in" in str(err.value)
+
+
+def test_one_file_named_in_the_release_is_taken_as_chosen_and_scoring_the_tuning_split_warns(tmp_path, caplog):
+    """chexpert.localize naming the validation file inside a release folder: only that ground truth, no test set (the
+    user picked one file); with the test set named but only the validation masks, the quality stage falls back to
+    the validation split and warns that it is the tuning split."""
+    import logging
+
+    from bundle.doll.quality import lesion_items
+
+    user = tmp_path / "user"
+    top = make_chexpert_small(user / "chexpert", n_train=12, n_valid=4, side=32)
+    release = make_chexlocalize_release(top, user / "chexlocalize", n_test=3, side=32)
+    val = release / "CheXlocalize" / "gt_segmentations_val.json"
+    (tmp_path / "a" / "user").mkdir(parents=True)
+    info, _ = _prepare(tmp_path / "a", f"chexpert: {{root: {user / 'chexpert'}, localize: {val}}}\n")
+    assert info["splits"] == "train.csv split" and info["with_lesion"] == {"test": 4}
+    (tmp_path / "b" / "user").mkdir(parents=True)
+    info, path = _prepare(tmp_path / "b", f"chexpert: {{root: {user / 'chexpert'}, localize: {val}, "
+                                          f"test: {release / 'CheXpert'}}}\n")
+    assert info["splits"] == "CheXpert" and info["with_lesion"] == {"validation": 4}
+    with caplog.at_level(logging.WARNING, logger="bundle.doll.quality"):
+        items = lesion_items(str(path))
+    assert {it["split"] for it in items} == {"validation"} and "not held apart" in caplog.text

@@ -213,7 +213,8 @@ def find_chexlocalize_files(path: PathLike) -> list[Path]:
 def find_release_test(path: PathLike) -> Path | None:
     """The folder of CheXpert's test set in the CheXlocalize release that ``path`` (the release's top folder, its
     ``CheXlocalize/`` folder or a file in it) belongs to: ``<top>/CheXpert`` when it holds ``test_labels.csv``; else
-    ``None``."""
+    ``None``. The data stage asks only for a folder given as ``chexpert.localize``: one file named there is taken as
+    the user's choice of ground truth, and the test set is then added with ``chexpert.test``."""
     p = Path(os.path.expanduser(str(path))).absolute()
     start = p if p.is_dir() else p.parent
     for top in (start, start.parent):

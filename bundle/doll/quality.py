@@ -86,12 +86,17 @@ def lesion_items(datalist_path: str, split: str | None = None) -> list[dict]:
     from ..utils import BundleInputError, load_json
 
     data = load_json(datalist_path)
-    order = LESION_SPLITS[lesion_source(data)]
+    source = lesion_source(data)
+    order = LESION_SPLITS[source]
     for name in ([split] if split else order):
         if name not in data:
             raise BundleInputError(datalist_path, f"no split {name!r} (has {sorted(data)})")
         items = [{**it, "split": name} for it in data[name] if it.get("lesion")]
         if items:
+            if not split and name == TUNING_SPLITS[source]:
+                logger.warning("DoLL quality: scoring the %s split, the one scripts/tune_doll.py tunes on (no lesion "
+                               "masks on %s): not held apart; give the test set's ground truth (CheXlocalize's "
+                               "gt_segmentations_test.json)", name, order[0])
             return items
     raise BundleInputError(datalist_path, f"no item with a lesion mask in {split or ' or '.join(order)}: the "
                                           "DoLL quality needs the phantom's true lesions or CheXlocalize's masks "
