@@ -45,6 +45,8 @@ GRID = {
 }
 #: the generated part of the report ends here; what follows it in an existing report is kept
 KEEP_MARKER = "<!-- scripts/tune_doll.py writes the sections above; the sections below are kept -->"
+#: The config overlay written beside ``--out``: the chosen percentiles and the maps' settings.
+OVERLAY_NAME = "doll_thresholds.yaml"
 #: candidate per-observation percentiles (the mask covers 100 - value % of the image)
 CLASS_PERCENTILES = [80.0, 85.0, 90.0, 92.5, 95.0, 96.0, 97.0, 98.0, 98.5, 99.0, 99.25, 99.5, 99.75]
 
@@ -203,9 +205,30 @@ def main() -> None:
     for name in OBSERVATIONS:
         if name in chosen.index:
             print(f"  {name}: {chosen.loc[name, 'percentile']:g}")
+    overlay = write_overlay(Path(args.out).with_name(OVERLAY_NAME), chosen, args, split, len(cache))
+    print(f"config overlay with these percentiles and the maps' settings: {overlay}")
     print(f"mean IoU {at_default['iou'].mean():.4f} (one percentile) -> {chosen['iou'].mean():.4f} (per observation)")
     if best is not None:
         print("\nbest global setting:", best)
+
+
+def write_overlay(path: Path, chosen: "pd.DataFrame", args, split: str, n_images: int) -> Path:
+    """A config overlay for ``configs/generate_doll.yaml`` (``--config_file "[..., '<path>']"``) holding the chosen
+    per-observation percentiles and every setting the maps were tuned with (``--explainer``, ``--ig``, ``--set``), so
+    the DoLL and its quality are made with exactly the tuned recipe."""
+    values = {name: float(chosen.loc[name, "percentile"]) for name in OBSERVATIONS if name in chosen.index}
+    content: dict = {"doll#post#threshold": "percentile", "doll#post#class_threshold_values": values}
+    if args.explainer:
+        content["doll#ig#explainer"] = args.explainer
+    for prefix, settings in (("doll#ig#", args.ig), ("", args.overrides)):
+        for setting in settings:
+            key, _, value = setting.partition("=")
+            content[prefix + key] = yaml.safe_load(value)
+    head = (f"# DoLL per-observation percentiles chosen by scripts/tune_doll.py on {n_images} {split} images, with the "
+            "settings their maps were made with:\n# an overlay read after configs/generate_doll.yaml (and "
+            "configs/evaluate_doll.yaml for the quality stage).\n")
+    atomic_write_text(path, head + yaml.safe_dump(content, sort_keys=False))
+    return path
 
 
 def _global_grid(gen, cache: list[dict], args) -> tuple["pd.DataFrame", dict, list[str]]:

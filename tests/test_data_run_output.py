@@ -97,6 +97,19 @@ def test_tune_doll_tunes_on_the_validation_masks_apart_from_the_judged_test_set(
     assert text.startswith("# DoLL post-processing tuned on CheXlocalize")
     assert "4 validation images with lesion masks (the quality stage scores the test split)" in text
     assert (ROOT / "docs" / "doll_tuning.md").read_text() == docs
+    # the documented next step: the quality stage with the tuning's overlay, judged on the test set
+    overlay = root / "doll_thresholds.yaml"
+    import yaml
+
+    values = yaml.safe_load(overlay.read_text())["doll#post#class_threshold_values"]
+    assert values and all(80 <= v <= 99.75 for v in values.values())
+    configs = [str(ROOT / "configs" / c) for c in ("generate_doll.yaml", "evaluate_doll.yaml")] + [str(overlay)]
+    res = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(configs), "--data_root",
+                          str(root / "data"), "--models_dir", str(root / "models"), "--output_root",
+                          str(root / "eval")], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = pd.read_csv(root / "eval" / "doll_quality" / "summary.csv")
+    assert set(summary["split"]) == {"test"} and set(summary["judge"]) == {"CheXlocalize"}
     shutil.rmtree(root)
 
 
