@@ -205,18 +205,23 @@ def main() -> None:
     for name in OBSERVATIONS:
         if name in chosen.index:
             print(f"  {name}: {chosen.loc[name, 'percentile']:g}")
-    overlay = write_overlay(Path(args.out).with_name(OVERLAY_NAME), chosen, args, split, len(cache))
+    overlay = write_overlay(Path(args.out).with_name(OVERLAY_NAME), chosen, args, split, len(cache),
+                            configured.get("class_threshold_values"))
     print(f"config overlay with these percentiles and the maps' settings: {overlay}")
     print(f"mean IoU {at_default['iou'].mean():.4f} (one percentile) -> {chosen['iou'].mean():.4f} (per observation)")
     if best is not None:
         print("\nbest global setting:", best)
 
 
-def write_overlay(path: Path, chosen: "pd.DataFrame", args, split: str, n_images: int) -> Path:
+def write_overlay(path: Path, chosen: "pd.DataFrame", args, split: str, n_images: int,
+                  configured: dict | None = None) -> Path:
     """A config overlay for ``configs/generate_doll.yaml`` (``--config_file "[..., '<path>']"``) holding the chosen
     per-observation percentiles and every setting the maps were tuned with (``--explainer``, ``--ig``, ``--set``), so
-    the DoLL and its quality are made with exactly the tuned recipe."""
-    values = {name: float(chosen.loc[name, "percentile"]) for name in OBSERVATIONS if name in chosen.index}
+    the DoLL and its quality are made with exactly the tuned recipe. Observations without a lesion mask to tune on
+    (CheXlocalize has none for Pneumonia, Pleural Other and Fracture) keep their ``configured`` percentile."""
+    tuned = {name: float(chosen.loc[name, "percentile"]) for name in OBSERVATIONS if name in chosen.index}
+    kept = {name: float(v) for name, v in (configured or {}).items() if name not in tuned}
+    values = {name: tuned.get(name, kept.get(name)) for name in OBSERVATIONS if name in tuned or name in kept}
     content: dict = {"doll#post#threshold": "percentile", "doll#post#class_threshold_values": values}
     if args.explainer:
         content["doll#ig#explainer"] = args.explainer
@@ -226,7 +231,8 @@ def write_overlay(path: Path, chosen: "pd.DataFrame", args, split: str, n_images
             content[prefix + key] = yaml.safe_load(value)
     head = (f"# DoLL per-observation percentiles chosen by scripts/tune_doll.py on {n_images} {split} images, with the "
             "settings their maps were made with:\n# an overlay read after configs/generate_doll.yaml (and "
-            "configs/evaluate_doll.yaml for the quality stage).\n")
+            "configs/evaluate_doll.yaml for the quality stage).\n"
+            + (f"# Kept from the config (no lesion mask to tune them on): {', '.join(kept)}.\n" if kept else ""))
     atomic_write_text(path, head + yaml.safe_dump(content, sort_keys=False))
     return path
 

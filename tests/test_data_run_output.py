@@ -102,7 +102,12 @@ def test_tune_doll_tunes_on_the_validation_masks_apart_from_the_judged_test_set(
     import yaml
 
     values = yaml.safe_load(overlay.read_text())["doll#post#class_threshold_values"]
-    assert values and all(80 <= v <= 99.75 for v in values.values())
+    assert all(80 <= v <= 99.75 for v in values.values())
+    configured = yaml.safe_load((ROOT / "configs" / "generate_doll.yaml").read_text())["doll"]["post"][
+        "class_threshold_values"]
+    assert set(values) == set(configured)  # every observation: tuned, or kept where CheXlocalize has no mask
+    assert "Kept from the config (no lesion mask to tune them on): Pneumonia, Pleural Other, Fracture" in \
+        overlay.read_text()
     configs = [str(ROOT / "configs" / c) for c in ("generate_doll.yaml", "evaluate_doll.yaml")] + [str(overlay)]
     res = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(configs), "--data_root",
                           str(root / "data"), "--models_dir", str(root / "models"), "--output_root",
