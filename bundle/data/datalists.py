@@ -153,7 +153,8 @@ def build_all_datalists(
         real_lungs_dir: the real lungs folder (``../shared/data/real-cxr-lungs``); skipped when absent or ``None``.
         seed: seed of every patient split.
         policy, policy_overrides: CheXpert uncertainty policy (see :mod:`bundle.data.chexpert`).
-        chexpert_val_fraction: validation fraction of CheXpert's ``train.csv`` (``valid.csv`` is the test set).
+        chexpert_val_fraction: validation fraction of CheXpert's ``train.csv`` (``valid.csv`` is the test set; with
+            CheXpert's test set, ``valid.csv`` is the validation set and the fraction is not used).
         qata_val_fraction: validation fraction of QaTa's ``Train Set`` (``Test Set`` is the test set).
         seg_fractions: training/validation/test fractions of SCR and of the plain folder.
         check_files: validate files (image exists; masks readable, of the image's size or aspect ratio, non-empty
