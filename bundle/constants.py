@@ -60,7 +60,8 @@ LESION_JUDGES: dict[str, str] = {
 }
 
 
-def judge_description(judge: str | None) -> str:
-    """The words for a DoLL-quality judge (``None``: the phantom, the judge before the column existed)."""
+def judge_description(judge: str | None, split: str | None = None) -> str:
+    """The words for a DoLL-quality judge (``None``: the phantom, the judge before the column existed) and, when
+    known, the split it judged (the ``split`` of ``doll_quality/summary.csv``)."""
     judge = judge or "phantom"
-    return LESION_JUDGES.get(judge, f"lesion masks ({judge})")
+    return LESION_JUDGES.get(judge, f"lesion masks ({judge})") + (f", {split} split" if split else "")

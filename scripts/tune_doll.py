@@ -30,9 +30,8 @@ import yaml  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 
 from bundle.constants import OBSERVATIONS  # noqa: E402
-from bundle.data.chexlocalize import LESION_SOURCE  # noqa: E402
 from bundle.data.io import load_bitmask, resize_mask  # noqa: E402
-from bundle.doll.quality import lesion_items, tuning_items  # noqa: E402
+from bundle.doll.quality import lesion_items, lesion_judge, tuning_items  # noqa: E402
 from bundle.explain.gradcam import gradcam_maps  # noqa: E402
 from bundle.utils import atomic_save, atomic_write_text  # noqa: E402
 
@@ -126,22 +125,24 @@ def main() -> None:
     pipeline = ConfigParser.load_config_file(str(ROOT / "configs" / "pipeline.yaml"))["default"]
     parser.update({"data_root": str(root / "data"), "models_dir": str(root / "models"),
                    "classifier_names": [f"{c['classifier_arch']}_seed{c['seed']}" for c in pipeline["classifiers"]]})
-    if args.explainer:
-        parser["doll"]["ig"]["explainer"] = args.explainer
+    # the maps' settings (config ids -> values), also written into the overlay: --explainer is doll#ig#explainer,
     # --ig KEY=VALUE is --set doll#ig#KEY=VALUE; the --set ids win (applied last)
-    for flag, form, prefix, settings in (("--ig", "KEY=VALUE", "doll#ig#", args.ig),
-                                         ("--set", "ID=VALUE", "", args.overrides)):
-        for setting in settings:
+    settings: dict = {"doll#ig#explainer": args.explainer} if args.explainer else {}
+    for flag, form, prefix, given in (("--ig", "KEY=VALUE", "doll#ig#", args.ig),
+                                      ("--set", "ID=VALUE", "", args.overrides)):
+        for setting in given:
             key, sep, value = setting.partition("=")
             if not sep or not key:
                 ap.error(f"{flag} expects {form}, got {setting!r}")
-            parser[prefix + key] = yaml.safe_load(value)
+            settings[prefix + key] = yaml.safe_load(value)
+    for key, value in settings.items():
+        parser[key] = value
     gen = parser.get_parsed_content("doll_generator")
     preprocess = parser.get_parsed_content("preprocessing")
     split, items = tuning_items(parser.get_parsed_content("datalist"), args.split)
     items = items[: args.max_images]
     judged = lesion_items(parser.get_parsed_content("datalist"))[0]["split"]
-    judge = "CheXlocalize" if items[0].get("lesion_source") == LESION_SOURCE else "the phantom"
+    judge = lesion_judge(items)
     if split == judged:
         print(f"warning: tuning on the {split} split, which the quality stage scores: its figures will not be "
               "held apart", flush=True)
@@ -168,7 +169,7 @@ def main() -> None:
             print(f"IG {len(cache)}/{len(items)}", flush=True)
 
     configured = dict(vars(gen.post))
-    lines = [f"# DoLL post-processing tuned on {judge}", "",
+    lines = [f"# DoLL post-processing tuned on {'the phantom' if judge == 'phantom' else judge}", "",
              f"{len(cache)} {split} images with lesion masks (the quality stage scores the {judged} split), "
              f"classifiers {parser['classifier_names']}, IG {gen.ig_kwargs['n_steps']} steps, explainer "
              f"{gen.ig.explainer}" + (f" ({', '.join(args.ig)})" if args.ig else "")
@@ -205,7 +206,7 @@ def main() -> None:
     for name in OBSERVATIONS:
         if name in chosen.index:
             print(f"  {name}: {chosen.loc[name, 'percentile']:g}")
-    overlay = write_overlay(Path(args.out).with_name(OVERLAY_NAME), chosen, args, split, len(cache),
+    overlay = write_overlay(Path(args.out).with_name(OVERLAY_NAME), chosen, settings, split, len(cache),
                             configured.get("class_threshold_values"))
     print(f"config overlay with these percentiles and the maps' settings: {overlay}")
     print(f"mean IoU {at_default['iou'].mean():.4f} (one percentile) -> {chosen['iou'].mean():.4f} (per observation)")
@@ -213,22 +214,16 @@ def main() -> None:
         print("\nbest global setting:", best)
 
 
-def write_overlay(path: Path, chosen: "pd.DataFrame", args, split: str, n_images: int,
+def write_overlay(path: Path, chosen: "pd.DataFrame", settings: dict, split: str, n_images: int,
                   configured: dict | None = None) -> Path:
     """A config overlay for ``configs/generate_doll.yaml`` (``--config_file "[..., '<path>']"``) holding the chosen
-    per-observation percentiles and every setting the maps were tuned with (``--explainer``, ``--ig``, ``--set``), so
-    the DoLL and its quality are made with exactly the tuned recipe. Observations without a lesion mask to tune on
+    per-observation percentiles and every setting the maps were tuned with (``settings``: ``--explainer``, ``--ig``,
+    ``--set`` as config ids), so the DoLL and its quality are made with exactly the tuned recipe. Observations without a lesion mask to tune on
     (CheXlocalize has none for Pneumonia, Pleural Other and Fracture) keep their ``configured`` percentile."""
     tuned = {name: float(chosen.loc[name, "percentile"]) for name in OBSERVATIONS if name in chosen.index}
     kept = {name: float(v) for name, v in (configured or {}).items() if name not in tuned}
     values = {name: tuned.get(name, kept.get(name)) for name in OBSERVATIONS if name in tuned or name in kept}
-    content: dict = {"doll#post#threshold": "percentile", "doll#post#class_threshold_values": values}
-    if args.explainer:
-        content["doll#ig#explainer"] = args.explainer
-    for prefix, settings in (("doll#ig#", args.ig), ("", args.overrides)):
-        for setting in settings:
-            key, _, value = setting.partition("=")
-            content[prefix + key] = yaml.safe_load(value)
+    content: dict = {"doll#post#threshold": "percentile", "doll#post#class_threshold_values": values, **settings}
     head = (f"# DoLL per-observation percentiles chosen by scripts/tune_doll.py on {n_images} {split} images, with the "
             "settings their maps were made with:\n# an overlay read after configs/generate_doll.yaml (and "
             "configs/evaluate_doll.yaml for the quality stage).\n"

@@ -172,6 +172,9 @@ class CheXlocalize:
     sizes: dict[tuple[str, str, str], tuple[int, int]] = field(default_factory=dict)
     radiographs: int = 0
 
+    def __post_init__(self) -> None:
+        self.files = list(self.files) or [self.path]
+
     def counts(self) -> dict[str, int]:
         """Radiographs with a non-empty mask, per observation name."""
         out: dict[str, int] = {}
@@ -211,13 +214,14 @@ def find_chexlocalize_files(path: PathLike) -> list[Path]:
 
 
 def find_release_test(path: PathLike) -> Path | None:
-    """The folder of CheXpert's test set in the CheXlocalize release that ``path`` (the release's top folder, its
-    ``CheXlocalize/`` folder or a file in it) belongs to: ``<top>/CheXpert`` when it holds ``test_labels.csv``; else
-    ``None``. The data stage asks only for a folder given as ``chexpert.localize``: one file named there is taken as
-    the user's choice of ground truth, and the test set is then added with ``chexpert.test``."""
+    """The folder of CheXpert's test set in the CheXlocalize release whose top folder, or ``CheXlocalize/`` folder,
+    ``path`` is: ``<top>/CheXpert`` when it holds ``test_labels.csv``; else ``None``. A file (one ground-truth JSON
+    named as ``chexpert.localize``) gives ``None``: it is taken as the user's choice of ground truth, and the test set
+    is then added with ``chexpert.test``."""
     p = Path(os.path.expanduser(str(path))).absolute()
-    start = p if p.is_dir() else p.parent
-    for top in (start, start.parent):
+    if not p.is_dir():
+        return None
+    for top in (p, p.parent):
         if (top / "CheXpert" / "test_labels.csv").is_file():
             return top / "CheXpert"
     return None
@@ -259,7 +263,7 @@ def _read_one(gt_path: Path) -> CheXlocalize:
     if not isinstance(raw, Mapping):
         raise BundleInputError(gt_path, f"expected a mapping of radiograph ids, got {type(raw).__name__}")
     index = {name: i for i, name in enumerate(OBSERVATIONS)}
-    out = CheXlocalize(path=str(gt_path), files=[str(gt_path)])
+    out = CheXlocalize(path=str(gt_path))
     for cxr_id, tasks in raw.items():
         key = parse_cxr_id(cxr_id)
         if key is None:
@@ -319,7 +323,7 @@ def attach_chexlocalize(datalist: Mapping[str, list[dict[str, Any]]], gt: CheXlo
     if not seen:
         raise BundleInputError(gt.path, "no radiograph of this CheXlocalize file is in the CheXpert datalist (its "
                                         "ids are patient/study/view of CheXpert's valid or test images)")
-    summary = {"file": gt.path, "files": list(gt.files or [gt.path]), "radiographs": gt.radiographs,
+    summary = {"file": gt.path, "files": list(gt.files), "radiographs": gt.radiographs,
                "with_masks": len(gt.masks), "matched": matched,
                "unmatched": len(unmatched), "unmatched_examples": unmatched[:10],
                "masks_per_observation": gt.counts(), "lesion_dir": str(lesion_dir)}
@@ -334,7 +338,7 @@ def write_chexlocalize_masks(gt: CheXlocalize, lesion_dir: PathLike,
     from .io import save_png
 
     lesion_dir = Path(lesion_dir)
-    source_mtime = max(os.path.getmtime(f) for f in (gt.files or [gt.path]))
+    source_mtime = max(os.path.getmtime(f) for f in gt.files)
     written = 0
     for key in (gt.masks if keys is None else keys):
         target = lesion_dir / key[0] / key[1] / f"{key[2]}.png"

@@ -503,9 +503,8 @@ def chexpert_datalist(
         splits = "train.csv split"
     else:
         test_csv = find_chexpert_test(test)
-        test_items, s_test = chexpert_items(test_csv, data_root=test_csv.parent, policy=policy,
-                                            policy_overrides=policy_overrides, frontal_only=frontal_only,
-                                            check_files=check_files, on_error=on_error, required=TEST_LABEL_COLUMNS)
+        test_items, s_test = chexpert_items(test_csv, **{**kwargs, "data_root": test_csv.parent,
+                                                         "dataset_dirname": None, "required": TEST_LABEL_COLUMNS})
         datalist = {"training": train, "validation": valid, "test": test_items}
         _check_disjoint_patients(datalist, {"training": ds_dir / "train.csv", "validation": ds_dir / "valid.csv",
                                             "test": test_csv})

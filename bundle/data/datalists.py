@@ -221,8 +221,7 @@ def build_all_datalists(
         root = roots[name]
         if name == "chexpert":
             test_set = spec.get("test")
-            if test_set is None and spec.get("localize") and os.path.isdir(spec["localize"]):
-                # a release folder (not one file the user picked) also ships CheXpert's test set
+            if test_set is None and spec.get("localize"):  # a release folder also ships CheXpert's test set
                 test_set = find_release_test(spec["localize"])
                 if test_set is not None:
                     logger.info("datalists: CheXpert's test set found in the CheXlocalize release: %s", test_set)

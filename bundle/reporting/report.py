@@ -515,11 +515,9 @@ def _doll_section(doll_dir: PathLike | None) -> Section:
     if "n" in summary.columns:
         n = summary.groupby("observation")["n"].max()
         table.insert(1, "n", table["observation"].map(n).astype("Int64"))
-    judges = summary["judge"].dropna() if "judge" in summary.columns else ()
-    truth = judge_description(str(judges.iloc[0]) if len(judges) else None)
-    splits = summary["split"].dropna() if "split" in summary.columns else ()
-    if len(splits):  # the split judged (held apart from the one the recipe was tuned on)
-        truth += f", {splits.iloc[0]} split"
+    first = {c: str(summary[c].dropna().iloc[0]) for c in ("judge", "split")
+             if c in summary.columns and summary[c].notna().any()}
+    truth = judge_description(first.get("judge"), first.get("split"))
     sec.blocks.append(Table("doll_quality", table, f"IoU with the {truth} per observation (DoLL: boosted IG "
                                                    "of all classifiers; gradcam and ig_single: first classifier)"))
     if "all" in iou.index:
