@@ -60,8 +60,21 @@ LESION_JUDGES: dict[str, str] = {
 }
 
 
-def judge_description(judge: str | None, split: str | None = None) -> str:
+#: Where the DoLL quality was scored, by the ``scoring`` of ``doll_quality/summary.csv``
+#: (:data:`bundle.doll.quality.SCORING`).
+SCORING_PLACES: dict[str, str] = {"grid": "on the network's input grid", "label": "at each mask's own size"}
+
+
+def judge_description(judge: str | None, split: str | None = None, scoring: str | None = None) -> str:
     """The words for a DoLL-quality judge (``None``: the phantom, the judge before the column existed) and, when
-    known, the split it judged (the ``split`` of ``doll_quality/summary.csv``)."""
+    known, the split it judged and how (the ``split`` and ``scoring`` of ``doll_quality/summary.csv``, e.g.
+    ``"label, tolerance 0 px"``)."""
     judge = judge or "phantom"
-    return LESION_JUDGES.get(judge, f"lesion masks ({judge})") + (f", {split} split" if split else "")
+    words = LESION_JUDGES.get(judge, f"lesion masks ({judge})") + (f", {split} split" if split else "")
+    if scoring:
+        parts = []
+        for one in scoring.split("+"):
+            place, _, tolerance = one.partition(", ")
+            parts.append(f"{SCORING_PLACES.get(place, place)}" + (f", pointing-game {tolerance}" if tolerance else ""))
+        words += f" (scored {'; '.join(parts)})"
+    return words

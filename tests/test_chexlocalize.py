@@ -181,9 +181,13 @@ def test_masks_are_written_once_and_rewritten_when_the_file_changes(tmp_path):
     assert write_chexlocalize_masks(loc, tmp_path / "masks") == len(loc.masks)
 
 
-@pytest.mark.parametrize("judge, words", [(None, "true lesions of the phantom"),
-                                          ("CheXlocalize", "CheXlocalize radiologists' segmentations of real")])
-def test_the_report_names_what_the_doll_was_scored_against(tmp_path, judge, words):
+@pytest.mark.parametrize("judge, scoring, words", [
+    (None, None, "true lesions of the phantom"),
+    ("phantom", "grid, tolerance 3 px", "true lesions of the phantom (scored on the network's input grid, "
+                                        "pointing-game tolerance 3 px)"),
+    ("CheXlocalize", "label, tolerance 0 px", "CheXlocalize radiologists' segmentations of real CheXpert radiographs "
+                                              "(scored at each mask's own size, pointing-game tolerance 0 px)")])
+def test_the_report_names_what_the_doll_was_scored_against(tmp_path, judge, scoring, words):
     import pandas as pd
 
     from bundle.reporting.report import Table, Text, _doll_section
@@ -193,6 +197,8 @@ def test_the_report_names_what_the_doll_was_scored_against(tmp_path, judge, word
     frame = pd.DataFrame(rows)
     if judge:
         frame["judge"] = judge
+    if scoring:
+        frame["scoring"] = scoring
     frame.to_csv(tmp_path / "summary.csv", index=False)
     sec = _doll_section(tmp_path)
     conclusion = [b.text for b in sec.blocks if isinstance(b, Text) and b.conclusion]

@@ -77,6 +77,15 @@ def test_the_doll_was_scored_against_chexlocalize():
                                         "Edema", "Consolidation", "Atelectasis", "Pneumothorax", "Pleural Effusion",
                                         "Support Devices"}
     assert "segmentations of real CheXpert radiographs" in REPORT.read_text()
+    # scored as CheXlocalize's evaluation does: at each mask's own size (here 2x the small images), no tolerance
+    from bundle.data.io import load_bitmask
+
+    lesions = {it["image"]: it["lesion"] for it in json.loads((RUN / "data" / "datalists" / "chexpert.json")
+                                                                .read_text())["test"] if it.get("lesion")}
+    for image, size in rows.groupby("image")["scored_at"].first().items():
+        assert size == "x".join(map(str, load_bitmask(lesions[image], 14).shape[-2:])) != "128x128"
+    assert set(summary["scoring"]) == {"label, tolerance 0 px"}
+    assert "(scored at each mask&#x27;s own size, pointing-game tolerance 0 px)" in REPORT.read_text()
 
 
 def test_tune_doll_tunes_on_the_validation_masks_apart_from_the_judged_test_set(tmp_path):

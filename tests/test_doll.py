@@ -375,7 +375,8 @@ def test_two_process_sharding_gives_the_single_process_datalist(tmp_path):
 
 # ---- quality against true lesions (configs/evaluate_doll.yaml) --------------------------------------------------
 def test_quality_scores_hand_computed_case():
-    from bundle.doll.quality import _resize_mask, _scores
+    from bundle.data.io import resize_mask
+    from bundle.doll.quality import _scores
 
     truth = np.zeros((10, 10), bool)
     truth[2:6, 2:6] = True                      # 16 px
@@ -391,7 +392,7 @@ def test_quality_scores_hand_computed_case():
     assert _scores(pred, soft, truth, tolerance=1)[2] == 0.0  # 4-connected dilation does not reach the diagonal
     assert _scores(pred, soft, truth, tolerance=2)[2] == 1.0
     assert _scores(pred, np.zeros((10, 10)), truth, tolerance=5)[2] == 0.0  # an empty map points nowhere
-    big = _resize_mask(np.kron(truth, np.ones((2, 2), bool)), (10, 10))  # a 20 x 20 mask back to 10 x 10
+    big = resize_mask(np.kron(truth, np.ones((2, 2), bool)), (10, 10))  # a 20 x 20 mask back to 10 x 10
     assert big.shape == (10, 10) and np.array_equal(big, truth)
 
 
@@ -449,6 +450,52 @@ def test_quality_of_a_known_classifier(tmp_path):
     overall = {r["method"]: r for r in table if r["observation"] == "all"}
     assert overall["doll"]["n"] == 3 and overall["doll"]["iou"] == pytest.approx(np.mean([by[(i, "doll")] for i in "012"]))
     assert [e["observation"] for e in examples] == ["Cardiomegaly", "Edema", "Atelectasis"]
+
+
+def test_quality_scores_chexlocalize_masks_at_their_own_size(tmp_path):
+    """CheXlocalize's masks are scored at their own size (its evaluation's protocol: maps resized bilinearly, no
+    pointing tolerance), the phantom's on the grid; a one-pixel speck of the truth that the grid loses counts at the
+    label's size. Expected figures from the generator's own grid masks, upsampled by hand (a bilinear 2x upsampling
+    of a binary mask thresholded at 0.5 is its 2 x 2 block copy)."""
+    from bundle.data.io import encode_bitmask, save_png
+    from bundle.doll.quality import evaluate_quality, scoring_description
+
+    net = RegionClassifier(_regions())
+    gen = DoLLGenerator([net], smooth_sigma=0.5, min_component_size=4, n_steps=8)
+    x = np.zeros((32, 32), np.float32)
+    x[9:15, 9:15] = 1.0
+    label = [float("nan")] * 14
+    label[5] = 1.0
+    lesion = np.zeros((14, 64, 64), np.uint8)
+    lesion[5] = np.kron(x > 0, np.ones((2, 2), bool))
+    lesion[5, 60, 3] = 1                                     # a speck: a quarter of a grid pixel's coverage
+    save_png(tmp_path / "lesion.png", encode_bitmask(lesion))
+
+    def preprocess(item):
+        return {"image": torch.as_tensor(x)[None], "label": torch.tensor(label)}
+
+    out = gen(torch.as_tensor(x)[None, None], torch.tensor(label)[None])
+    pred = np.kron(out.masks[0, 5].numpy() > 0, np.ones((2, 2), bool))
+    truth = lesion[5] > 0
+    expected = np.logical_and(pred, truth).sum() / np.logical_or(pred, truth).sum()
+    assert 0.5 < expected < 1
+    real = {"image": "0", "lesion": str(tmp_path / "lesion.png"), "lesion_source": "CheXlocalize"}
+    phantom = {k: v for k, v in real.items() if k != "lesion_source"}
+    rows_real, _ = evaluate_quality([real], gen, preprocess, gradcam_layer=None)
+    rows_phantom, _ = evaluate_quality([phantom], gen, preprocess, gradcam_layer=None)
+    forced, _ = evaluate_quality([phantom], gen, preprocess, gradcam_layer=None, score_at="label")
+    doll = {name: next(r for r in rows if r["method"] == "doll")
+            for name, rows in (("real", rows_real), ("phantom", rows_phantom), ("forced", forced))}
+    assert doll["real"]["scored_at"] == "64x64" and doll["phantom"]["scored_at"] == "32x32"
+    assert doll["real"]["iou"] == pytest.approx(expected) and doll["forced"]["iou"] == pytest.approx(expected)
+    grid_truth = x > 0                                       # the speck does not survive the grid
+    grid_pred = out.masks[0, 5].numpy() > 0
+    grid = np.logical_and(grid_pred, grid_truth).sum() / np.logical_or(grid_pred, grid_truth).sum()
+    assert doll["phantom"]["iou"] == pytest.approx(grid) and grid > expected
+    assert doll["real"]["hit"] == 1.0                        # the map's maximum is inside the patch
+    assert scoring_description([real, phantom]) == "grid, tolerance 3 px+label, tolerance 0 px"
+    with pytest.raises(ValueError, match="score_at"):
+        evaluate_quality([phantom], gen, preprocess, gradcam_layer=None, score_at="full")
 
 
 def test_gradcam_maps_match_captum_layer_gradcam():

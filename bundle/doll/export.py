@@ -132,7 +132,7 @@ def _card_markdown(card: Mapping[str, Any]) -> str:
               "## Measured quality", ""]
     overall = [r for r in card["quality"] if r.get("observation") == "all"]
     if overall:
-        lines += [f"IoU with the {judge_description(overall[0].get('judge'), overall[0].get('split'))}.", ""]
+        lines += [f"IoU with the {judge_description(*(overall[0].get(c) for c in ('judge', 'split', 'scoring')))}.", ""]
         lines += ["| method | n | IoU | Dice | hit |", "|---|---|---|---|---|"]
         lines += [f"| {r['method']} | {int(r['n'])} | {r['iou']:.3f} | {r['dice']:.3f} | {r['hit']:.3f} |"
                   for r in overall]

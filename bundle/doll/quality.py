@@ -10,6 +10,11 @@ with the same post-processing (smoothing, per-map normalisation, threshold, smal
 Measures per observation: IoU and Dice of the mask against the true lesion (0 when the observation was not a
 target: a missed finding counts), and the pointing game (the soft map's maximum falls inside the lesion, dilated by
 ``tolerance`` pixels). Outputs: tidy rows, a per-observation table, an overlay panel PNG.
+
+Where the scores are computed depends on the judge (:data:`SCORING`): the phantom's lesions on the network's input
+grid (the truth resized to it), CheXlocalize's radiologist masks at their own size, the full radiograph's (the maps
+resized to it bilinearly, as CheXlocalize's evaluation code does, with a pointing game without tolerance), so that
+its figures compare with the published ones.
 """
 
 from __future__ import annotations
@@ -23,13 +28,24 @@ import torch
 
 from ..constants import OBSERVATIONS, slug
 from ..data.chexlocalize import LESION_SOURCE
-from ..data.io import load_bitmask, resize_mask
+from ..data.io import load_bitmask, resample_image, resize_mask
 from ..explain.gradcam import gradcam_maps
 from .generator import DoLLGenerator
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("doll", "ig_single", "gradcam")
+
+#: Where each lesion source's masks are scored and the pointing game's tolerance there, in that geometry's pixels.
+#: ``"grid"``: the network's input grid, the truth resized to it (:func:`bundle.data.io.resize_mask`); the phantom's
+#: lesions, with 3 px at 128 px. ``"label"``: the truth's own size, each method's soft map resized to it
+#: (:func:`bundle.data.io.resample_image`: bilinear, ``align_corners=False`` when growing, as CheXlocalize's
+#: ``eval.py`` resizes a saliency map to the radiograph's size) and its mask as a coverage map
+#: (:func:`bundle.data.io.resize_mask`); CheXlocalize's radiologist masks, whose published IoU and hit rates are
+#: computed so, the hit rate with no tolerance. The per-observation thresholds are the grid's in both (the DoLL a
+#: pre-training run learns from is the grid's).
+SCORING: dict[str, dict[str, Any]] = {"phantom": {"score_at": "grid", "tolerance": 3},
+                                      LESION_SOURCE: {"score_at": "label", "tolerance": 0}}
 
 
 #: The splits searched for lesion masks when none is named, in order, per lesion source. The phantom's true lesions
@@ -103,9 +119,13 @@ def lesion_items(datalist_path: str, split: str | None = None) -> list[dict]:
                                           "(chexpert.localize in the data file)")
 
 
-def _resize_mask(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """A 2-D bit mask at ``size`` on the image's pixel grid (:func:`bundle.data.io.resize_mask`)."""
-    return resize_mask(mask, size)
+def _scoring(item: dict, score_at: str | None, tolerance: int | None) -> tuple[str, int]:
+    """``(score_at, tolerance)`` for ``item``: the values given, else its lesion source's in :data:`SCORING`."""
+    default = SCORING[LESION_SOURCE if item.get("lesion_source") == LESION_SOURCE else "phantom"]
+    at = default["score_at"] if score_at is None else str(score_at)
+    if at not in ("grid", "label"):
+        raise ValueError(f"score_at {at!r}: use 'grid', 'label' or None (by lesion source)")
+    return at, int(default["tolerance"] if tolerance is None else tolerance)
 
 
 def _scores(pred: np.ndarray, soft: np.ndarray, truth: np.ndarray, tolerance: int) -> tuple[float, float, float]:
@@ -125,8 +145,9 @@ def _scores(pred: np.ndarray, soft: np.ndarray, truth: np.ndarray, tolerance: in
 
 
 def evaluate_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess: Callable[[dict], dict],
-                     gradcam_layer: str | None, tolerance: int = 3, max_images: int | None = None,
-                     batch_size: int = 4, names: Sequence[str] = OBSERVATIONS) -> tuple[list[dict], list[dict]]:
+                     gradcam_layer: str | None, tolerance: int | None = None, max_images: int | None = None,
+                     batch_size: int = 4, names: Sequence[str] = OBSERVATIONS,
+                     score_at: str | None = None) -> tuple[list[dict], list[dict]]:
     """Score DoLL, single-classifier IG and Grad-CAM on ``items`` that have a ``lesion`` bit mask.
 
     Args:
@@ -134,12 +155,16 @@ def evaluate_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess
         generator: the DoLL generator (its first classifier gives ``ig_single`` and ``gradcam``).
         preprocess: the stage's pre-processing of one item (gives ``image`` ``(1, H, W)`` and ``label`` with NaN).
         gradcam_layer: Grad-CAM layer name of the first classifier (``None`` skips Grad-CAM).
-        tolerance: pointing-game tolerance in pixels.
+        tolerance: pointing-game tolerance in pixels of the scoring geometry; ``None``: the item's lesion source's
+            (:data:`SCORING`).
+        score_at: ``"grid"`` (the network's input grid) or ``"label"`` (each lesion mask's own size); ``None``: the
+            item's lesion source's (:data:`SCORING`).
 
     Returns:
-        ``(rows, examples)``: tidy rows ``{image, observation, method, iou, dice, hit, target}`` for every
-        (image, observation with a true lesion, method), and per observation one example
-        ``{observation, image, truth, doll, gradcam, ig_single}`` arrays for the overlay panel.
+        ``(rows, examples)``: tidy rows ``{image, observation, method, iou, dice, hit, target, predicted,
+        scored_at}`` for every (image, observation with a true lesion, method), ``scored_at`` the scoring size
+        ``"HxW"``; and per observation one example ``{observation, image, truth, doll, gradcam, ig_single}`` arrays
+        (on the grid) for the overlay panel.
     """
     items = [it for it in items if it.get("lesion")]
     if max_images:
@@ -160,26 +185,33 @@ def evaluate_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess
             maps["gradcam"] = generator.postprocess_soft(
                 gradcam_maps(generator.classifiers[0], gradcam_layer, images, out.targets, k)
                 .flatten(0, 1).unsqueeze(1)).view(len(batch), k, *images.shape[-2:])
+        grid = tuple(images.shape[-2:])
         for i, it in enumerate(items[start: start + len(batch)]):
             truth_all = load_bitmask(it["lesion"], k)
+            at, tol = _scoring(it, score_at, tolerance)
             row_targets = set(out.targets[i])
             for c in range(k):
                 if not truth_all[c].any():
                     continue
-                truth = _resize_mask(truth_all[c], images.shape[-2:])
+                truth = resize_mask(truth_all[c], grid)
+                scored = truth if at == "grid" else truth_all[c].astype(bool)
                 preds = {}
                 for method, m in maps.items():
-                    soft = m[i, c].detach().cpu().numpy() if c in row_targets else np.zeros(truth.shape)
+                    soft = m[i, c].detach().cpu().numpy() if c in row_targets else np.zeros(grid, np.float32)
                     if method == "doll":
                         pred = out.masks[i, c].cpu().numpy() > 0
                     elif c in row_targets:
                         pred = generator.binarize(m[i, c][None].detach(), [c])[0].cpu().numpy()
                     else:
-                        pred = np.zeros(truth.shape, dtype=bool)
-                    iou, dice, hit = _scores(pred, soft, truth, tolerance)
+                        pred = np.zeros(grid, dtype=bool)
+                    if at == "label":
+                        iou, dice, hit = _scores(resize_mask(pred, scored.shape), resample_image(soft, scored.shape),
+                                                 scored, tol)
+                    else:
+                        iou, dice, hit = _scores(pred, soft, scored, tol)
                     rows.append({"image": it["image"], "observation": names[c], "method": method, "iou": iou,
                                  "dice": dice, "hit": hit, "target": int(c in row_targets),
-                                 "predicted": int(pred.any())})
+                                 "predicted": int(pred.any()), "scored_at": "x".join(map(str, scored.shape))})
                     preds[method] = pred
                 if c in row_targets and (c not in examples or truth.sum() > examples[c]["truth"].sum()):
                     examples[c] = {"observation": names[c], "image": images[i, 0].numpy(), "truth": truth, **preds}
@@ -244,22 +276,36 @@ def lesion_judge(items: Sequence[dict]) -> str:
     return "+".join(sorted({str(it.get("lesion_source") or "phantom") for it in items if it.get("lesion")})) or "none"
 
 
+def scoring_description(items: Sequence[dict], score_at: str | None = None, tolerance: int | None = None) -> str:
+    """How the items' lesions are scored (:func:`_scoring`), e.g. ``"grid, tolerance 3 px"`` or, for
+    CheXlocalize's, ``"label, tolerance 0 px"``; several joined by ``+``."""
+    return "+".join(sorted({"{}, tolerance {} px".format(*_scoring(it, score_at, tolerance))
+                            for it in items if it.get("lesion")})) or "none"
+
+
 def run_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess: Callable[[dict], dict],
-                gradcam_layer: str | None, out_dir: str, tolerance: int = 3, max_images: int | None = 200,
-                tracking_uri: str | None = None, experiment: str = "cxr_doll_doll") -> dict[str, Any]:
+                gradcam_layer: str | None, out_dir: str, tolerance: int | None = None, max_images: int | None = 200,
+                tracking_uri: str | None = None, experiment: str = "cxr_doll_doll",
+                score_at: str | None = None) -> dict[str, Any]:
     """Score, write ``rows.csv``, ``summary.csv``/``summary.json`` and ``panel.png`` into ``out_dir``, log to MLflow.
-    Returns the overall mean IoU / Dice / hit rate per method (and on the true-positive slice: :func:`summarize`)."""
+    Returns the overall mean IoU / Dice / hit rate per method (and on the true-positive slice: :func:`summarize`).
+    ``tolerance`` and ``score_at`` as :func:`evaluate_quality` (``None``: by lesion source, :data:`SCORING`); the
+    summary's ``scoring`` column says which were used."""
     import pandas as pd
 
     from ..utils import atomic_save, atomic_write_json
 
-    rows, examples = evaluate_quality(items, generator, preprocess, gradcam_layer, tolerance, max_images)
+    items = [it for it in items if it.get("lesion")][:max_images or None]
+    rows, examples = evaluate_quality(items, generator, preprocess, gradcam_layer, tolerance, max_images,
+                                      score_at=score_at)
     table = summarize(rows)
     judge = lesion_judge(items)
     split = "+".join(sorted({str(it["split"]) for it in items if it.get("split")})) or None
+    scoring = scoring_description(items, score_at, tolerance)
     for row in table:
         row["judge"] = judge
         row["split"] = split
+        row["scoring"] = scoring
     os.makedirs(out_dir, exist_ok=True)
     atomic_save(os.path.join(out_dir, "rows.csv"), lambda t: pd.DataFrame(rows).to_csv(t, index=False))
     atomic_save(os.path.join(out_dir, "summary.csv"), lambda t: pd.DataFrame(table).to_csv(t, index=False))
@@ -272,7 +318,7 @@ def run_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess: Cal
         from ..tracking import log_run
 
         log_run(tracking_uri, experiment, "quality", params={"n_images": len({r['image'] for r in rows}),
-                                                            "tolerance": tolerance, "judge": judge,
+                                                            "scoring": scoring, "judge": judge,
                                                             "split": split},
                 metrics={**overall, **per_obs},
                 artifacts=[p for p in (os.path.join(out_dir, "summary.csv"), panel) if p], tags={"stage": "doll"})

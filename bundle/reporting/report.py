@@ -515,9 +515,9 @@ def _doll_section(doll_dir: PathLike | None) -> Section:
     if "n" in summary.columns:
         n = summary.groupby("observation")["n"].max()
         table.insert(1, "n", table["observation"].map(n).astype("Int64"))
-    first = {c: str(summary[c].dropna().iloc[0]) for c in ("judge", "split")
+    first = {c: str(summary[c].dropna().iloc[0]) for c in ("judge", "split", "scoring")
              if c in summary.columns and summary[c].notna().any()}
-    truth = judge_description(first.get("judge"), first.get("split"))
+    truth = judge_description(first.get("judge"), first.get("split"), first.get("scoring"))
     sec.blocks.append(Table("doll_quality", table, f"IoU with the {truth} per observation (DoLL: boosted IG "
                                                    "of all classifiers; gradcam and ig_single: first classifier)"))
     if "all" in iou.index:
