@@ -75,6 +75,9 @@ def judge_description(judge: str | None, split: str | None = None, scoring: str 
         parts = []
         for one in scoring.split("+"):
             place, _, tolerance = one.partition(", ")
-            parts.append(f"{SCORING_PLACES.get(place, place)}" + (f", pointing-game {tolerance}" if tolerance else ""))
-        words += f" (scored {'; '.join(parts)})"
+            px = tolerance.removeprefix("tolerance ").removesuffix(" px")
+            within = "" if not tolerance else " with no pointing-game tolerance" if px == "0" else \
+                f" with a {px} px pointing-game tolerance"
+            parts.append(SCORING_PLACES.get(place, place) + within)
+        words += f", scored {' and '.join(parts)}"
     return words

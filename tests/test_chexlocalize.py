@@ -183,10 +183,10 @@ def test_masks_are_written_once_and_rewritten_when_the_file_changes(tmp_path):
 
 @pytest.mark.parametrize("judge, scoring, words", [
     (None, None, "true lesions of the phantom"),
-    ("phantom", "grid, tolerance 3 px", "true lesions of the phantom (scored on the network's input grid, "
-                                        "pointing-game tolerance 3 px)"),
-    ("CheXlocalize", "label, tolerance 0 px", "CheXlocalize radiologists' segmentations of real CheXpert radiographs "
-                                              "(scored at each mask's own size, pointing-game tolerance 0 px)")])
+    ("phantom", "grid, tolerance 3 px", "true lesions of the phantom, scored on the network's input grid with a "
+                                        "3 px pointing-game tolerance"),
+    ("CheXlocalize", "label, tolerance 0 px", "CheXlocalize radiologists' segmentations of real CheXpert radiographs, "
+                                              "scored at each mask's own size with no pointing-game tolerance")])
 def test_the_report_names_what_the_doll_was_scored_against(tmp_path, judge, scoring, words):
     import pandas as pd
 

@@ -85,7 +85,7 @@ def test_the_doll_was_scored_against_chexlocalize():
     for image, size in rows.groupby("image")["scored_at"].first().items():
         assert size == "x".join(map(str, load_bitmask(lesions[image], 14).shape[-2:])) != "128x128"
     assert set(summary["scoring"]) == {"label, tolerance 0 px"}
-    assert "(scored at each mask&#x27;s own size, pointing-game tolerance 0 px)" in REPORT.read_text()
+    assert "scored at each mask&#x27;s own size with no pointing-game tolerance" in REPORT.read_text()
 
 
 def test_tune_doll_tunes_on_the_validation_masks_apart_from_the_judged_test_set(tmp_path):
