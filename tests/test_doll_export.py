@@ -38,7 +38,8 @@ def make_doll(tmp_path):
 def test_export_writes_relative_datalist_identical_masks_and_a_card(tmp_path):
     root, datalist, items = make_doll(tmp_path)
     quality = tmp_path / "summary.csv"
-    quality.write_text("observation,method,n,iou,dice,hit\nall,doll,3,0.25,0.4,0.75\n")
+    quality.write_text("observation,method,n,iou,dice,hit,judge,split,scoring\n"
+                       'all,doll,3,0.25,0.4,0.75,phantom,validation,"grid, tolerance 3 px"\n')
     out = tmp_path / "CheXpert-DoLL"
     res = export_doll_dataset(datalist, root, out, name="CheXpert-DoLL", recipe={"ig": {"n_steps": 8}},
                               classifiers={"c0": {"val_mean_auroc": 0.84}}, quality_summary=quality, archive=True)
@@ -54,6 +55,8 @@ def test_export_writes_relative_datalist_identical_masks_and_a_card(tmp_path):
     assert card["per_observation"][OBSERVATIONS[1]] == 0 and card["recipe"] == {"ig": {"n_steps": 8}}
     text = (out / "DATA_CARD.md").read_text()
     assert "CheXpert-DoLL" in text and "| doll | 3 | 0.250 | 0.400 | 0.750 |" in text and "0.84" in text
+    assert "IoU with the true lesions of the phantom, validation split, scored on the network's input grid with a " \
+           "3 px pointing-game tolerance." in text
     with tarfile.open(res["archive"]) as tar:
         names = tar.getnames()
     assert "CheXpert-DoLL/datalist.json" in names and "CheXpert-DoLL/masks/CheXpert-v1.0-small/train/a.png" in names
