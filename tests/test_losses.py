@@ -135,8 +135,9 @@ def _ddp_loss_worker(rank: int, init_file: str, out_file: str) -> None:
                                      "grads": [p.grad.clone() for p in net.parameters()]}
     if rank == 0:
         torch.save(results, out_file)
-    dist.barrier()
-    dist.destroy_process_group()
+    from bundle.utils import shutdown_distributed
+
+    shutdown_distributed(ddp)  # the last wrapper's reducer freed before its group (a freed-late one can hang exit)
 
 
 def test_batch_dice_over_ranks_equals_one_process():
