@@ -87,6 +87,28 @@ def test_normalize_maps_per_map():
     assert torch.allclose(out[0], torch.tensor([[0.0, 0.5], [0.25, 1.0]])) and out[1].abs().sum() == 0
 
 
+def test_percentile_normalisation_without_the_clip_keeps_the_maps_order():
+    """A 10 x 10 ramp 0..99 (plus one negative value): normalised by its 90th percentile (89.1, numpy's linear
+    interpolation) and clipped, its top 10 values tie at 1, so the maximum is a 10-pixel plateau whose first pixel in
+    raster order is not the peak, and a 95th-percentile threshold keeps nothing; without the clip the values are
+    ramp / 89.1 (the negative one 0), the maximum is the peak and the threshold keeps the top 5 pixels."""
+    from bundle.doll.generator import PostprocessSettings
+
+    ramp = torch.arange(100, dtype=torch.float32).view(1, 10, 10)
+    ramp[0, 0, 0] = -3.0
+    scale = float(np.percentile(ramp.numpy(), 90))
+    clipped = pp.normalize_maps(ramp, "percentile", 90.0)
+    kept = pp.normalize_maps(ramp, "percentile", 90.0, clip=False)
+    assert int((clipped[0] == clipped.max()).sum()) == 10 and int(np.argmax(clipped[0].numpy())) != 99
+    assert torch.allclose(kept, (ramp / scale).clamp_min(0)) and int(np.argmax(kept[0].numpy())) == 99
+    assert not pp.threshold_maps(clipped, "percentile", 95.0).any()
+    assert torch.equal(pp.threshold_maps(kept, "percentile", 95.0)[0].flatten().nonzero().view(-1),
+                       torch.arange(95, 100))
+    assert PostprocessSettings(norm_clip="false", threshold="percentile").norm_clip is False
+    with pytest.raises(ValueError, match="norm_clip"):
+        PostprocessSettings(norm_clip=False, threshold="otsu")
+
+
 # ---- the generator on a classifier with a known answer ---------------------------------------------------------
 class RegionClassifier(torch.nn.Module):
     """Logit of class c = mean intensity inside region R_c (a linear model: IG with a zero baseline = x * w)."""

@@ -37,6 +37,7 @@ from torch import nn
 from ..constants import NO_FINDING, NUM_OBSERVATIONS, OBSERVATIONS
 from ..explain.gradcam import gradcam_maps
 from ..explain.ig import MultiTargetIntegratedGradients
+from ..utils import as_bool
 from . import postprocess as pp
 
 
@@ -137,6 +138,10 @@ class PostprocessSettings:
     Attributes:
         smooth_sigma: Gaussian smoothing of the positive evidence, pixels.
         normalize: ``"max"`` or ``"percentile"`` (with ``norm_percentile``).
+        norm_clip: clip the normalised maps to ``[0, 1]`` (:func:`bundle.doll.postprocess.normalize_maps`; the
+            default, the shipped DoLL's). ``False`` keeps each map's order above its ``norm_percentile``: no plateau
+            of ties at the maximum, and percentile thresholds above ``norm_percentile`` keep the map's peak; for
+            ``"percentile"`` or ``"fixed"`` thresholds (Otsu's histogram covers ``[0, 1]`` only).
         boost: ``"prob_weighted"`` (default), ``"mean"`` or ``"max"`` across classifiers.
         threshold: ``"otsu"`` (default), ``"fixed"`` or ``"percentile"``; ``threshold_value`` is the fixed value,
             the percentile (0-100), or Otsu's floor.
@@ -150,6 +155,7 @@ class PostprocessSettings:
     smooth_sigma: float = 2.0
     normalize: str = "max"
     norm_percentile: float = 99.0
+    norm_clip: bool = True
     boost: str = "prob_weighted"
     threshold: str = "otsu"
     threshold_value: float = 0.0
@@ -159,6 +165,9 @@ class PostprocessSettings:
     def __post_init__(self) -> None:
         if self.boost not in ("prob_weighted", "mean", "max"):
             raise ValueError(f"unknown boost {self.boost!r}: use 'prob_weighted', 'mean' or 'max'")
+        self.norm_clip = as_bool(self.norm_clip, "norm_clip")
+        if not self.norm_clip and self.threshold == "otsu":
+            raise ValueError("norm_clip false needs 'percentile' or 'fixed' thresholds: Otsu's histogram covers [0, 1]")
         self.class_threshold_values = {str(k): float(v) for k, v in dict(self.class_threshold_values or {}).items()}
         unknown = sorted(set(self.class_threshold_values) - set(OBSERVATIONS))
         if unknown:
@@ -183,7 +192,7 @@ FLAT_SETTINGS: dict[str, tuple[str, str]] = {
     **{k: ("ig", k) for k in ("n_steps", "method", "baselines", "blur_sigma", "n_baseline_draws",
                               "internal_batch_size", "tta_flip", "amp_dtype", "explainer", "gradcam_layer")},
     "ig_output": ("ig", "output"),
-    **{k: ("post", k) for k in ("smooth_sigma", "normalize", "norm_percentile", "boost", "threshold",
+    **{k: ("post", k) for k in ("smooth_sigma", "normalize", "norm_percentile", "norm_clip", "boost", "threshold",
                                 "threshold_value", "class_threshold_values", "min_component_size")},
 }
 
@@ -277,7 +286,7 @@ class DoLLGenerator:
         """Raw IG maps ``(N, C, H, W)`` to normalised soft maps ``(N, H, W)``: positive, smoothed, normalised."""
         maps = pp.positive_evidence(attributions)
         maps = pp.gaussian_smooth(maps, self.post.smooth_sigma)
-        return pp.normalize_maps(maps, self.post.normalize, self.post.norm_percentile)
+        return pp.normalize_maps(maps, self.post.normalize, self.post.norm_percentile, self.post.norm_clip)
 
     def binarize(self, soft: torch.Tensor, classes: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """Soft maps ``(N, H, W)`` of observations ``classes`` (``(N,)`` indices; they pick the per-observation

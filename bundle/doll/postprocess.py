@@ -44,8 +44,14 @@ def rowwise_quantile(flat: torch.Tensor, q: float, max_numel: int = 1 << 24) -> 
         if flat.shape[0] else flat.new_zeros(0)
 
 
-def normalize_maps(maps: torch.Tensor, mode: str = "max", percentile: float = 99.0) -> torch.Tensor:
-    """Scale each map to ``[0, 1]``: by its maximum (``"max"``) or its ``percentile`` (``"percentile"``, clipped)."""
+def normalize_maps(maps: torch.Tensor, mode: str = "max", percentile: float = 99.0, clip: bool = True) -> torch.Tensor:
+    """Scale each map by its maximum (``"max"``: to ``[0, 1]``) or its ``percentile`` (``"percentile"``).
+
+    With ``clip`` (the default) the result is clipped to ``[0, 1]``: after ``"percentile"`` the top
+    ``100 - percentile`` % of each map is then one plateau at 1, so the map's maximum is a tie of about that many
+    pixels (``numpy.argmax`` takes the first in raster order) and a percentile threshold at or above ``percentile``
+    keeps only where the plateau is not flat (for one classifier's map: nothing). ``clip=False`` keeps the values above
+    1 (negative values still become 0): every map's order is kept, for percentile thresholds and the pointing game."""
     flat = maps.flatten(1)
     if mode == "max":
         scale = flat.max(1).values
@@ -54,7 +60,8 @@ def normalize_maps(maps: torch.Tensor, mode: str = "max", percentile: float = 99
     else:
         raise ValueError(f"unknown normalisation {mode!r}: use 'max' or 'percentile'")
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (maps / scale.view(-1, 1, 1)).clamp(0, 1)
+    out = maps / scale.view(-1, 1, 1)
+    return out.clamp(0, 1) if clip else out.clamp_min(0)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
