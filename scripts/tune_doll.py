@@ -218,8 +218,9 @@ def write_overlay(path: Path, chosen: "pd.DataFrame", settings: dict, split: str
                   configured: dict | None = None) -> Path:
     """A config overlay for ``configs/generate_doll.yaml`` (``--config_file "[..., '<path>']"``) holding the chosen
     per-observation percentiles and every setting the maps were tuned with (``settings``: ``--explainer``, ``--ig``,
-    ``--set`` as config ids), so the DoLL and its quality are made with exactly the tuned recipe. Observations without a lesion mask to tune on
-    (CheXlocalize has none for Pneumonia, Pleural Other and Fracture) keep their ``configured`` percentile."""
+    ``--set`` as config ids), so the DoLL and its quality are made with exactly the tuned recipe. Observations
+    without a lesion mask to tune on (CheXlocalize has none for Pneumonia, Pleural Other and Fracture) keep their
+    ``configured`` percentile."""
     tuned = {name: float(chosen.loc[name, "percentile"]) for name in OBSERVATIONS if name in chosen.index}
     kept = {name: float(v) for name, v in (configured or {}).items() if name not in tuned}
     values = {name: tuned.get(name, kept.get(name)) for name in OBSERVATIONS if name in tuned or name in kept}

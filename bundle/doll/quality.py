@@ -295,9 +295,8 @@ def run_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess: Cal
 
     from ..utils import atomic_save, atomic_write_json
 
-    items = [it for it in items if it.get("lesion")][:max_images or None]
-    rows, examples = evaluate_quality(items, generator, preprocess, gradcam_layer, tolerance, max_images,
-                                      score_at=score_at)
+    items = [it for it in items if it.get("lesion")][:max_images or None]  # the scored items, named in the summary
+    rows, examples = evaluate_quality(items, generator, preprocess, gradcam_layer, tolerance, score_at=score_at)
     table = summarize(rows)
     judge = lesion_judge(items)
     split = "+".join(sorted({str(it["split"]) for it in items if it.get("split")})) or None
