@@ -31,6 +31,7 @@ from monai.bundle import ConfigParser  # noqa: E402
 
 from bundle.constants import OBSERVATIONS  # noqa: E402
 from bundle.data.io import load_bitmask, resize_mask  # noqa: E402
+from bundle.doll.generator import EXPLAINERS  # noqa: E402
 from bundle.doll.quality import lesion_items, lesion_judge, tuning_items  # noqa: E402
 from bundle.explain.gradcam import gradcam_maps  # noqa: E402
 from bundle.utils import atomic_save, atomic_write_text  # noqa: E402
@@ -48,6 +49,9 @@ KEEP_MARKER = "<!-- scripts/tune_doll.py writes the sections above; the sections
 OVERLAY_NAME = "doll_thresholds.yaml"
 #: candidate per-observation percentiles (the mask covers 100 - value % of the image)
 CLASS_PERCENTILES = [80.0, 85.0, 90.0, 92.5, 95.0, 96.0, 97.0, 98.0, 98.5, 99.0, 99.25, 99.5, 99.75]
+#: candidate per-observation smoothings, pixels of the network grid (small lesions and tubes want little, large
+#: regions much)
+CLASS_SIGMAS = [1.0, 2.0, 4.0, 8.0]
 
 
 def _iou(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -55,41 +59,54 @@ def _iou(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.logical_and(pred, truth).sum() / union) if union else 1.0
 
 
-def soft_maps(gen, raw: torch.Tensor, cams: torch.Tensor | None) -> torch.Tensor:
-    """One classifier's normalised soft maps of the targets, as ``DoLLGenerator._explain`` makes them: the
-    post-processed IG, or with explainer ``ig_gradcam`` its geometric mean with the post-processed Grad-CAM."""
-    soft = gen.postprocess_soft(raw)
+def soft_maps(gen, raw: torch.Tensor, cams: torch.Tensor | None, classes: list[int]) -> torch.Tensor:
+    """One classifier's normalised soft maps of the targets ``classes``, as ``DoLLGenerator._explain`` makes them:
+    the post-processed IG, or with explainer ``ig_gradcam`` each observation's ``class_explainers`` map (by default
+    the geometric mean of the post-processed IG and Grad-CAM)."""
+    soft = gen.postprocess_soft(raw, classes)
     if cams is not None:
-        soft = (soft.clamp_min(0) * gen.postprocess_soft(cams).clamp_min(0)).sqrt()
+        soft = gen.ig.combine(soft, gen.postprocess_soft(cams, classes), classes)
     return soft
 
 
-def tune_class_thresholds(gen, cache: list[dict], names) -> "pd.DataFrame":
-    """Per observation and candidate percentile: the mean IoU over the cached images that have its lesion (misses
-    count 0), with every other setting as ``gen.post`` has it (each observation's choice is independent: its masks
-    depend only on its own threshold)."""
-    fused_all = []
-    for entry in cache:
-        t = entry["targets"]
-        if not t:
-            fused_all.append(None)
-            continue
-        soft = torch.stack([soft_maps(gen, r, c) for r, c in zip(entry["raw"], entry["cams"])])
-        fused_all.append(gen.boost_maps(soft.unsqueeze(1), entry["probs"][: soft.shape[0], t].unsqueeze(1))[0])
-    saved = (gen.post.threshold, gen.post.class_threshold_values)
+def tune_class_thresholds(gen, cache: list[dict], names, sigmas: list[float] | None = None) -> "pd.DataFrame":
+    """Per observation, candidate map, smoothing and percentile: the mean IoU over the cached images that have its
+    lesion (misses count 0), with every other setting as ``gen.post`` has it (each observation's choice is
+    independent: its masks depend only on its own map, smoothing and threshold). The candidate maps are the
+    configured one, and with explainer ``ig_gradcam`` each of :data:`bundle.doll.generator.EXPLAINERS`
+    (``class_explainers``); the candidate smoothings ``sigmas`` (``class_smooth_sigma``; default: the configured
+    ``smooth_sigma`` alone)."""
+    # the configured map and smoothing first: a tie keeps them
+    kinds = [gen.ig.explainer] + ([k for k in EXPLAINERS if k != "ig_gradcam"]
+                                  if gen.ig.explainer == "ig_gradcam" else [])
+    sigmas = [gen.post.smooth_sigma] + [float(v) for v in sigmas or [] if float(v) != gen.post.smooth_sigma]
+    saved = (gen.post.threshold, gen.post.class_threshold_values, gen.ig.class_explainers, gen.post.class_smooth_sigma)
     gen.post.threshold, gen.post.class_threshold_values = "percentile", {}
     rows = []
-    for q in CLASS_PERCENTILES:
-        gen.post.threshold_value = q
-        per_obs: dict[int, list[float]] = {}
-        for entry, fused in zip(cache, fused_all):
-            binary = gen.binarize(fused, entry["targets"]) if fused is not None else None
-            masks = {c: binary[i].numpy() for i, c in enumerate(entry["targets"])} if binary is not None else {}
-            for c, truth in entry["truth"].items():
-                per_obs.setdefault(c, []).append(_iou(masks.get(c, np.zeros_like(truth)), truth))
-        rows += [{"observation": names[c], "percentile": q, "n": len(v), "iou": float(np.mean(v))}
-                 for c, v in sorted(per_obs.items())]
-    gen.post.threshold, gen.post.class_threshold_values = saved
+    for sigma, kind in itertools.product(sigmas, kinds):
+        gen.post.class_smooth_sigma = {name: sigma for name in names}
+        if gen.ig.explainer == "ig_gradcam":
+            gen.ig.class_explainers = {name: kind for name in names}
+        fused_all = []
+        for entry in cache:
+            t = entry["targets"]
+            if not t:
+                fused_all.append(None)
+                continue
+            soft = torch.stack([soft_maps(gen, r, c, t) for r, c in zip(entry["raw"], entry["cams"])])
+            fused_all.append(gen.boost_maps(soft.unsqueeze(1), entry["probs"][: soft.shape[0], t].unsqueeze(1))[0])
+        for q in CLASS_PERCENTILES:
+            gen.post.threshold_value = q
+            per_obs: dict[int, list[float]] = {}
+            for entry, fused in zip(cache, fused_all):
+                binary = gen.binarize(fused, entry["targets"]) if fused is not None else None
+                masks = {c: binary[i].numpy() for i, c in enumerate(entry["targets"])} if binary is not None else {}
+                for c, truth in entry["truth"].items():
+                    per_obs.setdefault(c, []).append(_iou(masks.get(c, np.zeros_like(truth)), truth))
+            rows += [{"observation": names[c], "explainer": kind, "smooth_sigma": sigma, "percentile": q,
+                      "n": len(v), "iou": float(np.mean(v))} for c, v in sorted(per_obs.items())]
+    (gen.post.threshold, gen.post.class_threshold_values, gen.ig.class_explainers,
+     gen.post.class_smooth_sigma) = saved
     return pd.DataFrame(rows)
 
 
@@ -107,6 +124,9 @@ def main() -> None:
     ap.add_argument("--explainer", default=None, choices=["ig", "ig_gradcam"],
                     help="doll#ig#explainer (default: the config's); ig_gradcam tunes the consensus maps' thresholds "
                          "(and the global grid scores them)")
+    ap.add_argument("--sigmas", default=str(CLASS_SIGMAS), type=yaml.safe_load,
+                    help="candidate per-observation smoothings, pixels (doll#post#class_smooth_sigma; YAML list, "
+                         "default %(default)s; '[]' keeps the configured smooth_sigma for every observation)")
     ap.add_argument("--ig", action="append", default=[], metavar="KEY=VALUE",
                     help="an IG setting of doll#ig (bundle.doll.generator.IGSettings), repeatable, e.g. --ig "
                          "output=sigmoid --ig baselines=blur: the thresholds are tuned for those maps")
@@ -180,21 +200,31 @@ def main() -> None:
     if not args.skip_grid:
         df, best, grid_lines = _global_grid(gen, cache, args)
         lines += grid_lines
-    per_class = tune_class_thresholds(gen, cache, OBSERVATIONS)
+    per_class = tune_class_thresholds(gen, cache, OBSERVATIONS, args.sigmas)
     chosen = per_class.loc[per_class.groupby("observation")["iou"].idxmax()].set_index("observation")
     default_q = configured["threshold_value"] if configured["threshold"] == "percentile" else 95.0
-    at_default = per_class[per_class.percentile == default_q].set_index("observation")
+    at_default = per_class[(per_class.percentile == default_q) & (per_class.explainer == gen.ig.explainer)
+                           & (per_class.smooth_sigma == configured["smooth_sigma"])].set_index("observation")
+    by_class = len(set(per_class.explainer)) > 1
+    by_sigma = len(set(per_class.smooth_sigma)) > 1
     lines += ["", "## Per-observation thresholds", "",
               f"With the settings of `configs/generate_doll.yaml` (smoothing {configured['smooth_sigma']}, "
               f"{configured['normalize']} normalisation, {configured['boost']} boosting, components < "
               f"{configured['min_component_size']} px removed), each observation's percentile is chosen alone from "
-              f"{CLASS_PERCENTILES} (`doll#post#class_threshold_values`):", "",
-              f"| observation | images | IoU at the {default_q:g}th percentile | chosen percentile | IoU |",
+              f"{CLASS_PERCENTILES} (`doll#post#class_threshold_values`)"
+              + (f", with its map among {sorted(set(per_class.explainer))} (`doll#ig#class_explainers`)"
+                 if by_class else "")
+              + (f", with its smoothing among {sorted(set(per_class.smooth_sigma))} px (`doll#post#class_smooth_sigma`)"
+                 if by_sigma else "") + ":", "",
+              f"| observation | images | IoU at the {default_q:g}th percentile | chosen "
+              + ("map, " if by_class else "") + ("smoothing, " if by_sigma else "") + "percentile | IoU |",
               "|---|---|---|---|---|"]
     for name in OBSERVATIONS:
         if name in chosen.index:
             r = chosen.loc[name]
-            lines.append(f"| {name} | {int(r['n'])} | {at_default.loc[name, 'iou']:.3f} | {r['percentile']:g} | "
+            choice = ((f"{r['explainer']}, " if by_class else "") + (f"{r['smooth_sigma']:g} px, " if by_sigma else "")
+                      + f"{r['percentile']:g}")
+            lines.append(f"| {name} | {int(r['n'])} | {at_default.loc[name, 'iou']:.3f} | {choice} | "
                          f"{r['iou']:.3f} |")
     lines.append(f"| mean | | {at_default['iou'].mean():.3f} | | {chosen['iou'].mean():.3f} |")
     atomic_save(Path(args.out).with_name("doll_class_thresholds.csv"), lambda tmp: per_class.to_csv(tmp, index=False))
@@ -205,9 +235,11 @@ def main() -> None:
     print("\nclass_threshold_values:")
     for name in OBSERVATIONS:
         if name in chosen.index:
-            print(f"  {name}: {chosen.loc[name, 'percentile']:g}")
+            print(f"  {name}: {chosen.loc[name, 'percentile']:g}"
+                  + (f" ({chosen.loc[name, 'explainer']})" if by_class else "")
+                  + (f" (smoothing {chosen.loc[name, 'smooth_sigma']:g} px)" if by_sigma else ""))
     overlay = write_overlay(Path(args.out).with_name(OVERLAY_NAME), chosen, settings, split, len(cache),
-                            configured.get("class_threshold_values"))
+                            configured.get("class_threshold_values"), by_class, by_sigma)
     print(f"config overlay with these percentiles and the maps' settings: {overlay}")
     print(f"mean IoU {at_default['iou'].mean():.4f} (one percentile) -> {chosen['iou'].mean():.4f} (per observation)")
     if best is not None:
@@ -215,16 +247,23 @@ def main() -> None:
 
 
 def write_overlay(path: Path, chosen: "pd.DataFrame", settings: dict, split: str, n_images: int,
-                  configured: dict | None = None) -> Path:
+                  configured: dict | None = None, by_class: bool = False, by_sigma: bool = False) -> Path:
     """A config overlay for ``configs/generate_doll.yaml`` (``--config_file "[..., '<path>']"``) holding the chosen
     per-observation percentiles and every setting the maps were tuned with (``settings``: ``--explainer``, ``--ig``,
     ``--set`` as config ids), so the DoLL and its quality are made with exactly the tuned recipe. Observations
     without a lesion mask to tune on (CheXlocalize has none for Pneumonia, Pleural Other and Fracture) keep their
-    ``configured`` percentile."""
+    ``configured`` percentile. ``by_class``: each observation's map was chosen too (``chosen["explainer"]``, with
+    explainer ``ig_gradcam``), written as ``doll#ig#class_explainers``; the untuned keep the consensus.
+    ``by_sigma``: each observation's smoothing was chosen too (``chosen["smooth_sigma"]``), written as
+    ``doll#post#class_smooth_sigma``; the untuned keep ``smooth_sigma``."""
     tuned = {name: float(chosen.loc[name, "percentile"]) for name in OBSERVATIONS if name in chosen.index}
     kept = {name: float(v) for name, v in (configured or {}).items() if name not in tuned}
     values = {name: tuned.get(name, kept.get(name)) for name in OBSERVATIONS if name in tuned or name in kept}
     content: dict = {"doll#post#threshold": "percentile", "doll#post#class_threshold_values": values, **settings}
+    if by_class:
+        content["doll#ig#class_explainers"] = {name: str(chosen.loc[name, "explainer"]) for name in tuned}
+    if by_sigma:
+        content["doll#post#class_smooth_sigma"] = {name: float(chosen.loc[name, "smooth_sigma"]) for name in tuned}
     head = (f"# DoLL per-observation percentiles chosen by scripts/tune_doll.py on {n_images} {split} images, with the "
             "settings their maps were made with:\n# an overlay read after configs/generate_doll.yaml (and "
             "configs/evaluate_doll.yaml for the quality stage).\n"
@@ -240,13 +279,15 @@ def _global_grid(gen, cache: list[dict], args) -> tuple["pd.DataFrame", dict, li
     for sigma, norm, boost, (thr, val), min_size in itertools.product(*GRID.values()):
         gen.post.smooth_sigma, gen.post.normalize, gen.post.threshold, gen.post.threshold_value = sigma, norm, thr, val
         gen.post.min_component_size = min_size
+        gen.post.class_smooth_sigma = {}  # one setting for every observation
         gen.post.boost = boost if boost != "single" else "mean"
         per_obs: dict[int, list[float]] = {}
         for entry in cache:
             t = entry["targets"]
             masks = {}
             if t:
-                soft = torch.stack([soft_maps(gen, r, c) for r, c in zip(entry["raw"], entry["cams"])])  # (M, T, H, W)
+                # (M, T, H, W)
+                soft = torch.stack([soft_maps(gen, r, c, t) for r, c in zip(entry["raw"], entry["cams"])])
                 if boost == "single":
                     soft = soft[:1]
                 fused = gen.boost_maps(soft.unsqueeze(1), entry["probs"][: soft.shape[0], t].unsqueeze(1))[0]

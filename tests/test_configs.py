@@ -153,3 +153,31 @@ def test_pretrain_tracking_tags_name_the_pretraining_labels(labels: str) -> None
     tags = parser.get_parsed_content(f"train#handlers#{tracking[0]}#tags")
     assert tags["labels"] == labels and tags["stage"] == "pretrain"
     assert parser.get_parsed_content("pretrain_name") == f"segresnet_{labels}"
+
+
+def test_every_presets_doll_recipe_builds_its_settings() -> None:
+    """Each preset of configs/pipeline.yaml that changes the DoLL recipe gives valid settings groups once its ids are
+    applied to configs/generate_doll.yaml's ``doll`` block (as the runner passes them): known observation names,
+    known explainers, per-observation values with the explainer they need. The doll_data preset tunes every
+    observation's map, smoothing and percentile."""
+    from bundle.constants import OBSERVATIONS
+    from bundle.doll.generator import IGSettings, PostprocessSettings
+
+    settings = ConfigParser.load_config_file(str(CONFIGS / "pipeline.yaml"))
+    presets = {name: s for name, s in settings.items()
+               if isinstance(s, dict) and (s.get("overrides") or {}).get("doll")}
+    assert "doll_data" in presets
+    for name, preset in presets.items():
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / "generate_doll.yaml"))
+        for key, value in preset["overrides"]["doll"].items():
+            parser[key.replace("doll#n_steps", "doll#ig#n_steps")] = value
+        ig = dict(parser["doll"]["ig"])
+        if str(ig["explainer"]).startswith("$"):
+            ig["explainer"] = "ig"
+        ig["gradcam_layer"] = "features.norm5"          # resolved from the classifiers' files at run time
+        IGSettings(**ig)
+        PostprocessSettings(**parser["doll"]["post"])
+    ig = ConfigParser.load_config_file(str(CONFIGS / "pipeline.yaml"))["doll_data"]["overrides"]["doll"]
+    for key in ("doll#post#class_threshold_values", "doll#post#class_smooth_sigma", "doll#ig#class_explainers"):
+        assert list(ig[key]) == list(OBSERVATIONS[1:]), key

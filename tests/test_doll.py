@@ -32,6 +32,20 @@ def test_gaussian_smooth_matches_scipy():
     np.testing.assert_allclose(ours, ref, atol=1e-10)
 
 
+def test_gaussian_smooth_per_map_sigma_matches_scipy():
+    """One sigma per map (the per-observation smoothing): each map smoothed with its own sigma, as scipy's filter;
+    sigma 0 leaves its map unchanged; a sigma count that is neither 1 nor one per map is refused."""
+    rng = np.random.default_rng(1)
+    maps = rng.random((3, 20, 24)).astype(np.float64)
+    sigmas = [1.0, 0.0, 2.5]
+    ours = pp.gaussian_smooth(torch.as_tensor(maps), torch.tensor(sigmas)).numpy()
+    for m, sigma, out in zip(maps, sigmas, ours):
+        ref = ndimage.gaussian_filter(m, sigma, mode="mirror", truncate=3.0) if sigma else m
+        np.testing.assert_allclose(out, ref, atol=1e-10)
+    with pytest.raises(ValueError, match="one per map"):
+        pp.gaussian_smooth(torch.as_tensor(maps), torch.tensor([1.0, 2.0]))
+
+
 def test_otsu_threshold_separates_two_modes():
     values = np.concatenate([np.full(500, 0.2), np.full(300, 0.7)])
     t = pp.otsu_threshold(values)
@@ -595,6 +609,117 @@ def test_ig_gradcam_explainer_is_the_geometric_mean_of_both_soft_maps():
     assert ((outs["gradcam"].soft == 0) <= (outs["ig_gradcam"].soft == 0)).all()
     with pytest.raises(ValueError, match="gradcam_layer"):
         DoLLGenerator(net, ig={"explainer": "ig_gradcam"})
+
+
+def test_class_explainers_keep_each_observations_own_map():
+    """ig#class_explainers with the consensus: an observation set to 'ig' gets exactly the IG run's soft map, one set
+    to 'gradcam' the Grad-CAM run's, the others the consensus sqrt(IG x Grad-CAM); the masks binarise those maps.
+    Needs explainer 'ig_gradcam' and known names and explainers; the flat keyword works."""
+    net = _tiny_classifiers(1)
+    post = {"smooth_sigma": 1.0, "normalize": "percentile", "threshold": "percentile", "threshold_value": 90.0,
+            "min_component_size": 1}
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    labels = torch.zeros(2, 14)
+    labels[0, [2, 5]] = 1          # Cardiomegaly -> ig, Edema -> gradcam
+    labels[1, [5, 10]] = 1         # Edema -> gradcam, Pleural Effusion -> the consensus
+    layer = "class_layers.relu"
+    outs = {e: DoLLGenerator(net, targets={"source": "labels"}, post=post,
+                             ig={"n_steps": 4, "explainer": e, "gradcam_layer": layer})(x, labels)
+            for e in ("ig", "gradcam", "ig_gradcam")}
+    chosen = {"Cardiomegaly": "ig", "Edema": "gradcam"}
+    gen = DoLLGenerator(net, targets={"source": "labels"}, post=post, n_steps=4, class_explainers=chosen,
+                        ig={"explainer": "ig_gradcam", "gradcam_layer": layer})
+    assert gen.ig.class_explainers == chosen
+    out = gen(x, labels)
+    assert out.targets == [[2, 5], [5, 10]]
+    for i, c, source in ((0, 2, "ig"), (0, 5, "gradcam"), (1, 5, "gradcam"), (1, 10, "ig_gradcam")):
+        torch.testing.assert_close(out.soft[i, c], outs[source].soft[i, c])
+        for other in {"ig", "gradcam", "ig_gradcam"} - {source}:   # the three maps differ here
+            assert not torch.allclose(out.soft[i, c], outs[other].soft[i, c])
+    for i, row in enumerate(out.targets):
+        assert torch.equal(out.masks[i, row].bool(), gen.binarize(out.soft[i, row], row))
+    with pytest.raises(ValueError, match="needs explainer 'ig_gradcam'"):
+        DoLLGenerator(net, ig={"class_explainers": {"Cardiomegaly": "ig"}})
+    with pytest.raises(ValueError, match="unknown observation"):
+        DoLLGenerator(net, ig={"explainer": "ig_gradcam", "gradcam_layer": layer, "class_explainers": {"Heart": "ig"}})
+    with pytest.raises(ValueError, match="unknown explainer"):
+        DoLLGenerator(net, ig={"explainer": "ig_gradcam", "gradcam_layer": layer,
+                               "class_explainers": {"Cardiomegaly": "lime"}})
+
+
+def test_tune_doll_chooses_each_observations_map_and_percentile():
+    """scripts/tune_doll.py with the consensus: each observation's map (ig, gradcam or the consensus) and percentile
+    are chosen on the cached maps by IoU with the true lesions. Hand-made case on a 20 x 20 grid: for Cardiomegaly IG
+    covers the 20-pixel lesion exactly and Grad-CAM a disjoint square; for Edema the reverse. The consensus of two
+    disjoint maps is empty (IoU 0), so IG must win the first and Grad-CAM the second, each with IoU 1 at every
+    percentile <= 95 (a 5% lesion) and the lowest of them, 80, chosen first; the rows hold every candidate."""
+    from bundle.constants import OBSERVATIONS
+    from scripts.tune_doll import CLASS_PERCENTILES, tune_class_thresholds
+
+    gen = DoLLGenerator(_tiny_classifiers(1), post={"smooth_sigma": 0.0, "normalize": "max", "min_component_size": 1},
+                        ig={"explainer": "ig_gradcam", "gradcam_layer": "class_layers.relu"})
+    lesion, other = torch.zeros(20, 20), torch.zeros(20, 20)
+    lesion[2:6, 3:8] = 1.0
+    other[12:16, 10:15] = 1.0
+    targets = [2, 5]                                           # Cardiomegaly, Edema
+    cache = [{"targets": targets, "probs": torch.full((1, 14), 0.9),
+              "raw": [torch.stack([lesion, other])], "cams": [torch.stack([other, lesion])],
+              "truth": {2: lesion.numpy() > 0, 5: lesion.numpy() > 0}}]
+    rows = tune_class_thresholds(gen, cache, OBSERVATIONS)
+    assert len(rows) == 2 * 3 * len(CLASS_PERCENTILES)
+    assert set(rows.explainer) == {"ig", "gradcam", "ig_gradcam"}
+    assert (rows[rows.explainer == "ig_gradcam"].iou == 0).all()
+    chosen = rows.loc[rows.groupby("observation")["iou"].idxmax()].set_index("observation")
+    assert chosen.loc["Cardiomegaly", "explainer"] == "ig" and chosen.loc["Edema", "explainer"] == "gradcam"
+    assert (chosen.iou == 1.0).all() and (chosen.percentile == 80.0).all()
+    assert gen.ig.class_explainers == {}                       # restored
+
+
+def test_class_smooth_sigma_smooths_each_observation_with_its_own_sigma():
+    """post#class_smooth_sigma: an observation listed gets exactly the soft map a generator with that smoothing for
+    every observation makes, the others the common smooth_sigma's; names and values are checked."""
+    net = _tiny_classifiers(1)
+    post = {"smooth_sigma": 2.0, "normalize": "percentile", "threshold": "percentile", "threshold_value": 90.0,
+            "min_component_size": 1}
+    x = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    labels = torch.zeros(1, 14)
+    labels[0, [2, 13]] = 1          # Cardiomegaly (common smoothing), Support Devices (its own: none)
+    common = DoLLGenerator(net, targets={"source": "labels"}, post=post, n_steps=4)(x, labels)
+    none = DoLLGenerator(net, targets={"source": "labels"}, post={**post, "smooth_sigma": 0.0}, n_steps=4)(x, labels)
+    gen = DoLLGenerator(net, targets={"source": "labels"}, post=post, n_steps=4,
+                        class_smooth_sigma={"Support Devices": 0})
+    assert gen.post.class_smooth_sigma == {"Support Devices": 0.0}
+    out = gen(x, labels)
+    torch.testing.assert_close(out.soft[0, 13], none.soft[0, 13])
+    torch.testing.assert_close(out.soft[0, 2], common.soft[0, 2])
+    assert not torch.allclose(none.soft[0, 13], common.soft[0, 13])
+    assert torch.equal(out.masks[0, [2, 13]].bool(), gen.binarize(out.soft[0, [2, 13]], [2, 13]))
+    with pytest.raises(ValueError, match="unknown observation"):
+        DoLLGenerator(net, post={"class_smooth_sigma": {"Tube": 1.0}})
+    with pytest.raises(ValueError, match="negative"):
+        DoLLGenerator(net, post={"class_smooth_sigma": {"Support Devices": -1.0}})
+
+
+def test_tune_doll_chooses_each_observations_smoothing():
+    """scripts/tune_doll.py's per-observation smoothing, hand-made case: a thin tube (a 28-pixel line, 1.75% of a 40
+    x 40 map) whose IG map is the line itself. Unsmoothed, every percentile <= 98 keeps exactly the line (IoU 1); the
+    configured 8 px smoothing turns it into a blob across rows, so no percentile recovers it. The candidate 0 px must
+    win."""
+    from bundle.constants import OBSERVATIONS
+    from scripts.tune_doll import CLASS_PERCENTILES, tune_class_thresholds
+
+    gen = DoLLGenerator(_tiny_classifiers(1), post={"smooth_sigma": 8.0, "normalize": "max",
+                                                    "min_component_size": 1})
+    line = torch.zeros(40, 40)
+    line[20, 6:34] = 1.0
+    cache = [{"targets": [13], "probs": torch.full((1, 14), 0.9), "raw": [line[None]], "cams": [None],
+              "truth": {13: line.numpy() > 0}}]
+    rows = tune_class_thresholds(gen, cache, OBSERVATIONS, sigmas=[0.0])
+    assert len(rows) == 2 * len(CLASS_PERCENTILES) and set(rows.explainer) == {"ig"}
+    best = rows.groupby("smooth_sigma").iou.max()
+    assert best[0.0] == 1.0 and best[8.0] < 0.9
+    assert rows.loc[rows.iou.idxmax(), "smooth_sigma"] == 0.0
+    assert gen.post.smooth_sigma == 8.0 and gen.post.class_smooth_sigma == {}     # restored
 
 
 def test_generation_on_error_skip_lists_bad_images_and_a_rerun_retries_them(tmp_path):

@@ -102,6 +102,11 @@ class IGSettings:
             or ``"ig_gradcam"``: the consensus of both, the geometric mean of each classifier's normalised IG and
             Grad-CAM maps (IG's fine detail kept only where the class-discriminative Grad-CAM region agrees).
         gradcam_layer: the classifiers' Grad-CAM layer (``bundle.networks.classifiers.gradcam_layer_of``).
+        class_explainers: with ``explainer="ig_gradcam"`` (the one setting that computes both maps), the map an
+            observation keeps (observation name -> ``"ig"``, ``"gradcam"`` or ``"ig_gradcam"``; the others keep the
+            consensus). Grad-CAM's map is the classifier's last feature grid upsampled (8x coarser than the image):
+            the consensus helps where the finding is a region and can hurt where it is thin or small (tubes,
+            wires). ``scripts/tune_doll.py --explainer ig_gradcam`` picks each observation's map with its percentile.
     """
 
     n_steps: int = 16
@@ -115,14 +120,42 @@ class IGSettings:
     amp_dtype: torch.dtype | str | None = None
     explainer: str = "ig"
     gradcam_layer: str | None = None
+    class_explainers: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.explainer not in EXPLAINERS:
             raise ValueError(f"unknown explainer {self.explainer!r}: use one of {', '.join(EXPLAINERS)}")
+        self.class_explainers = {str(k): str(v) for k, v in dict(self.class_explainers or {}).items()}
+        if self.class_explainers and self.explainer != "ig_gradcam":
+            raise ValueError(f"class_explainers needs explainer 'ig_gradcam' (it computes both maps), not "
+                             f"{self.explainer!r}")
+        unknown = sorted(set(self.class_explainers) - set(OBSERVATIONS))
+        if unknown:
+            raise ValueError(f"class_explainers: unknown observation(s) {unknown}; names: {list(OBSERVATIONS)}")
+        wrong = {k: v for k, v in self.class_explainers.items() if v not in EXPLAINERS}
+        if wrong:
+            raise ValueError(f"class_explainers: unknown explainer(s) {wrong}: use one of {', '.join(EXPLAINERS)}")
         if self.explainer != "ig" and not self.gradcam_layer:
             raise ValueError(f"explainer {self.explainer!r} needs gradcam_layer (the classifiers' last feature layer)")
         if isinstance(self.amp_dtype, str):
             self.amp_dtype = getattr(torch, self.amp_dtype.replace("torch.", ""))
+
+    def combine(self, ig_soft: torch.Tensor, cam_soft: torch.Tensor, classes: torch.Tensor | Sequence[int]
+                ) -> torch.Tensor:
+        """The maps of ``explainer="ig_gradcam"``: ``(N, H, W)`` normalised IG and Grad-CAM maps of observations
+        ``classes`` (``(N,)`` indices into the CheXpert order) to each one's :attr:`class_explainers` map, by default
+        the consensus ``sqrt(ig * gradcam)`` of their positive parts."""
+        out = (ig_soft.clamp_min(0) * cam_soft.clamp_min(0)).sqrt()
+        if not self.class_explainers:
+            return out
+        names = [OBSERVATIONS[int(c)] for c in torch.as_tensor(classes).view(-1).tolist()]
+        if len(names) != out.shape[0]:
+            raise ValueError(f"{out.shape[0]} maps but {len(names)} class indices")
+        for i, name in enumerate(names):
+            kind = self.class_explainers.get(name, "ig_gradcam")
+            if kind != "ig_gradcam":
+                out[i] = (ig_soft[i] if kind == "ig" else cam_soft[i]).clamp_min(0)
+        return out
 
     def attribute_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``MultiTargetIntegratedGradients.attribute``."""
@@ -137,6 +170,9 @@ class PostprocessSettings:
 
     Attributes:
         smooth_sigma: Gaussian smoothing of the positive evidence, pixels.
+        class_smooth_sigma: per-observation ``smooth_sigma`` (observation name -> pixels; the others keep
+            ``smooth_sigma``): a small lesion or a thin tube is blurred away by the smoothing a large region needs.
+            ``scripts/tune_doll.py`` picks each observation's value with its percentile.
         normalize: ``"max"`` or ``"percentile"`` (with ``norm_percentile``).
         norm_clip: clip the normalised maps to ``[0, 1]`` (:func:`bundle.doll.postprocess.normalize_maps`; the
             default, the shipped DoLL's). ``False`` keeps each map's order above its ``norm_percentile``: no plateau
@@ -153,6 +189,7 @@ class PostprocessSettings:
     """
 
     smooth_sigma: float = 2.0
+    class_smooth_sigma: dict[str, float] = field(default_factory=dict)
     normalize: str = "max"
     norm_percentile: float = 99.0
     norm_clip: bool = True
@@ -168,21 +205,36 @@ class PostprocessSettings:
         self.norm_clip = as_bool(self.norm_clip, "norm_clip")
         if not self.norm_clip and self.threshold == "otsu":
             raise ValueError("norm_clip false needs 'percentile' or 'fixed' thresholds: Otsu's histogram covers [0, 1]")
-        self.class_threshold_values = {str(k): float(v) for k, v in dict(self.class_threshold_values or {}).items()}
-        unknown = sorted(set(self.class_threshold_values) - set(OBSERVATIONS))
-        if unknown:
-            raise ValueError(f"class_threshold_values: unknown observation(s) {unknown}; names: {list(OBSERVATIONS)}")
+        for name in ("class_threshold_values", "class_smooth_sigma"):
+            values = {str(k): float(v) for k, v in dict(getattr(self, name) or {}).items()}
+            unknown = sorted(set(values) - set(OBSERVATIONS))
+            if unknown:
+                raise ValueError(f"{name}: unknown observation(s) {unknown}; names: {list(OBSERVATIONS)}")
+            setattr(self, name, values)
+        if any(v < 0 for v in self.class_smooth_sigma.values()):
+            raise ValueError(f"class_smooth_sigma: negative value(s) in {self.class_smooth_sigma}")
 
     def threshold_values(self, classes: torch.Tensor | Sequence[int] | None, n: int) -> float | torch.Tensor:
         """The threshold value of each of ``n`` maps of observations ``classes`` (indices into the CheXpert order;
         ``None``: every map gets ``threshold_value``)."""
-        if classes is None or not self.class_threshold_values:
-            return self.threshold_value
-        table = torch.tensor([self.class_threshold_values.get(name, self.threshold_value) for name in OBSERVATIONS])
-        idx = torch.as_tensor(classes, dtype=torch.long).view(-1).cpu()
-        if idx.numel() != n:
-            raise ValueError(f"{n} maps but {idx.numel()} class indices")
-        return table[idx]
+        return _per_class(self.class_threshold_values, self.threshold_value, classes, n)
+
+    def smooth_sigmas(self, classes: torch.Tensor | Sequence[int] | None, n: int) -> float | torch.Tensor:
+        """The smoothing sigma of each of ``n`` maps of observations ``classes`` (as :meth:`threshold_values`)."""
+        return _per_class(self.class_smooth_sigma, self.smooth_sigma, classes, n)
+
+
+def _per_class(table: Mapping[str, float], default: float, classes: torch.Tensor | Sequence[int] | None,
+               n: int) -> float | torch.Tensor:
+    """``default``, or when ``table`` has values and ``classes`` are given, one value per map: its observation's
+    entry of ``table`` (observation name -> value), else ``default``."""
+    if classes is None or not table:
+        return default
+    values = torch.tensor([float(table.get(name, default)) for name in OBSERVATIONS])
+    idx = torch.as_tensor(classes, dtype=torch.long).view(-1).cpu()
+    if idx.numel() != n:
+        raise ValueError(f"{n} maps but {idx.numel()} class indices")
+    return values[idx]
 
 
 #: the flat keyword names of :class:`DoLLGenerator` before the settings were grouped: (group, field)
@@ -190,10 +242,12 @@ FLAT_SETTINGS: dict[str, tuple[str, str]] = {
     "target_source": ("targets", "source"), "prob_threshold": ("targets", "prob_threshold"),
     "exclude": ("targets", "exclude"),
     **{k: ("ig", k) for k in ("n_steps", "method", "baselines", "blur_sigma", "n_baseline_draws",
-                              "internal_batch_size", "tta_flip", "amp_dtype", "explainer", "gradcam_layer")},
+                              "internal_batch_size", "tta_flip", "amp_dtype", "explainer", "gradcam_layer",
+                              "class_explainers")},
     "ig_output": ("ig", "output"),
-    **{k: ("post", k) for k in ("smooth_sigma", "normalize", "norm_percentile", "norm_clip", "boost", "threshold",
-                                "threshold_value", "class_threshold_values", "min_component_size")},
+    **{k: ("post", k) for k in ("smooth_sigma", "class_smooth_sigma", "normalize", "norm_percentile", "norm_clip",
+                                "boost", "threshold", "threshold_value", "class_threshold_values",
+                                "min_component_size")},
 }
 
 
@@ -282,10 +336,13 @@ class DoLLGenerator:
         return [[c for c in range(self.num_classes) if bool(row[c]) and c not in self.exclude]
                 for row in chosen.cpu()]
 
-    def postprocess_soft(self, attributions: torch.Tensor) -> torch.Tensor:
-        """Raw IG maps ``(N, C, H, W)`` to normalised soft maps ``(N, H, W)``: positive, smoothed, normalised."""
+    def postprocess_soft(self, attributions: torch.Tensor, classes: torch.Tensor | Sequence[int] | None = None
+                         ) -> torch.Tensor:
+        """Raw IG maps ``(N, C, H, W)`` to normalised soft maps ``(N, H, W)``: positive, smoothed, normalised.
+        ``classes`` (``(N,)`` observation indices) pick the per-observation smoothing (``class_smooth_sigma``);
+        ``None`` smooths every map with ``smooth_sigma``."""
         maps = pp.positive_evidence(attributions)
-        maps = pp.gaussian_smooth(maps, self.post.smooth_sigma)
+        maps = pp.gaussian_smooth(maps, self.post.smooth_sigmas(classes, maps.shape[0]))
         return pp.normalize_maps(maps, self.post.normalize, self.post.norm_percentile, self.post.norm_clip)
 
     def binarize(self, soft: torch.Tensor, classes: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
@@ -325,15 +382,15 @@ class DoLLGenerator:
         if self.ig.explainer == "gradcam":
             cams = gradcam_maps(self.classifiers[m], self.ig.gradcam_layer, images, targets, self.num_classes)
             img, _, cls = self._pairs(targets, out.device)
-            out[img, cls] = self.postprocess_soft(cams.to(out.device)[img, cls]).to(out.dtype)
+            out[img, cls] = self.postprocess_soft(cams.to(out.device)[img, cls], cls).to(out.dtype)
             # Grad-CAM has no completeness axiom: its "deltas" are 0 (the records keep their per-target shape)
             return out, [torch.zeros(len(row)) for row in targets]
         soft, deltas = self.ig_soft_maps(m, images, targets)
         if self.ig.explainer == "ig_gradcam":
             img, _, cls = self._pairs(targets, out.device)
             cams = gradcam_maps(self.classifiers[m], self.ig.gradcam_layer, images, targets, self.num_classes)
-            cam_soft = self.postprocess_soft(cams.to(out.device)[img, cls])
-            soft[img, cls] = (soft[img, cls].clamp_min(0) * cam_soft.clamp_min(0)).sqrt().to(soft.dtype)
+            cam_soft = self.postprocess_soft(cams.to(out.device)[img, cls], cls)
+            soft[img, cls] = self.ig.combine(soft[img, cls], cam_soft, cls).to(soft.dtype)
         return soft, deltas
 
     def ig_soft_maps(self, m: int, images: torch.Tensor, targets: list[list[int]]) -> tuple[torch.Tensor, list]:
@@ -352,7 +409,7 @@ class DoLLGenerator:
         if self.ig.tta_flip:
             attr = 0.5 * (attr + res_f.attributions.detach().flip(-1))
         img, slot, cls = self._pairs(targets, out.device)
-        out[img, cls] = self.postprocess_soft(attr[img, slot]).to(out.dtype)
+        out[img, cls] = self.postprocess_soft(attr[img, slot], cls).to(out.dtype)
         deltas = [torch.zeros(0) if d is None else d.detach().cpu() for _, _, d in res.per_image()]
         return out, deltas
 

@@ -19,8 +19,19 @@ def positive_evidence(maps: torch.Tensor) -> torch.Tensor:
     return maps.clamp_min(0)
 
 
-def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``(N, H, W)`` maps (``sigma`` in pixels, reflect padding; 0 = no-op)."""
+def gaussian_smooth(maps: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian smoothing of ``(N, H, W)`` maps (``sigma`` in pixels, reflect padding; 0 = no-op).
+    ``sigma`` is one number or one per map (``(N,)``: the maps of each value are smoothed together)."""
+    if isinstance(sigma, torch.Tensor) and sigma.numel() > 1:
+        sigmas = sigma.flatten().cpu()
+        if sigmas.numel() != maps.shape[0]:
+            raise ValueError(f"smoothing sigma: one number or one per map ({maps.shape[0]}), got {sigmas.numel()}")
+        out = maps.clone()
+        for value in torch.unique(sigmas).tolist():
+            rows = torch.nonzero(sigmas == value).view(-1).to(maps.device)
+            out[rows] = gaussian_smooth(maps[rows], float(value))
+        return out
+    sigma = float(sigma)
     if sigma <= 0:
         return maps
     radius = max(1, int(math.ceil(3 * sigma)))

@@ -184,7 +184,7 @@ def evaluate_quality(items: Sequence[dict], generator: DoLLGenerator, preprocess
         if gradcam_layer:
             maps["gradcam"] = generator.postprocess_soft(
                 gradcam_maps(generator.classifiers[0], gradcam_layer, images, out.targets, k)
-                .flatten(0, 1).unsqueeze(1)).view(len(batch), k, *images.shape[-2:])
+                .flatten(0, 1).unsqueeze(1), torch.arange(k).repeat(len(batch))).view(len(batch), k, *images.shape[-2:])
         grid = tuple(images.shape[-2:])
         for i, it in enumerate(items[start: start + len(batch)]):
             truth_all = load_bitmask(it["lesion"], k)
