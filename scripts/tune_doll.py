@@ -6,8 +6,10 @@ targets the DoLL recipe selects; then every combination of smoothing, normalisat
 minimum component size is scored (mean IoU over observations, each observation weighted equally, misses count 0).
 Then, with the settings of configs/generate_doll.yaml, each observation's threshold value (`doll#post#threshold`
 percentile) is chosen alone (`class_threshold_values`): lesions differ in size by 40x, so one percentile gives every
-DoLL mask the same area whatever the finding. Writes a CSV and a Markdown report (default: docs/doll_tuning.md) and
-prints the best settings and the per-observation values as YAML for configs/generate_doll.yaml.
+DoLL mask the same area whatever the finding. With it, the observation's smoothing (`class_smooth_sigma`, from
+`--sigmas`) and, with the IG x Grad-CAM consensus, its map (`doll#ig#class_explainers`: IG, Grad-CAM or the
+consensus). Writes a CSV and a Markdown report (default: docs/doll_tuning.md), a config overlay with the chosen
+values and the maps' settings, and prints the best settings and the per-observation values.
 
     python scripts/tune_doll.py                  # after the pipeline's data, classifier stages
     python scripts/tune_doll.py --max-images 60 --root quick
@@ -264,7 +266,8 @@ def write_overlay(path: Path, chosen: "pd.DataFrame", settings: dict, split: str
         content["doll#ig#class_explainers"] = {name: str(chosen.loc[name, "explainer"]) for name in tuned}
     if by_sigma:
         content["doll#post#class_smooth_sigma"] = {name: float(chosen.loc[name, "smooth_sigma"]) for name in tuned}
-    head = (f"# DoLL per-observation percentiles chosen by scripts/tune_doll.py on {n_images} {split} images, with the "
+    head = (f"# DoLL per-observation percentiles{' and smoothing' if by_sigma else ''}"
+            f"{' and maps' if by_class else ''} chosen by scripts/tune_doll.py on {n_images} {split} images, with the "
             "settings their maps were made with:\n# an overlay read after configs/generate_doll.yaml (and "
             "configs/evaluate_doll.yaml for the quality stage).\n"
             + (f"# Kept from the config (no lesion mask to tune them on): {', '.join(kept)}.\n" if kept else ""))

@@ -117,6 +117,10 @@ def test_tune_doll_tunes_on_the_validation_masks_apart_from_the_judged_test_set(
     assert set(values) == set(configured)  # every observation: tuned, or kept where CheXlocalize has no mask
     assert "Kept from the config (no lesion mask to tune them on): Pneumonia, Pleural Other, Fracture" in \
         overlay.read_text()
+    # each tuned observation's smoothing too (the untuned keep smooth_sigma), from the default candidates
+    sigmas = yaml.safe_load(overlay.read_text())["doll#post#class_smooth_sigma"]
+    assert set(sigmas) == set(values) - {"Pneumonia", "Pleural Other", "Fracture"}
+    assert set(sigmas.values()) <= {1.0, 2.0, 4.0, 8.0}
     configs = [str(ROOT / "configs" / c) for c in ("generate_doll.yaml", "evaluate_doll.yaml")] + [str(overlay)]
     res = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(configs), "--data_root",
                           str(root / "data"), "--models_dir", str(root / "models"), "--output_root",
