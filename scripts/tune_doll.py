@@ -85,31 +85,45 @@ def tune_class_thresholds(gen, cache: list[dict], names, sigmas: list[float] | N
     saved = (gen.post.threshold, gen.post.class_threshold_values, gen.ig.class_explainers, gen.post.class_smooth_sigma)
     gen.post.threshold, gen.post.class_threshold_values = "percentile", {}
     rows = []
-    for sigma, kind in itertools.product(sigmas, kinds):
+    for sigma in sigmas:
         gen.post.class_smooth_sigma = {name: sigma for name in names}
-        if gen.ig.explainer == "ig_gradcam":
-            gen.ig.class_explainers = {name: kind for name in names}
-        fused_all = []
-        for entry in cache:
-            t = entry["targets"]
-            if not t:
-                fused_all.append(None)
-                continue
-            soft = torch.stack([soft_maps(gen, r, c, t) for r, c in zip(entry["raw"], entry["cams"])])
-            fused_all.append(gen.boost_maps(soft.unsqueeze(1), entry["probs"][: soft.shape[0], t].unsqueeze(1))[0])
-        for q in CLASS_PERCENTILES:
-            gen.post.threshold_value = q
-            per_obs: dict[int, list[float]] = {}
-            for entry, fused in zip(cache, fused_all):
-                binary = gen.binarize(fused, entry["targets"]) if fused is not None else None
-                masks = {c: binary[i].numpy() for i, c in enumerate(entry["targets"])} if binary is not None else {}
-                for c, truth in entry["truth"].items():
-                    per_obs.setdefault(c, []).append(_iou(masks.get(c, np.zeros_like(truth)), truth))
-            rows += [{"observation": names[c], "explainer": kind, "smooth_sigma": sigma, "percentile": q,
-                      "n": len(v), "iou": float(np.mean(v))} for c, v in sorted(per_obs.items())]
+        # each classifier's post-processed IG and Grad-CAM maps once per smoothing; the candidate maps combine them
+        processed = [[(gen.postprocess_soft(r, e["targets"]),
+                       None if c is None else gen.postprocess_soft(c, e["targets"]))
+                      for r, c in zip(e["raw"], e["cams"])] if e["targets"] else None for e in cache]
+        for kind in kinds:
+            if gen.ig.explainer == "ig_gradcam":
+                gen.ig.class_explainers = {name: kind for name in names}
+            rows += _score_percentiles(gen, cache, processed, names, {"explainer": kind, "smooth_sigma": sigma})
     (gen.post.threshold, gen.post.class_threshold_values, gen.ig.class_explainers,
      gen.post.class_smooth_sigma) = saved
     return pd.DataFrame(rows)
+
+
+def _score_percentiles(gen, cache: list[dict], processed: list, names, labels: dict) -> list[dict]:
+    """Rows of :func:`tune_class_thresholds` for one candidate map and smoothing (``labels``): the post-processed
+    maps ``processed`` (per image, per classifier ``(IG, Grad-CAM or None)``) combined as ``gen.ig`` says, boosted,
+    and scored at each of :data:`CLASS_PERCENTILES`."""
+    fused_all = []
+    for entry, maps in zip(cache, processed):
+        if maps is None:
+            fused_all.append(None)
+            continue
+        t = entry["targets"]
+        soft = torch.stack([ig if cam is None else gen.ig.combine(ig, cam, t) for ig, cam in maps])
+        fused_all.append(gen.boost_maps(soft.unsqueeze(1), entry["probs"][: soft.shape[0], t].unsqueeze(1))[0])
+    rows = []
+    for q in CLASS_PERCENTILES:
+        gen.post.threshold_value = q
+        per_obs: dict[int, list[float]] = {}
+        for entry, fused in zip(cache, fused_all):
+            binary = gen.binarize(fused, entry["targets"]) if fused is not None else None
+            masks = {c: binary[i].numpy() for i, c in enumerate(entry["targets"])} if binary is not None else {}
+            for c, truth in entry["truth"].items():
+                per_obs.setdefault(c, []).append(_iou(masks.get(c, np.zeros_like(truth)), truth))
+        rows += [{"observation": names[c], **labels, "percentile": q, "n": len(v), "iou": float(np.mean(v))}
+                 for c, v in sorted(per_obs.items())]
+    return rows
 
 
 def main() -> None:
@@ -297,9 +311,7 @@ def _global_grid(gen, cache: list[dict], args) -> tuple["pd.DataFrame", dict, li
                 binary = gen.binarize(fused)
                 masks = {c: binary[i].numpy() for i, c in enumerate(t)}
             for c, truth in entry["truth"].items():
-                pred = masks.get(c, np.zeros_like(truth))
-                union = np.logical_or(pred, truth).sum()
-                per_obs.setdefault(c, []).append(float(np.logical_and(pred, truth).sum() / union) if union else 1.0)
+                per_obs.setdefault(c, []).append(_iou(masks.get(c, np.zeros_like(truth)), truth))
         mean_iou = float(np.mean([np.mean(v) for v in per_obs.values()]))
         rows.append({"smooth_sigma": sigma, "normalize": norm, "boost": boost, "threshold": thr,
                      "threshold_value": val, "min_component_size": min_size, "mean_iou": round(mean_iou, 4)})

@@ -125,13 +125,10 @@ class IGSettings:
     def __post_init__(self) -> None:
         if self.explainer not in EXPLAINERS:
             raise ValueError(f"unknown explainer {self.explainer!r}: use one of {', '.join(EXPLAINERS)}")
-        self.class_explainers = {str(k): str(v) for k, v in dict(self.class_explainers or {}).items()}
+        self.class_explainers = _by_observation("class_explainers", self.class_explainers, str)
         if self.class_explainers and self.explainer != "ig_gradcam":
             raise ValueError(f"class_explainers needs explainer 'ig_gradcam' (it computes both maps), not "
                              f"{self.explainer!r}")
-        unknown = sorted(set(self.class_explainers) - set(OBSERVATIONS))
-        if unknown:
-            raise ValueError(f"class_explainers: unknown observation(s) {unknown}; names: {list(OBSERVATIONS)}")
         wrong = {k: v for k, v in self.class_explainers.items() if v not in EXPLAINERS}
         if wrong:
             raise ValueError(f"class_explainers: unknown explainer(s) {wrong}: use one of {', '.join(EXPLAINERS)}")
@@ -206,11 +203,7 @@ class PostprocessSettings:
         if not self.norm_clip and self.threshold == "otsu":
             raise ValueError("norm_clip false needs 'percentile' or 'fixed' thresholds: Otsu's histogram covers [0, 1]")
         for name in ("class_threshold_values", "class_smooth_sigma"):
-            values = {str(k): float(v) for k, v in dict(getattr(self, name) or {}).items()}
-            unknown = sorted(set(values) - set(OBSERVATIONS))
-            if unknown:
-                raise ValueError(f"{name}: unknown observation(s) {unknown}; names: {list(OBSERVATIONS)}")
-            setattr(self, name, values)
+            setattr(self, name, _by_observation(name, getattr(self, name), float))
         if any(v < 0 for v in self.class_smooth_sigma.values()):
             raise ValueError(f"class_smooth_sigma: negative value(s) in {self.class_smooth_sigma}")
 
@@ -222,6 +215,15 @@ class PostprocessSettings:
     def smooth_sigmas(self, classes: torch.Tensor | Sequence[int] | None, n: int) -> float | torch.Tensor:
         """The smoothing sigma of each of ``n`` maps of observations ``classes`` (as :meth:`threshold_values`)."""
         return _per_class(self.class_smooth_sigma, self.smooth_sigma, classes, n)
+
+
+def _by_observation(name: str, values: Mapping[str, Any] | None, cast: type) -> dict[str, Any]:
+    """A per-observation setting ``name`` as ``{observation name: cast(value)}``; unknown names are refused."""
+    table = {str(k): cast(v) for k, v in dict(values or {}).items()}
+    unknown = sorted(set(table) - set(OBSERVATIONS))
+    if unknown:
+        raise ValueError(f"{name}: unknown observation(s) {unknown}; names: {list(OBSERVATIONS)}")
+    return table
 
 
 def _per_class(table: Mapping[str, float], default: float, classes: torch.Tensor | Sequence[int] | None,
