@@ -7,9 +7,9 @@ deviation, after the area resize to each network size (docs/doll_tuning.md reads
 With ``--learn``, it also measures whether a classifier can learn each named finding at all: the upper bound of
 what any explanation of that finding can localise. For each finding, a classifier of the pipeline's architecture is
 trained to tell phantoms with that finding alone from phantoms with no finding (each class with probability 1/2,
-no other finding to confuse it, independent draws) and scored by its validation AUROC after every epoch (:func:`learnability`). The best
-epoch is reported, which favours the classifier: a finding that stays near 0.5 even so is below what the classifier
-sees, whatever the DoLL recipe does with its explanation.
+no other finding to confuse it, independent draws) and scored by its validation AUROC after every epoch
+(:func:`learnability`). The best epoch is reported, which favours the classifier: a finding that stays near 0.5 even
+so is below what the classifier sees, whatever the DoLL recipe does with its explanation.
 
 Usage::
 
