@@ -69,13 +69,14 @@ def learnability(finding: int | str, n_train: int = 1600, n_val: int = 400, size
     from ignite.engine import Events
     from monai.data import DataLoader, Dataset
     from monai.engines import SupervisedEvaluator, SupervisedTrainer
-    from monai.handlers import ROCAUC, ValidationHandler, from_engine
+    from monai.handlers import ROCAUC, LrScheduleHandler, ValidationHandler, from_engine
 
     from bundle.networks.classifiers import build_classifier
 
-    k = OBSERVATIONS.index(finding) if isinstance(finding, str) else int(finding)
-    if not 1 <= k < len(OBSERVATIONS):
+    k = OBSERVATIONS.index(finding) if finding in OBSERVATIONS else finding
+    if isinstance(k, str) or not 1 <= int(k) < len(OBSERVATIONS):
         raise ValueError(f"finding must be an observation name or index 1-{len(OBSERVATIONS) - 1}, got {finding!r}")
+    k = int(k)
     torch.manual_seed(seed)
     train = learning_set(k, n_train, size, draw_size, seed)
     val = learning_set(k, n_val, size, draw_size, seed + 1)
@@ -90,10 +91,10 @@ def learnability(finding: int | str, n_train: int = 1600, n_val: int = 400, size
         device=device, max_epochs=int(epochs), network=net, optimizer=optimizer,
         train_data_loader=DataLoader(Dataset(train), batch_size=batch_size, shuffle=True,
                                      generator=torch.Generator().manual_seed(seed)),
-        loss_function=torch.nn.BCEWithLogitsLoss(), train_handlers=[ValidationHandler(1, evaluator)])
+        loss_function=torch.nn.BCEWithLogitsLoss(),
+        train_handlers=[ValidationHandler(1, evaluator), LrScheduleHandler(scheduler, print_lr=False)])
     scores: list[float] = []
-    trainer.add_event_handler(Events.EPOCH_COMPLETED,
-                              lambda _: (scores.append(float(evaluator.state.metrics["auroc"])), scheduler.step()))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: scores.append(float(evaluator.state.metrics["auroc"])))
     trainer.run()
     return scores
 

@@ -418,7 +418,7 @@ def test_signature_contrast_matches_a_direct_computation_and_ranks_fracture_fain
         signature_contrast(0, n=1)
 
 
-def test_learning_set_draws_the_finding_alone_on_balanced_reproducible_phantoms():
+def test_learning_set_draws_the_finding_alone_on_reproducible_phantoms_of_both_classes():
     """``scripts/check_signatures.learning_set``: label 1 is exactly the phantom drawn with the finding alone and
     label 0 the same generator state without it (prepared as the network input), both classes occur, and a larger
     set extends a smaller one item for item."""
@@ -448,5 +448,6 @@ def test_learnability_learns_a_visible_finding():
     scores = learnability("Cardiomegaly", n_train=128, n_val=64, size=64, epochs=5, draw_size=128)
     assert len(scores) == 5 and all(0.0 <= s <= 1.0 for s in scores)
     assert max(scores) > 0.9 and scores[-1] > scores[0]
-    with pytest.raises(ValueError, match="observation name or index"):
-        learnability(0)
+    for bad in (0, 14, "Broken Heart"):
+        with pytest.raises(ValueError, match="observation name or index"):
+            learnability(bad)
