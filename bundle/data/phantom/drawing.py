@@ -31,7 +31,7 @@ SIGNATURES: dict[str, str] = {
     "Pneumothorax": "apical region without lung texture + visceral pleural line",
     "Pleural Effusion": "basal meniscus blunting the costophrenic angle",
     "Pleural Other": "pleural thickening along the lateral chest wall",
-    "Fracture": "broken, offset posterior rib",
+    "Fracture": "broken, offset posterior rib with a healing callus",
     "Support Devices": "tubes, lines, ECG leads, pacemaker",
 }
 
@@ -583,6 +583,16 @@ def _posterior_ribs(sc: _Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ribs, k_idx, cage_soft
 
 
+#: Peak density and Gaussian fall-off (in units of the callus ellipse's normalised radius) of the fracture's
+#: callus. Until 2026-12-07 the callus was 0.14 with fall-off 2.5: a 2 x 1 px spot at the network's 128 px whose
+#: signature (0.13 image SDs inside the mask) no classifier learnt, even alone with 800 positives (AUROC 0.51-0.55),
+#: so no explanation could localise it. Now a healing callus as wide as the rib (half maximum at the ellipse's
+#: 0.05 x 0.032 radii) at about half the rib's density: 0.69 SDs, still the faintest focal finding (the others
+#: 1.0-1.5), learnt alone to AUROC 0.99 in 5 epochs (docs/doll_tuning.md, "Why fracture stayed at zero").
+FRACTURE_CALLUS_DENSITY = 0.45
+FRACTURE_CALLUS_FALLOFF = 0.7
+
+
 def _fracture(ch: _Chest, r: np.random.Generator, ribs: np.ndarray, k_idx: np.ndarray,
               cage_soft: np.ndarray, out: _LesionLayers) -> np.ndarray:
     """Fracture: the lateral fragment of one posterior rib displaced and angulated, gap and callus.
@@ -610,8 +620,9 @@ def _fracture(ch: _Chest, r: np.random.Generator, ribs: np.ndarray, k_idx: np.nd
     # callus: a bright fusiform thickening around the break, crossed by the lucent fracture line
     _, cq = _ellipse_sd(u, v, f_side * f_a, f_v + shift / 2, max(0.05, 2 * px),
                         max(0.032, 1.5 * px))
-    callus = np.exp(-2.5 * cq * cq) * (1.0 - 0.7 * np.exp(-(((a - f_a) / max(f_gap, px)) ** 2)))
-    out.dA += 0.14 * callus
+    callus = (np.exp(-FRACTURE_CALLUS_FALLOFF * cq * cq)
+              * (1.0 - 0.7 * np.exp(-(((a - f_a) / max(f_gap, px)) ** 2))))
+    out.dA += FRACTURE_CALLUS_DENSITY * callus
     out.masks[12] = (f_sd > 0) & ch.body_bin
     out.params["fracture"] = {"side": f_side, "rib": f_k, "a": f_a, "shift": shift, "tilt": tilt}
     return ribs
