@@ -586,9 +586,10 @@ def _posterior_ribs(sc: _Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 #: Peak density and Gaussian fall-off (in units of the callus ellipse's normalised radius) of the fracture's
 #: callus. Until 2026-12-07 the callus was 0.14 with fall-off 2.5: a 2 x 1 px spot at the network's 128 px whose
 #: signature (0.13 image SDs inside the mask) no classifier learnt, even alone with 800 positives (AUROC 0.51-0.55),
-#: so no explanation could localise it. Now a healing callus as wide as the rib (half maximum at the ellipse's
-#: 0.05 x 0.032 radii) at about half the rib's density: 0.69 SDs, still the faintest focal finding (the others
-#: 1.0-1.5), learnt alone to AUROC 0.99 in 5 epochs (docs/doll_tuning.md, "Why fracture stayed at zero").
+#: so no explanation could localise it. Now a fusiform healing callus (half maximum at the ellipse's 0.05 x 0.032
+#: radii: about 1.5 rib widths across, 0.1 along the rib) at about half the rib's density: 0.69 SDs, still the
+#: faintest focal finding (the others 1.0-1.5), learnt alone to AUROC 0.99 in 5 epochs (docs/doll_tuning.md,
+#: "The fracture redrawn").
 FRACTURE_CALLUS_DENSITY = 0.45
 FRACTURE_CALLUS_FALLOFF = 0.7
 
