@@ -406,17 +406,17 @@ def test_signature_contrast_matches_a_direct_computation_and_ranks_fracture_fain
     learnt; docs/doll_tuning.md), and a bad finding index is refused."""
     from bundle.data.phantom import signature_contrast
 
-    k = 4  # Lung Lesion
+    k = OBS["Lung Lesion"]
     a = draw_frontal(np.random.default_rng([0, 0]), image_size=64, findings=[])
     b = draw_frontal(np.random.default_rng([0, 0]), image_size=64, findings=[k])
     m = b.lesions[k] > 0
     expected = np.abs(b.image - a.image)[m].mean() / a.image.std()
     got = signature_contrast(k, n=1, draw_size=64, sizes=(64,))
     assert got[64] == pytest.approx(expected, rel=1e-4)
-    # Lung Lesion, Pleural Other, Support Devices
-    focal = [signature_contrast(f, n=3, draw_size=128, sizes=(64,))[64] for f in (k, 11, 13)]
-    fracture = signature_contrast(12, n=3, draw_size=128, sizes=(64,))[64]
-    assert 0.3 * focal[0] < fracture < min(focal)
+    contrast = {name: signature_contrast(OBS[name], n=3, draw_size=128, sizes=(64,))[64]
+                for name in ("Lung Lesion", "Pleural Other", "Support Devices", "Fracture")}
+    fracture = contrast.pop("Fracture")
+    assert 0.3 * contrast["Lung Lesion"] < fracture < min(contrast.values())
     with pytest.raises(ValueError, match="observation index"):
         signature_contrast(0, n=1)
 
